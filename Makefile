@@ -1,0 +1,29 @@
+# `make demo` and `make test` each create .venv, install the project into it, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test test-scale bench venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rdu estimate --platform sn40l-node --model llama-2-7b --tp 8 --batch 1 --prompt 128 --output 20
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Links, topologies, collectives and the gRPC data plane. Knows nothing of sockets."""

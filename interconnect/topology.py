@@ -1,0 +1,142 @@
+"""Who is wired to whom: the links of a cluster of nodes and the path between two sockets.
+
+Sockets are named ``node{n}/socket{s}``. Inside a node, sockets talk over peer-to-peer links
+laid out as a `ring`, a `full_mesh` or through a `switch` (one port per socket each way, as in
+NVSwitch). Between nodes, each node has one scale-out port each way. Each socket also has the
+path its DDR -> HBM copies take: its own DDR channel, behind a host link that the whole node
+shares on GPU nodes (host DRAM over PCIe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interconnect.links import Link, LinkSpec
+from interconnect.spec_fields import Fields, UserError
+
+__all__ = ["TopologySpec", "Topology", "socket_name", "TOPOLOGY_KINDS"]
+
+TOPOLOGY_KINDS = ("ring", "full_mesh", "switch")
+
+
+def socket_name(node: int, socket: int) -> str:
+    return f"node{node}/socket{socket}"
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """The link section of a platform: P2P layout and specs, scale-out, DDR -> HBM copy path."""
+
+    p2p_kind: str
+    p2p: LinkSpec
+    scale_out: LinkSpec
+    ddr_to_hbm: LinkSpec
+    host_shared: LinkSpec | None
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> "TopologySpec":
+        fields.check_known({"p2p", "scale_out", "ddr_to_hbm", "host_shared"})
+        p2p = fields.sub("p2p")
+        p2p.check_known({"topology", "latency_ns", "bandwidth_bytes_per_s"})
+        kind = p2p.string("topology", choices=TOPOLOGY_KINDS)
+        p2p_link = LinkSpec(latency_ns=p2p.number("latency_ns", minimum=0.0, inclusive=True),
+                            bandwidth_bytes_per_s=p2p.number("bandwidth_bytes_per_s"))
+        host = LinkSpec.from_fields(fields.sub("host_shared")) if fields.has("host_shared") else None
+        return cls(
+            p2p_kind=kind,
+            p2p=p2p_link,
+            scale_out=LinkSpec.from_fields(fields.sub("scale_out")),
+            ddr_to_hbm=LinkSpec.from_fields(fields.sub("ddr_to_hbm")),
+            host_shared=host,
+        )
+
+
+class Topology:
+    """The links of `nodes` nodes of `sockets_per_node` sockets, with per-link contention state."""
+
+    def __init__(self, spec: TopologySpec, nodes: int, sockets_per_node: int) -> None:
+        if nodes < 1 or sockets_per_node < 1:
+            raise UserError(f"a topology needs at least one node and one socket, got {nodes} x {sockets_per_node}")
+        self.spec = spec
+        self.nodes = nodes
+        self.sockets_per_node = sockets_per_node
+        self.links: dict[str, Link] = {}
+        for node in range(nodes):
+            self._build_node(node)
+
+    # -- construction -----------------------------------------------------------------------
+    def _add(self, name: str, spec: LinkSpec) -> None:
+        self.links[name] = Link(name, spec)
+
+    def _build_node(self, node: int) -> None:
+        count = self.sockets_per_node
+        for s in range(count):
+            src = socket_name(node, s)
+            self._add(f"{src}/ddr", self.spec.ddr_to_hbm)
+            if self.spec.p2p_kind == "switch":
+                self._add(f"{src}->switch", self.spec.p2p)
+                self._add(f"switch->{src}", self.spec.p2p)
+            elif self.spec.p2p_kind == "full_mesh":
+                for d in range(count):
+                    if d != s:
+                        self._add(f"{src}->{socket_name(node, d)}", self.spec.p2p)
+            elif count > 1:  # ring: both directions to each neighbour
+                for d in {(s + 1) % count, (s - 1) % count}:
+                    self._add(f"{src}->{socket_name(node, d)}", self.spec.p2p)
+        if self.spec.host_shared is not None:
+            self._add(f"node{node}/host", self.spec.host_shared)
+        if self.nodes > 1:
+            self._add(f"node{node}->fabric", self.spec.scale_out)
+            self._add(f"fabric->node{node}", self.spec.scale_out)
+
+    # -- paths ------------------------------------------------------------------------------
+    @staticmethod
+    def parse(name: str) -> tuple[int, int]:
+        try:
+            node, socket = name.split("/")
+            return int(node.removeprefix("node")), int(socket.removeprefix("socket"))
+        except ValueError as exc:
+            raise UserError(f"not a socket name: {name!r} (expected node<N>/socket<S>)") from exc
+
+    def check_socket(self, name: str) -> tuple[int, int]:
+        node, socket = self.parse(name)
+        if not (0 <= node < self.nodes and 0 <= socket < self.sockets_per_node):
+            raise UserError(f"no socket {name} in a topology of {self.nodes} node(s) x "
+                            f"{self.sockets_per_node} socket(s)")
+        return node, socket
+
+    def path(self, src: str, dst: str) -> list[Link]:
+        """The links a message from `src` to `dst` crosses, in order."""
+        src_node, src_socket = self.check_socket(src)
+        dst_node, dst_socket = self.check_socket(dst)
+        if src == dst:
+            return []
+        if src_node != dst_node:
+            return [self.links[f"node{src_node}->fabric"], self.links[f"fabric->node{dst_node}"]]
+        if self.spec.p2p_kind == "switch":
+            return [self.links[f"{src}->switch"], self.links[f"switch->{dst}"]]
+        if self.spec.p2p_kind == "full_mesh":
+            return [self.links[f"{src}->{dst}"]]
+        return self._ring_path(src_node, src_socket, dst_socket)
+
+    def _ring_path(self, node: int, src: int, dst: int) -> list[Link]:
+        count = self.sockets_per_node
+        forward = (dst - src) % count
+        step = 1 if forward <= count - forward else -1
+        hops, here = [], src
+        while here != dst:
+            nxt = (here + step) % count
+            hops.append(self.links[f"{socket_name(node, here)}->{socket_name(node, nxt)}"])
+            here = nxt
+        return hops
+
+    def copy_path(self, socket: str) -> list[Link]:
+        """Links a DDR -> HBM copy into `socket` crosses (shared host link first, if any)."""
+        node, _ = self.check_socket(socket)
+        own = [self.links[f"{socket}/ddr"]]
+        if self.spec.host_shared is not None:
+            return [self.links[f"node{node}/host"]] + own
+        return own
+
+    def stats(self) -> list[dict]:
+        return [link.stats() for link in self.links.values()]

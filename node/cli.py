@@ -1,0 +1,140 @@
+"""The `rdu` command line: one entry point, one module per subcommand's work.
+
+User mistakes (a bad flag, preset, file or field) print one line naming the problem on stderr
+and exit with code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from interconnect.spec_fields import UserError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _parse_set(items: Sequence[str] | None) -> dict[str, object]:
+    """`--set socket.hbm.bandwidth_bytes_per_s=2e12` -> {dotted: parsed YAML scalar}."""
+    from node.yaml_io import parse_yaml
+
+    overrides: dict[str, object] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. socket.hbm.bandwidth_bytes_per_s=2e12")
+        overrides[key.strip()] = parse_yaml(value, f"--set {key}")
+    return overrides
+
+
+# -- subcommands -------------------------------------------------------------------------------
+
+def cmd_presets(args: argparse.Namespace, console: Console) -> int:
+    from node.platform import load_platform, platform_presets
+    from socket_actor.model_spec import load_model, model_presets
+
+    if args.json:
+        print(json.dumps({"platforms": platform_presets(), "models": model_presets()}))
+        return 0
+    platforms = Table(title="platforms (rdu estimate --platform NAME, or a YAML file with base: NAME)")
+    for column in ("name", "sockets", "HBM / socket", "DDR / node", "peak TFLOPS / socket", "description"):
+        platforms.add_column(column)
+    for name in platform_presets():
+        spec = load_platform(name).spec
+        platforms.add_row(name, str(spec.sockets_per_node), f"{spec.socket.hbm.capacity_bytes / 1e9:.1f} GB",
+                          f"{spec.ddr_capacity_bytes / 1e12:.1f} TB", f"{spec.socket.peak_flops_per_s / 1e12:.0f}",
+                          spec.description)
+    console.print(platforms)
+    models = Table(title="models (rdu estimate --model NAME, or a path to a Hugging Face config.json)")
+    for column in ("name", "family", "params", "bf16 weights", "layers", "hidden", "heads / kv heads"):
+        models.add_column(column)
+    for name in model_presets():
+        m = load_model(name)
+        models.add_row(name, m.family, f"{m.params() / 1e9:.2f} B", f"{m.weight_bytes() / 1e9:.2f} GB",
+                       str(m.num_layers), str(m.hidden_size), f"{m.num_heads} / {m.num_kv_heads}")
+    console.print(models)
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace, console: Console) -> int:
+    from node.estimate import estimate
+    from node.platform import load_platform
+    from socket_actor.model_spec import load_model
+
+    platform = load_platform(args.platform, _parse_set(args.set))
+    result = estimate(platform, load_model(args.model), args.tp, args.batch, args.prompt, args.output,
+                      args.mode, args.orchestration)
+    if args.json:
+        print(json.dumps(result.data, sort_keys=True))
+    else:
+        result.render(console)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="rdu", description="Emulator of multi-socket AI dataflow accelerator nodes "
+                                                   "(SambaNova SN40L-style) serving a Composition of Experts.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+
+    p = sub.add_parser("presets", help="list platform and model presets")
+    p.add_argument("--json", action="store_true", help="print names as one JSON object")
+    p.set_defaults(handler=cmd_presets)
+
+    p = sub.add_parser("estimate", help="time one generation of a model on one tensor-parallel group")
+    p.add_argument("--platform", default="sn40l-node", help="platform preset or YAML file (default sn40l-node)")
+    p.add_argument("--model", default="llama-2-7b", help="model preset or config.json path (default llama-2-7b)")
+    p.add_argument("--tp", type=_positive_int, default=8, help="tensor-parallel degree (default 8)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences in the batch (default 1)")
+    p.add_argument("--prompt", type=_positive_int, default=128, help="prompt tokens per sequence (default 128)")
+    p.add_argument("--output", type=_positive_int, default=20, help="output tokens per sequence (default 20)")
+    p.add_argument("--mode", choices=("fused", "unfused"), help="execution mode (default: the platform's)")
+    p.add_argument("--orchestration", choices=("SO", "HO"), help="kernel launch orchestration (default: the platform's)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a platform field, e.g. socket.hbm.bandwidth_bytes_per_s=2e12 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ns, bytes)")
+    p.set_defaults(handler=cmd_estimate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    console = Console()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args, console)
+    except UserError as exc:
+        print(f"rdu: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("rdu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

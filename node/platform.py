@@ -1,0 +1,141 @@
+"""Platforms as data: a node preset (YAML) -> `NodeSpec` (sockets, links, third memory tier).
+
+A user file may start from a preset with ``base: sn40l-node`` and override any field; values
+may be bare or carry ``{value, source}``. Every resolved value keeps its source (the preset's
+citation, or the user file that set it), so reports can cite each number they used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from interconnect.spec_fields import Fields, UserError, deep_merge, split_sources
+from interconnect.topology import TopologySpec
+from node.yaml_io import leaf_paths, parse_yaml, read_yaml
+from socket_actor.spec import SocketSpec, TierSpec
+
+__all__ = ["NodeSpec", "Platform", "load_platform", "platform_presets", "apply_overrides"]
+
+_TOP_KEYS = {"base", "name", "description", "sockets_per_node", "socket", "links", "host_dram"}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node: `sockets_per_node` identical sockets, their links, and the node's DDR tier.
+
+    On an RDU node the DDR tier is the sum of the sockets' own DDR; on a GPU node it is the
+    host DRAM (`host_dram`), reached over PCIe.
+    """
+
+    name: str
+    description: str
+    sockets_per_node: int
+    socket: SocketSpec
+    links: TopologySpec
+    host_dram: TierSpec | None
+
+    @property
+    def ddr_capacity_bytes(self) -> int:
+        if self.host_dram is not None:
+            return self.host_dram.capacity_bytes
+        assert self.socket.ddr is not None
+        return self.socket.ddr.capacity_bytes * self.sockets_per_node
+
+    @property
+    def ddr_tier_name(self) -> str:
+        return "host_dram" if self.host_dram is not None else "ddr"
+
+    @classmethod
+    def from_tree(cls, values: Any, origin: str) -> "NodeSpec":
+        fields = Fields(values, origin)
+        fields.check_known(_TOP_KEYS)
+        socket = SocketSpec.from_fields(fields.sub("socket"))
+        host = TierSpec.from_fields("host_dram", fields.sub("host_dram")) if fields.has("host_dram") else None
+        if (host is None) == (socket.ddr is None):
+            fields.fail("give exactly one DDR tier: socket.ddr (attached to each socket) or host_dram "
+                        "(shared by the node, behind PCIe)", "host_dram")
+        return cls(
+            name=fields.string("name"),
+            description=fields.string("description", ""),
+            sockets_per_node=fields.integer("sockets_per_node"),
+            socket=socket,
+            links=TopologySpec.from_fields(fields.sub("links")),
+            host_dram=host,
+        )
+
+
+@dataclass
+class Platform:
+    """A resolved platform: the spec, the merged value tree and the source of every value."""
+
+    spec: NodeSpec
+    values: dict
+    sources: dict[str, str] = field(default_factory=dict)
+    origin: str = ""
+
+
+def platform_presets() -> list[str]:
+    folder = resources.files("node") / "presets"
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def _read_raw(name_or_path: str) -> tuple[Any, str]:
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+        return read_yaml(name_or_path), name_or_path
+    if name_or_path not in platform_presets():
+        raise UserError(f"unknown platform {name_or_path!r}; presets: {', '.join(platform_presets())} "
+                        f"(or a path to a platform YAML file)")
+    text = (resources.files("node") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
+    return parse_yaml(text, f"platform preset {name_or_path}"), f"platform preset {name_or_path}"
+
+
+def _resolve(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
+    if name_or_path in seen:
+        raise UserError(f"platform {name_or_path!r} names itself as a base (through {' -> '.join(seen)})")
+    raw, origin = _read_raw(name_or_path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of platform fields, got {type(raw).__name__}")
+    raw = dict(raw)
+    base = raw.pop("base", None)
+    values, sources = split_sources(raw)
+    for path in leaf_paths(values):
+        sources.setdefault(path, f"set in {origin}")
+    if base is None:
+        return values, sources
+    if not isinstance(base, str):
+        raise UserError(f"{origin}: base: expected a preset name or file path, got {base!r}")
+    base_values, base_sources = _resolve(base, seen + (name_or_path,))
+    return deep_merge(base_values, values), {**base_sources, **sources}
+
+
+def apply_overrides(values: dict, sources: dict[str, str], overrides: Mapping[str, Any], origin: str) -> dict:
+    """Set dotted fields (``socket.hbm.bandwidth_bytes_per_s``) on a resolved value tree."""
+    values = deep_merge(values, {})
+    for dotted, value in overrides.items():
+        node = values
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise UserError(f"{origin}: {dotted}: no such platform section {part!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise UserError(f"{origin}: {dotted}: no such platform field")
+        node[parts[-1]] = value
+        sources[dotted] = f"set by {origin}"
+    return values
+
+
+def load_platform(name_or_path: str, overrides: Mapping[str, Any] | None = None,
+                  overrides_origin: str = "--set") -> Platform:
+    """A preset name or a platform YAML path (optionally with ``base:``), plus dotted overrides."""
+    values, sources = _resolve(name_or_path, ())
+    if overrides:
+        values = apply_overrides(values, sources, overrides, overrides_origin)
+    origin = name_or_path if Path(name_or_path).is_file() else f"platform preset {name_or_path}"
+    if overrides:
+        origin = f"{origin} with {overrides_origin} {', '.join(overrides)}"
+    spec = NodeSpec.from_tree(values, origin)
+    return Platform(spec=spec, values=values, sources=sources, origin=origin)

@@ -1,0 +1,1 @@
+"""Protocol definitions (`.proto`, the source of truth) and their generated Python modules."""

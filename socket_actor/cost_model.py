@@ -1,0 +1,247 @@
+"""How long a step takes on one socket of a tensor-parallel group: the dataflow cost model.
+
+A kernel plan cuts the operator graph of a step into kernels:
+
+* `unfused`: one kernel per operator (a platform may declare small fusions, e.g. a GPU's fused
+  attention kernel); every intermediate tensor goes through HBM; every kernel pays a launch.
+* `fused`: one streaming kernel per decoder layer (`fusion_scope: layer`) or for the whole
+  decoder (`decoder`): weights and KV read once, activations stay on chip, collectives streamed.
+* launches cost `launch.so_ns` (host-orchestrated, SO) or `launch.ho_ns` (on-chip, HO).
+
+An operator takes ``max(flops / (peak * compute_fraction), hbm_bytes / (bandwidth * bw_fraction))``
+where `hbm_bytes` is its weights plus the tensors that cross its kernel's boundary; a collective
+takes the link model's ring time plus its HBM staging. Since fractions never exceed 1, no
+operator is ever faster than its roofline. Step times are summed over operators in integer ns.
+
+The graph is compiled once per (model, TP degree, plan) into affine coefficients of the step
+shape, so a 2,000-step decode is one matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from interconnect.collectives_timing import RingTiming
+from interconnect.spec_fields import UserError
+from socket_actor.model_spec import ModelSpec
+from socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, decode_shapes, prefill_shape,
+                                    shard_weight_bytes)
+from socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
+
+__all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "compile_step"]
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """Distinct operator instances of a step as affine coefficients over [1, *SHAPE_KEYS]."""
+
+    names: tuple[str, ...]
+    classes: tuple[str, ...]
+    collectives: tuple[str | None, ...]
+    count: np.ndarray            # instances per step of each row
+    flops: np.ndarray            # rows x (1 + len(SHAPE_KEYS))
+    hbm_bytes: np.ndarray        # weights + tensors crossing the kernel boundary
+    compulsory_bytes: np.ndarray  # weights + persistent tensors (KV cache, ids, logits)
+    collective_bytes: np.ndarray
+    kernels_per_step: int
+
+
+def _kernel_of(op, index: int, mode: str, scope: str, groups: tuple[tuple[str, ...], ...]) -> tuple:
+    if mode == "fused":
+        if scope == "decoder":
+            return ("step",)
+        return (op.scope, op.layer)
+    for g, names in enumerate(groups):
+        if op.name in names:
+            return ("group", g, op.scope, op.layer)
+    return ("op", index)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
+                 groups: tuple[tuple[str, ...], ...]) -> CompiledStep:
+    """Compile the step graph under a kernel plan (see module docstring)."""
+    width = 1 + len(SHAPE_KEYS)
+    basis = np.zeros((len(SHAPE_KEYS), width))
+    for k in range(len(SHAPE_KEYS)):
+        basis[k, k + 1] = 1.0  # point 0 is all zeros; point k+1 has shape variable k = 1
+    graph = build_step_graph(model, tp, PhaseShape(*basis))
+
+    def coef(values: np.ndarray) -> np.ndarray:
+        values = np.broadcast_to(np.asarray(values, dtype=np.float64), (width,))
+        return np.concatenate([[values[0]], values[1:] - values[0]])
+
+    kernels = [_kernel_of(op, i, mode, scope, groups) for i, op in enumerate(graph.ops)]
+    producer = {t: kernels[i] for i, op in enumerate(graph.ops) for t in op.writes}
+    consumers: dict[str, set] = {}
+    for i, op in enumerate(graph.ops):
+        for t in op.reads:
+            consumers.setdefault(t, set()).add(kernels[i])
+    already_read: set[tuple] = set()
+    rows: dict[tuple, int] = {}
+    names, classes, colls, counts, flops, hbm, compulsory, coll_bytes = [], [], [], [], [], [], [], []
+    for i, op in enumerate(graph.ops):
+        kernel = kernels[i]
+        traffic = np.asarray(op.weight_bytes, dtype=np.float64).copy()
+        must = traffic.copy()
+        for t in op.reads:
+            if producer.get(t) != kernel and (kernel, t) not in already_read:
+                already_read.add((kernel, t))
+                traffic = traffic + graph.tensor_bytes[t]
+                if t in graph.persistent:
+                    must = must + graph.tensor_bytes[t]
+        for t in op.writes:
+            if t in graph.persistent:
+                traffic = traffic + graph.tensor_bytes[t]
+                must = must + graph.tensor_bytes[t]
+            elif consumers.get(t, set()) - {kernel}:
+                traffic = traffic + graph.tensor_bytes[t]
+        row = (coef(op.flops), coef(traffic), coef(must), coef(np.asarray(op.collective_bytes, dtype=np.float64)))
+        key = (op.name, op.cls, op.collective) + tuple(tuple(c) for c in row)
+        if key in rows:
+            counts[rows[key]] += 1
+            continue
+        rows[key] = len(names)
+        names.append(op.name)
+        classes.append(op.cls)
+        colls.append(op.collective)
+        counts.append(1)
+        flops.append(row[0])
+        hbm.append(row[1])
+        compulsory.append(row[2])
+        coll_bytes.append(row[3])
+    return CompiledStep(tuple(names), tuple(classes), tuple(colls), np.array(counts, dtype=np.float64),
+                        np.array(flops), np.array(hbm), np.array(compulsory), np.array(coll_bytes),
+                        len(set(kernels)))
+
+
+@dataclass
+class StepTimes:
+    """Per-step durations (integer ns) and, on request, per-operator totals over all steps."""
+
+    step_ns: np.ndarray
+    op_ns: dict[str, float] = field(default_factory=dict)
+    class_ns: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    collective_ns: float = 0.0
+    launch_ns: float = 0.0
+    kernels: int = 0
+
+    @property
+    def total_ns(self) -> int:
+        return int(self.step_ns.sum())
+
+
+@dataclass
+class Generation:
+    """Timing of one static batch: prefill, then decode steps until every sequence is done."""
+
+    prefill: StepTimes
+    decode: StepTimes
+    finish_ns: np.ndarray  # per sequence, from the start of prefill
+
+    @property
+    def ttft_ns(self) -> int:
+        return self.prefill.total_ns
+
+    @property
+    def total_ns(self) -> int:
+        return self.prefill.total_ns + self.decode.total_ns
+
+
+class CostModel:
+    """Times steps of `model` on one socket of a TP group of `tp` sockets connected by `ring`."""
+
+    def __init__(self, socket: SocketSpec, model: ModelSpec, tp: int, ring: RingTiming,
+                 mode: str | None = None, orchestration: str | None = None) -> None:
+        self.socket, self.model, self.tp, self.ring = socket, model, tp, ring
+        self.mode = mode or socket.default_mode
+        self.orchestration = orchestration or socket.default_orchestration
+        if self.mode not in MODES:
+            raise UserError(f"unknown execution mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.orchestration not in ORCHESTRATIONS:
+            raise UserError(f"unknown orchestration {self.orchestration!r}; expected one of {', '.join(ORCHESTRATIONS)}")
+        if self.mode == "fused" and not socket.supports_fusion:
+            raise UserError(f"{socket.name} cannot run fused kernels (supports_fusion: false); use --mode unfused")
+        if self.orchestration == "HO" and socket.launch_ho_ns is None:
+            raise UserError(f"{socket.name} has no hardware-orchestrated launch; use --orchestration SO")
+        if ring.ranks != tp:
+            raise ValueError(f"ring has {ring.ranks} ranks for TP {tp}")
+        self.compiled = compile_step(model, tp, self.mode, socket.fusion_scope, socket.unfused_kernel_groups)
+        fused = self.mode == "fused"
+        self._flops_per_ns = socket.peak_flops_per_s * (
+            socket.fused_compute_fraction if fused else socket.unfused_compute_fraction) / 1e9
+        self._bytes_per_ns = socket.hbm.bandwidth_bytes_per_s * (
+            socket.fused_hbm_bandwidth_fraction if fused else socket.unfused_hbm_bandwidth_fraction) / 1e9
+        self._launch_ns = socket.launch_ns(self.orchestration) * self.compiled.kernels_per_step
+
+    # -- core -------------------------------------------------------------------------------
+    def shard_bytes(self) -> int:
+        return shard_weight_bytes(self.model, self.tp)
+
+    def row_times(self, shape: PhaseShape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(per-instance ns, flops, hbm bytes, collective ns) as steps x rows matrices."""
+        c = self.compiled
+        x = np.column_stack([np.ones(len(shape.matrix())), shape.matrix()])
+        flops, traffic, coll_bytes = x @ c.flops.T, x @ c.hbm_bytes.T, x @ c.collective_bytes.T
+        memory_ns = traffic / self._bytes_per_ns
+        times = np.maximum(flops / self._flops_per_ns, memory_ns)
+        coll_ns = np.zeros_like(times)
+        for r, kind in enumerate(c.collectives):
+            if kind is not None:
+                coll_ns[:, r] = self.ring.collective_ns(kind, coll_bytes[:, r])
+                times[:, r] = coll_ns[:, r] + memory_ns[:, r]
+        return times, flops, traffic, coll_ns
+
+    def steps(self, shape: PhaseShape, breakdown: bool = False) -> StepTimes:
+        """Durations of the steps described by `shape` (one per row)."""
+        if len(shape.matrix()) == 0:
+            return StepTimes(step_ns=np.zeros(0, dtype=np.int64))
+        times, flops, traffic, coll_ns = self.row_times(shape)
+        count = self.compiled.count
+        step_ns = np.ceil(times @ count + self._launch_ns).astype(np.int64)
+        result = StepTimes(step_ns=step_ns, kernels=self.compiled.kernels_per_step)
+        if breakdown:
+            per_row = times.sum(0) * count
+            for name, cls, ns in zip(self.compiled.names, self.compiled.classes, per_row):
+                result.op_ns[name] = result.op_ns.get(name, 0.0) + float(ns)
+                result.class_ns[cls] = result.class_ns.get(cls, 0.0) + float(ns)
+            result.launch_ns = self._launch_ns * len(step_ns)
+            result.class_ns["launch"] = result.launch_ns
+            result.flops = float((flops.sum(0) * count).sum())
+            result.hbm_bytes = float((traffic.sum(0) * count).sum())
+            result.collective_ns = float((coll_ns.sum(0) * count).sum())
+        return result
+
+    # -- phases -----------------------------------------------------------------------------
+    def prefill(self, prompt_lens, breakdown: bool = False) -> StepTimes:
+        return self.steps(prefill_shape(prompt_lens, self.model.sliding_window), breakdown)
+
+    def decode(self, prompt_lens, output_lens, breakdown: bool = False) -> StepTimes:
+        return self.steps(decode_shapes(prompt_lens, output_lens, self.model.sliding_window), breakdown)
+
+    def generate(self, prompt_lens, output_lens, breakdown: bool = False) -> Generation:
+        """Prefill a batch of prompts, then decode until each has its `output_lens` tokens."""
+        prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
+        output_lens = np.asarray(output_lens, dtype=np.int64)
+        if prompt_lens.size == 0 or (prompt_lens < 1).any() or (output_lens < 1).any():
+            raise UserError("a generation needs at least one prompt, every prompt and output at least 1 token")
+        prefill = self.prefill(prompt_lens, breakdown)
+        decode = self.decode(prompt_lens, output_lens, breakdown)
+        ends = np.concatenate([[0], np.cumsum(decode.step_ns)])
+        finish = prefill.total_ns + ends[output_lens - 1]
+        return Generation(prefill=prefill, decode=decode, finish_ns=finish)
+
+    def roofline_ns(self, shape: PhaseShape) -> np.ndarray:
+        """Per instance, the hardware bound: compulsory bytes at peak bandwidth vs flops at peak."""
+        c = self.compiled
+        x = np.column_stack([np.ones(len(shape.matrix())), shape.matrix()])
+        return np.maximum(x @ c.flops.T / (self.socket.peak_flops_per_s / 1e9),
+                          x @ c.compulsory_bytes.T / (self.socket.hbm.bandwidth_bytes_per_s / 1e9))
+
+    def describe(self) -> str:
+        return f"{self.model.name} TP{self.tp} {self.mode}/{self.orchestration} on {self.socket.name}"

@@ -1,0 +1,256 @@
+"""Functional numerics: a scaled-down Llama-style decoder that really executes, in numpy fp32.
+
+Same architecture as the nominal models (RMSNorm, RoPE, GQA attention with a KV cache, SwiGLU
+MLP, vocab-parallel embedding and LM head), seeded random weights, a few layers of width 256.
+`shard_weights` splits it for tensor parallelism (column-parallel Q/K/V, gate and up; row-parallel
+output and down projections; vocab-parallel embedding and LM head).
+
+`forward_shard` is a generator that *yields* each collective it needs (an all-reduce of a
+partial sum, an all-gather of logits) and receives the result, so the same numerics run
+in-process (`run_lockstep`, which sums the partials) or in socket actors that carry the partials
+over the gRPC interconnect. With one shard it is the single-process reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+
+from interconnect.spec_fields import UserError
+
+__all__ = ["TinyConfig", "Collective", "KVCache", "init_weights", "shard_weights", "forward_shard",
+           "run_lockstep", "run_reference", "Shard"]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Architecture of the functional model (a miniature Llama)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    intermediate_size: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq: int = 512
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def check_tp(self, tp: int) -> None:
+        problems = []
+        if self.num_heads % tp:
+            problems.append(f"{self.num_heads} heads")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            problems.append(f"{self.num_kv_heads} key/value heads")
+        if self.intermediate_size % tp:
+            problems.append(f"intermediate size {self.intermediate_size}")
+        if self.vocab_size % tp:
+            problems.append(f"vocabulary {self.vocab_size}")
+        if problems:
+            raise UserError(f"the functional model cannot be split over TP {tp}: {', '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A collective a shard needs before it can go on: `kind` is all_reduce or all_gather."""
+
+    kind: str
+    tensor: np.ndarray
+    label: str
+
+
+@dataclass
+class Shard:
+    """One rank's weights plus the head bookkeeping its attention needs."""
+
+    cfg: TinyConfig
+    tp: int
+    rank: int
+    weights: dict[str, np.ndarray]
+    kv_of_q: np.ndarray      # local KV-head index used by each local query head
+    vocab_offset: int
+
+    def nbytes(self) -> int:
+        return int(sum(w.nbytes for w in self.weights.values()))
+
+
+class KVCache:
+    """Keys and values of one sequence, per layer, for the KV heads one shard holds."""
+
+    def __init__(self, cfg: TinyConfig, kv_heads: int) -> None:
+        shape = (cfg.num_layers, kv_heads, cfg.max_seq, cfg.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.length = 0
+        self.max_seq = cfg.max_seq
+
+
+def init_weights(cfg: TinyConfig, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random weights, scaled by 1/sqrt(fan-in) so activations stay O(1)."""
+    rng = np.random.default_rng(seed)
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+
+    weights = {"embed": rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        weights[p + "attn_norm"] = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+        weights[p + "wq"] = mat(h, cfg.num_heads * d)
+        weights[p + "wk"] = mat(h, cfg.num_kv_heads * d)
+        weights[p + "wv"] = mat(h, cfg.num_kv_heads * d)
+        weights[p + "wo"] = mat(cfg.num_heads * d, h)
+        weights[p + "mlp_norm"] = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+        weights[p + "w_gate"] = mat(h, f)
+        weights[p + "w_up"] = mat(h, f)
+        weights[p + "w_down"] = mat(f, h)
+    weights["final_norm"] = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+    weights["lm_head"] = mat(h, cfg.vocab_size)
+    return weights
+
+
+def shard_weights(weights: dict[str, np.ndarray], cfg: TinyConfig, tp: int, rank: int) -> Shard:
+    """Rank `rank`'s slice of the weights for tensor parallelism over `tp` ranks."""
+    cfg.check_tp(tp)
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank {rank} outside TP {tp}")
+    d = cfg.head_dim
+    hq = cfg.num_heads // tp
+    group = cfg.num_heads // cfg.num_kv_heads          # query heads per KV head
+    q_heads = np.arange(rank * hq, (rank + 1) * hq)
+    kv_needed = np.unique(q_heads // group)              # global KV heads this rank's queries use
+    kv_of_q = np.searchsorted(kv_needed, q_heads // group)
+    fs, vs = cfg.intermediate_size // tp, cfg.vocab_size // tp
+
+    def head_cols(matrix: np.ndarray, heads: np.ndarray) -> np.ndarray:
+        cols = (heads[:, None] * d + np.arange(d)[None, :]).ravel()
+        return np.ascontiguousarray(matrix[:, cols])
+
+    out: dict[str, np.ndarray] = {"embed": np.ascontiguousarray(weights["embed"][rank * vs:(rank + 1) * vs])}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        out[p + "attn_norm"] = weights[p + "attn_norm"].copy()
+        out[p + "wq"] = head_cols(weights[p + "wq"], q_heads)
+        out[p + "wk"] = head_cols(weights[p + "wk"], kv_needed)
+        out[p + "wv"] = head_cols(weights[p + "wv"], kv_needed)
+        rows = (q_heads[:, None] * d + np.arange(d)[None, :]).ravel()
+        out[p + "wo"] = np.ascontiguousarray(weights[p + "wo"][rows])
+        out[p + "mlp_norm"] = weights[p + "mlp_norm"].copy()
+        out[p + "w_gate"] = np.ascontiguousarray(weights[p + "w_gate"][:, rank * fs:(rank + 1) * fs])
+        out[p + "w_up"] = np.ascontiguousarray(weights[p + "w_up"][:, rank * fs:(rank + 1) * fs])
+        out[p + "w_down"] = np.ascontiguousarray(weights[p + "w_down"][rank * fs:(rank + 1) * fs])
+    out["final_norm"] = weights["final_norm"].copy()
+    out["lm_head"] = np.ascontiguousarray(weights["lm_head"][:, rank * vs:(rank + 1) * vs])
+    return Shard(cfg=cfg, tp=tp, rank=rank, weights=out, kv_of_q=kv_of_q, vocab_offset=rank * vs)
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * weight
+
+
+def _rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Rotary embedding on (tokens, heads, head_dim), rotating the two halves of each head."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-np.arange(half, dtype=np.float32) * 2.0 / x.shape[-1])
+    angles = positions[:, None].astype(np.float32) * freqs[None, :]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator[Collective, np.ndarray, np.ndarray]:
+    """Run `tokens` (new positions after the cache) through one shard; return full logits.
+
+    Yields a `Collective` whenever the shard needs its partial combined with the other ranks'.
+    """
+    cfg, w = shard.cfg, shard.weights
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n, d = len(tokens), cfg.head_dim
+    start = cache.length
+    if start + n > cache.max_seq:
+        raise UserError(f"the functional model holds {cache.max_seq} positions; {start + n} requested")
+    if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
+        raise UserError(f"token ids must be in [0, {cfg.vocab_size})")
+    positions = np.arange(start, start + n)
+    vs = w["embed"].shape[0]
+    local = tokens - shard.vocab_offset
+    mine = (local >= 0) & (local < vs)
+    x_part = np.zeros((n, cfg.hidden_size), dtype=np.float32)
+    x_part[mine] = w["embed"][local[mine]]
+    x = yield Collective("all_reduce", x_part, "embedding")
+    hq, hkv = len(shard.kv_of_q), w["layers.0.wk"].shape[1] // d
+    causal = positions[:, None] >= np.arange(start + n)[None, :]
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        xn = _rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)
+        q = _rope((xn @ w[p + "wq"]).reshape(n, hq, d), positions, cfg.rope_theta)
+        k = _rope((xn @ w[p + "wk"]).reshape(n, hkv, d), positions, cfg.rope_theta)
+        v = (xn @ w[p + "wv"]).reshape(n, hkv, d)
+        cache.k[layer, :, start:start + n] = k.transpose(1, 0, 2)
+        cache.v[layer, :, start:start + n] = v.transpose(1, 0, 2)
+        keys = cache.k[layer, shard.kv_of_q, :start + n]        # (hq, keys, d)
+        values = cache.v[layer, shard.kv_of_q, :start + n]
+        scores = np.einsum("qhd,hkd->hqk", q, keys) / np.float32(np.sqrt(d))
+        scores = np.where(causal[None], scores, np.float32(-np.inf))
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,hkd->qhd", probs, values).reshape(n, hq * d)
+        attn_sum = yield Collective("all_reduce", (attn @ w[p + "wo"]).astype(np.float32), f"layer{layer}.attn")
+        x = x + attn_sum
+        hn = _rms_norm(x, w[p + "mlp_norm"], cfg.norm_eps)
+        mlp = (_silu(hn @ w[p + "w_gate"]) * (hn @ w[p + "w_up"])) @ w[p + "w_down"]
+        mlp_sum = yield Collective("all_reduce", mlp.astype(np.float32), f"layer{layer}.mlp")
+        x = x + mlp_sum
+    cache.length = start + n
+    final = _rms_norm(x, w["final_norm"], cfg.norm_eps)
+    logits = yield Collective("all_gather", (final @ w["lm_head"]).astype(np.float32), "logits")
+    return logits
+
+
+def run_lockstep(steps: list[Generator[Collective, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Drive the shards of one TP group in-process: all-reduce = sum, all-gather = concatenation."""
+    pending = [next(step) for step in steps]
+    while True:
+        kinds = {c.kind for c in pending}
+        if len(kinds) != 1 or len({c.label for c in pending}) != 1:
+            raise RuntimeError(f"ranks disagree on the next collective: {[c.label for c in pending]}")
+        if pending[0].kind == "all_reduce":
+            combined = [np.sum([c.tensor for c in pending], axis=0, dtype=np.float32)] * len(steps)
+        else:
+            combined = [np.concatenate([c.tensor for c in pending], axis=-1)] * len(steps)
+        results, nxt = [], []
+        for step, value in zip(steps, combined):
+            try:
+                nxt.append(step.send(value))
+            except StopIteration as done:
+                results.append(done.value)
+        if results:
+            if len(results) != len(steps):
+                raise RuntimeError("ranks finished at different collectives")
+            return results
+        pending = nxt
+
+
+def run_reference(weights: dict[str, np.ndarray], cfg: TinyConfig, prompt: np.ndarray,
+                  new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy generation with the unsharded model: (generated ids, logits of every step)."""
+    shard = shard_weights(weights, cfg, 1, 0)
+    cache = KVCache(cfg, cfg.num_kv_heads)
+    tokens, all_logits, ids = np.asarray(prompt), [], []
+    for _ in range(new_tokens):
+        logits = run_lockstep([forward_shard(shard, tokens, cache)])[0]
+        all_logits.append(logits[-1])
+        ids.append(int(np.argmax(logits[-1])))
+        tokens = np.array([ids[-1]])
+    return ids, all_logits

@@ -1,0 +1,287 @@
+"""The operator graph of one decoding step, per socket of a tensor-parallel group.
+
+A step is `pre` operators (vocab-parallel embedding and its all-reduce), `num_layers` copies of
+the decoder layer, and `post` operators (final norm, LM head, gather of the logits). Operators
+read and write named tensors; a tensor is *persistent* if it lives in HBM whatever the kernel
+boundaries are (weights are implicit, the KV cache and the logits handed to the host are named).
+Whether any other tensor touches HBM is decided later by the kernel plan (`cost_model`), with
+one rule: a kernel reads from HBM what it did not produce and writes to HBM what somebody
+outside it reads.
+
+Sizes are affine in the `PhaseShape` of the step (tokens, sequences, attention pairs, ...), so
+the cost model can compile a graph once and evaluate thousands of steps with one matrix product.
+Column-parallel: QKV, gate/up, LM head (vocab). Row-parallel: output and down projections,
+followed by an all-reduce. Key/value heads are split when the TP degree divides their count and
+replicated when it is a multiple of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from interconnect.spec_fields import UserError
+from socket_actor.model_spec import ModelSpec
+
+__all__ = ["PhaseShape", "Operator", "StepGraph", "build_step_graph", "shard_weight_bytes",
+           "prefill_shape", "decode_shapes", "kv_bytes_per_token_per_socket", "SHAPE_KEYS",
+           "OPERATOR_CLASSES"]
+
+SHAPE_KEYS = ("tokens", "seqs", "attn_pairs", "score_elems", "kv_read_tokens")
+OPERATOR_CLASSES = ("embedding", "norm", "matmul", "attention", "elementwise", "collective", "launch")
+
+# floating-point operations per element of the non-matmul operators (order of magnitude suffices:
+# these operators are bound by memory traffic, not arithmetic)
+_NORM_FLOPS_PER_ELEM = 4
+_ROPE_FLOPS_PER_ELEM = 6
+_SOFTMAX_FLOPS_PER_ELEM = 5
+_ACT_FLOPS_PER_ELEM = 5
+_ID_BYTES = 4
+_LOGIT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PhaseShape:
+    """What one step processes, summed over the sequences of the batch (scalars or arrays).
+
+    tokens: new tokens; seqs: sequences; attn_pairs: (query, key) pairs attended, causal and
+    window-capped; score_elems: query x key rectangle an eager implementation materialises;
+    kv_read_tokens: cached positions read from the KV cache.
+    """
+
+    tokens: np.ndarray
+    seqs: np.ndarray
+    attn_pairs: np.ndarray
+    score_elems: np.ndarray
+    kv_read_tokens: np.ndarray
+
+    def matrix(self) -> np.ndarray:
+        """Rows = steps, columns = SHAPE_KEYS."""
+        return np.column_stack([np.atleast_1d(np.asarray(getattr(self, key), dtype=np.float64))
+                                for key in SHAPE_KEYS])
+
+
+@dataclass
+class Operator:
+    """One operator instance: arithmetic, weights it streams, tensors it reads and writes."""
+
+    name: str
+    cls: str
+    scope: str                     # "pre", "layer" or "post"
+    layer: int                     # layer index, -1 outside the decoder layers
+    flops: np.ndarray
+    weight_bytes: np.ndarray
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    collective: str | None = None  # "all_reduce" / "all_gather"
+    collective_bytes: np.ndarray | float = 0.0
+
+
+@dataclass
+class StepGraph:
+    """The unrolled operators of one step and the byte size of every tensor they touch."""
+
+    ops: list[Operator]
+    tensor_bytes: dict[str, np.ndarray]
+    persistent: set[str] = field(default_factory=set)
+
+
+def _heads_per_socket(model: ModelSpec, tp: int) -> tuple[int, int]:
+    if model.num_heads % tp:
+        raise UserError(f"{model.name}: {model.num_heads} attention heads cannot be split over TP {tp}")
+    if model.num_kv_heads % tp == 0:
+        kv = model.num_kv_heads // tp
+    elif tp % model.num_kv_heads == 0:
+        kv = 1  # each key/value head replicated on tp / num_kv_heads sockets
+    else:
+        raise UserError(f"{model.name}: {model.num_kv_heads} key/value heads cannot be split or replicated "
+                        f"over TP {tp}")
+    return model.num_heads // tp, kv
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def shard_weight_bytes(model: ModelSpec, tp: int) -> int:
+    """Weight bytes one socket of a TP group holds: sharded matrices plus replicated norms/biases."""
+    hq, hkv = _heads_per_socket(model, tp)
+    h, d, e = model.hidden_size, model.head_dim, model.dtype_bytes
+    fs = _ceil_div(model.intermediate_size, tp)
+    vs = _ceil_div(model.vocab_size, tp)
+    mlp_in = (2 if model.gated_mlp else 1) * fs
+    layer = h * (hq + 2 * hkv) * d + hq * d * h + h * mlp_in + fs * h
+    if model.linear_bias:
+        layer += (hq + 2 * hkv) * d + mlp_in + 2 * h  # column biases sharded, row biases replicated
+    layer += model.norms_per_layer * model.norm_params
+    total = model.num_layers * layer + vs * h + model.norm_params
+    if model.embedding_norm:
+        total += model.norm_params
+    if not model.tie_embeddings:
+        total += vs * h
+    return total * e
+
+
+def build_step_graph(model: ModelSpec, tp: int, shape: PhaseShape) -> StepGraph:
+    """Operators and tensor sizes of one step; `shape` fields may be arrays (evaluated elementwise)."""
+    hq, hkv = _heads_per_socket(model, tp)
+    h, d, e = model.hidden_size, model.head_dim, model.dtype_bytes
+    fs = _ceil_div(model.intermediate_size, tp)
+    vs = _ceil_div(model.vocab_size, tp)
+    T, B = np.asarray(shape.tokens, float), np.asarray(shape.seqs, float)
+    pairs, scores = np.asarray(shape.attn_pairs, float), np.asarray(shape.score_elems, float)
+    kv_read = np.asarray(shape.kv_read_tokens, float)
+    zero = T * 0.0
+    norm_w = model.norm_params * e + zero
+    bias = model.linear_bias
+    mlp_in = (2 if model.gated_mlp else 1) * fs
+    gqa = hq > hkv
+
+    tensors: dict[str, np.ndarray] = {}
+    persistent: set[str] = set()
+    ops: list[Operator] = []
+
+    def op(name, cls, scope, layer, flops, weights, reads, writes, collective=None, coll_bytes=0.0):
+        ops.append(Operator(name, cls, scope, layer, flops + zero, weights + zero, tuple(reads), tuple(writes),
+                            collective, coll_bytes))
+
+    def act(name: str, size) -> str:
+        tensors[name] = size + zero
+        return name
+
+    # -- pre: vocab-parallel embedding, then the all-reduce that assembles each row --------------
+    ids = act("ids", T * _ID_BYTES)
+    persistent.add(ids)
+    emb = act("emb_part", T * h * e)
+    x0 = act("emb_sum" if model.embedding_norm else "x@0", T * h * e)
+    op("embedding", "embedding", "pre", -1, zero, T * h * e / tp, [ids], [emb])
+    op("embed_all_reduce", "collective", "pre", -1, zero, zero, [emb], [x0], "all_reduce", T * h * e)
+    if model.embedding_norm:
+        op("embed_norm", "norm", "pre", -1, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x0], [act("x@0", T * h * e)])
+
+    # -- layers -----------------------------------------------------------------------------
+    qkv_w = h * (hq + 2 * hkv) * d * e + (bias * (hq + 2 * hkv) * d * e)
+    o_w = hq * d * h * e + bias * h * e
+    up_w = h * mlp_in * e + bias * mlp_in * e
+    down_w = fs * h * e + bias * h * e
+    for layer in range(model.num_layers):
+        def t(name: str) -> str:
+            return f"{name}@{layer}"
+
+        x, out = t("x"), f"x@{layer + 1}"
+        # the last layer keeps only the rows the LM head needs (last position of each sequence)
+        act(out, (B if layer == model.num_layers - 1 else T) * h * e)
+        xn = act(t("xn"), T * h * e)
+        op("input_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x], [xn])
+        qkv = act(t("qkv"), T * (hq + 2 * hkv) * d * e)
+        op("qkv_proj", "matmul", "layer", layer, 2 * T * h * (hq + 2 * hkv) * d, qkv_w, [xn], [qkv])
+        q = act(t("q"), T * hq * d * e)
+        k_new, v_new = act(t("k_new"), T * hkv * d * e), act(t("v_new"), T * hkv * d * e)
+        k_past, v_past = act(t("k_past"), kv_read * hkv * d * e), act(t("v_past"), kv_read * hkv * d * e)
+        persistent.update({k_new, v_new, k_past, v_past})
+        if model.position == "rope":
+            op("rope", "elementwise", "layer", layer, _ROPE_FLOPS_PER_ELEM * T * (hq + hkv) * d, zero,
+               [qkv], [q, k_new, v_new])
+        else:
+            op("qkv_split", "elementwise", "layer", layer, zero, zero, [qkv], [q, k_new, v_new])
+        if gqa:  # eager GQA materialises the key/value heads once per query head
+            keys = [act(t("k_exp"), (kv_read + T) * hq * d * e)]
+            values = [act(t("v_exp"), (kv_read + T) * hq * d * e)]
+            op("kv_repeat", "attention", "layer", layer, zero, zero, [k_new, k_past, v_new, v_past],
+               keys + values)
+        else:
+            keys, values = [k_new, k_past], [v_new, v_past]
+        sc = act(t("scores"), scores * hq * e)
+        op("attn_scores", "attention", "layer", layer, 2 * pairs * hq * d, zero, [q] + keys, [sc])
+        pr = act(t("probs"), scores * hq * e)
+        op("attn_softmax", "attention", "layer", layer, _SOFTMAX_FLOPS_PER_ELEM * pairs * hq, zero, [sc], [pr])
+        ctx = act(t("attn"), T * hq * d * e)
+        op("attn_context", "attention", "layer", layer, 2 * pairs * hq * d, zero, [pr] + values, [ctx])
+        o_part = act(t("o_part"), T * h * e)
+        op("o_proj", "matmul", "layer", layer, 2 * T * hq * d * h, o_w, [ctx], [o_part])
+        if model.parallel_attention:
+            mlp_input = xn
+            if model.norms_per_layer == 2:
+                mlp_input = act(t("xm"), T * h * e)
+                op("mlp_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x], [mlp_input])
+        else:
+            o_sum = act(t("o_sum"), T * h * e)
+            op("attn_all_reduce", "collective", "layer", layer, zero, zero, [o_part], [o_sum], "all_reduce",
+               T * h * e)
+            h1 = act(t("h1"), T * h * e)
+            op("attn_residual", "elementwise", "layer", layer, T * h, zero, [x, o_sum], [h1])
+            mlp_input = act(t("h1n"), T * h * e)
+            op("post_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [h1], [mlp_input])
+        gu = act(t("gate_up"), T * mlp_in * e)
+        op("gate_up_proj", "matmul", "layer", layer, 2 * T * h * mlp_in, up_w, [mlp_input], [gu])
+        a = act(t("mlp_act"), T * fs * e)
+        op("mlp_act", "elementwise", "layer", layer, _ACT_FLOPS_PER_ELEM * T * fs, zero, [gu], [a])
+        d_part = act(t("down_part"), T * h * e)
+        op("down_proj", "matmul", "layer", layer, 2 * T * fs * h, down_w, [a], [d_part])
+        if model.parallel_attention:
+            p_part = act(t("sum_part"), T * h * e)
+            op("branch_add", "elementwise", "layer", layer, T * h, zero, [o_part, d_part], [p_part])
+            p_sum = act(t("sum"), T * h * e)
+            op("layer_all_reduce", "collective", "layer", layer, zero, zero, [p_part], [p_sum], "all_reduce",
+               T * h * e)
+            op("residual", "elementwise", "layer", layer, T * h, zero, [x, p_sum], [out])
+        else:
+            d_sum = act(t("down_sum"), T * h * e)
+            op("mlp_all_reduce", "collective", "layer", layer, zero, zero, [d_part], [d_sum], "all_reduce",
+               T * h * e)
+            op("mlp_residual", "elementwise", "layer", layer, T * h, zero, [h1, d_sum], [out])
+
+    # -- post: only the last position of each sequence goes through the LM head --------------
+    last = f"x@{model.num_layers}"
+    final = act("final", B * h * e)
+    op("final_norm", "norm", "post", -1, _NORM_FLOPS_PER_ELEM * B * h, norm_w, [last], [final])
+    logits_part = act("logits_part", B * vs * e)
+    op("lm_head", "matmul", "post", -1, 2 * B * h * vs, h * vs * e, [final], [logits_part])
+    logits = act("logits", B * model.vocab_size * _LOGIT_BYTES)
+    persistent.add(logits)
+    op("logits_all_gather", "collective", "post", -1, zero, zero, [logits_part], [logits], "all_gather",
+       B * model.vocab_size * e)
+    return StepGraph(ops=ops, tensor_bytes=tensors, persistent=persistent)
+
+
+def _window_pairs(prompt: np.ndarray, window: int | None) -> np.ndarray:
+    """Causal (query, key) pairs of prompts of the given lengths, each query seeing `window` keys at most."""
+    full = prompt * (prompt + 1) / 2
+    if window is None:
+        return full
+    over = np.maximum(prompt - window, 0)
+    return full - over * (over + 1) / 2
+
+
+def prefill_shape(prompt_lens, window: int | None = None) -> PhaseShape:
+    """One prefill step over a batch of fresh prompts (no prefix in the cache)."""
+    n = np.asarray(prompt_lens, dtype=np.float64)
+    return PhaseShape(tokens=np.array([n.sum()]), seqs=np.array([float(n.size)]),
+                      attn_pairs=np.array([_window_pairs(n, window).sum()]),
+                      score_elems=np.array([(n * n).sum()]), kv_read_tokens=np.array([0.0]))
+
+
+def decode_shapes(prompt_lens, output_lens, window: int | None = None) -> PhaseShape:
+    """Decode steps of a static batch: step j (1-based) produces output token j+1 of every
+    sequence still generating; sequence i needs `output_lens[i] - 1` steps after prefill."""
+    n = np.asarray(prompt_lens, dtype=np.float64)[:, None]
+    steps_needed = np.asarray(output_lens, dtype=np.int64) - 1
+    total = int(steps_needed.max(initial=0))
+    if total <= 0:
+        empty = np.zeros(0)
+        return PhaseShape(empty, empty, empty, empty, empty)
+    j = np.arange(1, total + 1, dtype=np.float64)[None, :]
+    active = (steps_needed[:, None] >= j).astype(np.float64)
+    past = n + j - 1                                   # tokens in the cache before this step
+    cap = np.inf if window is None else window
+    read = np.minimum(past, cap - 1)
+    keys = read + 1
+    return PhaseShape(tokens=active.sum(0), seqs=active.sum(0), attn_pairs=(active * keys).sum(0),
+                      score_elems=(active * keys).sum(0), kv_read_tokens=(active * read).sum(0))
+
+
+def kv_bytes_per_token_per_socket(model: ModelSpec, tp: int) -> int:
+    """KV-cache bytes one token adds on one socket of a TP group (all layers)."""
+    _, hkv = _heads_per_socket(model, tp)
+    return 2 * model.num_layers * hkv * model.head_dim * model.dtype_bytes
