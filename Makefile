@@ -20,10 +20,16 @@ demo: $(STAMP)
 	$(BIN)/rdu estimate --platform sn40l-node --model llama-2-7b --tp 8 --batch 1 --prompt 128 --output 20
 
 test: $(STAMP)
+	$(BIN)/python tests/leftovers.py snapshot .pytest_cache/ray-before
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
+	$(BIN)/python tests/leftovers.py check .pytest_cache/ray-before
 
 test-scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m scale
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py

@@ -2,9 +2,11 @@
 
 A ring collective over `t` ranks moves the payload in `t` chunks; every step each rank sends
 one chunk to its successor, all hops at once. Reduce-scatter and all-gather take `t - 1` steps,
-all-reduce (reduce-scatter then all-gather) `2 (t - 1)`. A step lasts as long as its slowest hop:
-latency plus one chunk's serialisation. The event-level collectives in `interconnect.collectives`
-must land on exactly these numbers when nothing else contends for the links.
+all-reduce (reduce-scatter then all-gather) `2 (t - 1)`. On a uniform ring a step is one hop's
+latency plus one chunk's serialisation; on a ring with slower hops (a group spanning nodes) the
+time until the last rank is done follows the same per-rank recurrence as the event-level
+collectives in `interconnect.collectives`, which must land on exactly these numbers when nothing
+else contends for the links.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class RingTiming:
             return cls(ranks=1, hops=())
         hops = tuple(path_spec([link.spec for link in topology.path(src, members[(i + 1) % len(members)])])
                      for i, src in enumerate(members))
-        # identical hops time identically: keep one of each to make every call cheap
-        return cls(ranks=len(members), hops=tuple(dict.fromkeys(hops)))
+        return cls(ranks=len(members), hops=hops)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.hops)) <= 1
 
     def chunk_bytes(self, nbytes):
         """Bytes of the largest of the `ranks` chunks a payload is cut into."""
@@ -43,13 +48,30 @@ class RingTiming:
             return np.ceil(nbytes / self.ranks)
         return -(-int(nbytes) // self.ranks)
 
-    def step_ns(self, nbytes):
-        """One ring step: the slowest hop's latency plus the serialisation of one chunk."""
+    def _finish_ns(self, nbytes, steps: int):
+        """Time until the last rank finishes `steps` ring steps, all ranks starting together.
+
+        Rank i sends when its clock and its outgoing link allow, and its successor's clock moves
+        to the later of its own and the chunk's arrival: the same recurrence the event-level
+        collectives follow, so both agree to the nanosecond. Uniform rings reduce to
+        ``steps * (latency + chunk / bandwidth)``.
+        """
         chunk = self.chunk_bytes(nbytes)
-        times = [math.ceil(hop.latency_ns) + serialisation_ns(chunk, hop.bandwidth_bytes_per_s) for hop in self.hops]
-        if isinstance(nbytes, np.ndarray):
-            return np.maximum.reduce(times)
-        return max(times)
+        if self.uniform:
+            hop = self.hops[0]
+            return steps * (math.ceil(hop.latency_ns) + serialisation_ns(chunk, hop.bandwidth_bytes_per_s))
+        t = self.ranks
+        ser = [serialisation_ns(chunk, hop.bandwidth_bytes_per_s) for hop in self.hops]
+        lat = [math.ceil(hop.latency_ns) for hop in self.hops]
+        zero = chunk * 0
+        clock, free = [zero] * t, [zero] * t
+        for _ in range(steps):
+            start = [np.maximum(clock[i], free[i]) for i in range(t)]
+            free = [start[i] + ser[i] for i in range(t)]
+            arrival = [start[i] + lat[i] + ser[i] for i in range(t)]
+            clock = [np.maximum(clock[i], arrival[i - 1]) for i in range(t)]
+        finish = np.maximum.reduce(clock)
+        return finish if isinstance(nbytes, np.ndarray) else int(finish)
 
     def steps(self, kind: str) -> int:
         per_phase = self.ranks - 1
@@ -59,7 +81,7 @@ class RingTiming:
         """Time of collective `kind` on a payload of `nbytes` per rank (0 for a single rank)."""
         if self.ranks == 1:
             return nbytes * 0 if isinstance(nbytes, np.ndarray) else 0
-        return self.steps(kind) * self.step_ns(nbytes)
+        return self._finish_ns(nbytes, self.steps(kind))
 
     def wire_bytes(self, kind: str, nbytes):
         """Bytes each rank puts on the wire for collective `kind`."""

@@ -95,6 +95,42 @@ def cmd_estimate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_check_tp(args: argparse.Namespace, console: Console) -> int:
+    from node.check_tp import check_tp
+
+    result = check_tp(args.nodes, args.sockets_per_node, args.tokens, args.prompt, args.seed, args.platform,
+                      args.address, args.batch)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        table = Table(title=f"functional TP decode over gRPC: {result['nodes']} node(s) x "
+                            f"{result['sockets_per_node']} socket(s)")
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        for key in ("tp", "tokens", "batch", "tokens_match", "max_abs_err", "grpc_bytes", "virtual_ns", "wall_s",
+                    "tokens_per_s", "ray_nodes_used"):
+            table.add_row(key, str(result[key]))
+        console.print(table)
+    ok = result["max_abs_err"] <= 1e-4 and result["tokens_match"]
+    return 0 if ok else 1
+
+
+def cmd_validate_cluster(args: argparse.Namespace, console: Console) -> int:
+    from node.validate_cluster import validate_cluster
+
+    report = validate_cluster(args.config)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        for line in report.errors:
+            print(f"error: {line}", file=sys.stderr)
+        for line in report.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        if report.ok:
+            console.print(f"ok: {args.config}: {report.summary()}")
+    return 0 if report.ok else EXIT_USER_ERROR
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> OneLineParser:
@@ -120,6 +156,23 @@ def build_parser() -> OneLineParser:
                    help="override a platform field, e.g. socket.hbm.bandwidth_bytes_per_s=2e12 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ns, bytes)")
     p.set_defaults(handler=cmd_estimate)
+    p = sub.add_parser("check-tp", help="run the functional model tensor-parallel over gRPC and check it")
+    p.add_argument("--nodes", type=_positive_int, default=1, help="emulated nodes (default 1)")
+    p.add_argument("--sockets-per-node", type=_positive_int, default=8, help="socket actors per node (default 8)")
+    p.add_argument("--tokens", type=_positive_int, default=16, help="tokens to generate per sequence (default 16)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prompt", type=_positive_int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompt (default 0)")
+    p.add_argument("--platform", default="sn40l-node", help="platform whose links time the run (default sn40l-node)")
+    p.add_argument("--address", default="local",
+                   help="Ray to use: local (start one here, default), auto or host:port (join a cluster)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_check_tp)
+
+    p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
+    p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_validate_cluster)
     return parser
 
 

@@ -31,7 +31,7 @@ from socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, de
                                     shard_weight_bytes)
 from socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
 
-__all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "compile_step"]
+__all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "Segment", "compile_step"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class CompiledStep:
     compulsory_bytes: np.ndarray  # weights + persistent tensors (KV cache, ids, logits)
     collective_bytes: np.ndarray
     kernels_per_step: int
+    instance_rows: tuple[int, ...]     # row of each unrolled operator, in graph order
+    kernel_starts: tuple[bool, ...]    # whether that operator opens a new kernel (pays a launch)
 
 
 def _kernel_of(op, index: int, mode: str, scope: str, groups: tuple[tuple[str, ...], ...]) -> tuple:
@@ -82,6 +84,7 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
             consumers.setdefault(t, set()).add(kernels[i])
     already_read: set[tuple] = set()
     rows: dict[tuple, int] = {}
+    instance_rows: list[int] = []
     names, classes, colls, counts, flops, hbm, compulsory, coll_bytes = [], [], [], [], [], [], [], []
     for i, op in enumerate(graph.ops):
         kernel = kernels[i]
@@ -103,8 +106,10 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
         key = (op.name, op.cls, op.collective) + tuple(tuple(c) for c in row)
         if key in rows:
             counts[rows[key]] += 1
+            instance_rows.append(rows[key])
             continue
         rows[key] = len(names)
+        instance_rows.append(rows[key])
         names.append(op.name)
         classes.append(op.cls)
         colls.append(op.collective)
@@ -113,9 +118,24 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
         hbm.append(row[1])
         compulsory.append(row[2])
         coll_bytes.append(row[3])
+    seen_kernels: set[tuple] = set()
+    kernel_starts = []
+    for kernel in kernels:
+        kernel_starts.append(kernel not in seen_kernels)
+        seen_kernels.add(kernel)
     return CompiledStep(tuple(names), tuple(classes), tuple(colls), np.array(counts, dtype=np.float64),
                         np.array(flops), np.array(hbm), np.array(compulsory), np.array(coll_bytes),
-                        len(set(kernels)))
+                        len(seen_kernels), tuple(instance_rows), tuple(kernel_starts))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The compute before one collective (or before the end of the step), in graph order."""
+
+    compute_ns: int
+    collective: str | None = None
+    collective_bytes: int = 0
+    staging_ns: int = 0        # HBM traffic of an unfused collective's buffers
 
 
 @dataclass
@@ -235,6 +255,30 @@ class CostModel:
         ends = np.concatenate([[0], np.cumsum(decode.step_ns)])
         finish = prefill.total_ns + ends[output_lens - 1]
         return Generation(prefill=prefill, decode=decode, finish_ns=finish)
+
+    def segments(self, shape: PhaseShape) -> list[Segment]:
+        """One step cut at its collectives: what the functional plane runs between two of them.
+
+        The collectives' link time is left out: the event-level collectives supply it.
+        """
+        if len(shape.matrix()) != 1:
+            raise ValueError("segments() takes the shape of exactly one step")
+        times, _, traffic, _ = self.row_times(shape)
+        launch = self.socket.launch_ns(self.orchestration)
+        c = self.compiled
+        segments, acc = [], 0.0
+        for row, starts in zip(c.instance_rows, c.kernel_starts):
+            acc += launch if starts else 0.0
+            if c.collectives[row] is None:
+                acc += times[0, row]
+                continue
+            x = np.concatenate([[1.0], shape.matrix()[0]])
+            segments.append(Segment(compute_ns=int(np.ceil(acc)), collective=c.collectives[row],
+                                    collective_bytes=int(round(float(x @ c.collective_bytes[row]))),
+                                    staging_ns=int(np.ceil(traffic[0, row] / self._bytes_per_ns))))
+            acc = 0.0
+        segments.append(Segment(compute_ns=int(np.ceil(acc))))
+        return segments
 
     def roofline_ns(self, shape: PhaseShape) -> np.ndarray:
         """Per instance, the hardware bound: compulsory bytes at peak bandwidth vs flops at peak."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from interconnect.spec_fields import UserError
+from socket_actor.model_spec import ModelSpec
 
 __all__ = ["TinyConfig", "Collective", "KVCache", "init_weights", "shard_weights", "forward_shard",
            "run_lockstep", "run_reference", "Shard"]
@@ -41,6 +42,18 @@ class TinyConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def model_spec(self) -> ModelSpec:
+        """The same architecture as a `ModelSpec` (fp32), so the cost model can time it."""
+        return ModelSpec(name="functional-tiny", family="llama", vocab_size=self.vocab_size,
+                         hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                         num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size, gated_mlp=True,
+                         norm="rms", position="rope", parallel_attention=False, norms_per_layer=2,
+                         linear_bias=False, tie_embeddings=False, embedding_norm=False, sliding_window=None,
+                         max_position_embeddings=self.max_seq, dtype_bytes=4)
+
+    def kv_heads_per_shard(self, tp: int) -> int:
+        return max(self.num_kv_heads // tp, 1)
 
     def check_tp(self, tp: int) -> None:
         problems = []
@@ -81,13 +94,14 @@ class Shard:
 
 
 class KVCache:
-    """Keys and values of one sequence, per layer, for the KV heads one shard holds."""
+    """Keys and values of a batch of equally long sequences, per layer, for one shard's KV heads."""
 
-    def __init__(self, cfg: TinyConfig, kv_heads: int) -> None:
-        shape = (cfg.num_layers, kv_heads, cfg.max_seq, cfg.head_dim)
+    def __init__(self, cfg: TinyConfig, kv_heads: int, batch: int = 1) -> None:
+        shape = (cfg.num_layers, batch, kv_heads, cfg.max_seq, cfg.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0
+        self.batch = batch
         self.max_seq = cfg.max_seq
 
 
@@ -170,42 +184,50 @@ def _silu(x: np.ndarray) -> np.ndarray:
 
 
 def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator[Collective, np.ndarray, np.ndarray]:
-    """Run `tokens` (new positions after the cache) through one shard; return full logits.
+    """Run `tokens` — shape (batch, new positions), or (new positions,) for one sequence — through
+    one shard after what the cache holds; return the full-vocabulary logits of the last position
+    of each sequence, shape (batch, vocab) (or (vocab,) for a 1-D input).
 
     Yields a `Collective` whenever the shard needs its partial combined with the other ranks'.
     """
     cfg, w = shard.cfg, shard.weights
     tokens = np.asarray(tokens, dtype=np.int64)
-    n, d = len(tokens), cfg.head_dim
+    single = tokens.ndim == 1
+    tokens = tokens[None, :] if single else tokens
+    b, n = tokens.shape
+    d = cfg.head_dim
     start = cache.length
+    if b != cache.batch:
+        raise ValueError(f"{b} sequences for a cache of {cache.batch}")
     if start + n > cache.max_seq:
         raise UserError(f"the functional model holds {cache.max_seq} positions; {start + n} requested")
     if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
         raise UserError(f"token ids must be in [0, {cfg.vocab_size})")
     positions = np.arange(start, start + n)
     vs = w["embed"].shape[0]
-    local = tokens - shard.vocab_offset
+    local = (tokens - shard.vocab_offset).reshape(-1)
     mine = (local >= 0) & (local < vs)
-    x_part = np.zeros((n, cfg.hidden_size), dtype=np.float32)
+    x_part = np.zeros((b * n, cfg.hidden_size), dtype=np.float32)
     x_part[mine] = w["embed"][local[mine]]
     x = yield Collective("all_reduce", x_part, "embedding")
     hq, hkv = len(shard.kv_of_q), w["layers.0.wk"].shape[1] // d
     causal = positions[:, None] >= np.arange(start + n)[None, :]
+    rope_positions = np.tile(positions, b)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         xn = _rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)
-        q = _rope((xn @ w[p + "wq"]).reshape(n, hq, d), positions, cfg.rope_theta)
-        k = _rope((xn @ w[p + "wk"]).reshape(n, hkv, d), positions, cfg.rope_theta)
-        v = (xn @ w[p + "wv"]).reshape(n, hkv, d)
-        cache.k[layer, :, start:start + n] = k.transpose(1, 0, 2)
-        cache.v[layer, :, start:start + n] = v.transpose(1, 0, 2)
-        keys = cache.k[layer, shard.kv_of_q, :start + n]        # (hq, keys, d)
-        values = cache.v[layer, shard.kv_of_q, :start + n]
-        scores = np.einsum("qhd,hkd->hqk", q, keys) / np.float32(np.sqrt(d))
-        scores = np.where(causal[None], scores, np.float32(-np.inf))
+        q = _rope((xn @ w[p + "wq"]).reshape(b * n, hq, d), rope_positions, cfg.rope_theta).reshape(b, n, hq, d)
+        k = _rope((xn @ w[p + "wk"]).reshape(b * n, hkv, d), rope_positions, cfg.rope_theta).reshape(b, n, hkv, d)
+        v = (xn @ w[p + "wv"]).reshape(b, n, hkv, d)
+        cache.k[layer, :, :, start:start + n] = k.transpose(0, 2, 1, 3)
+        cache.v[layer, :, :, start:start + n] = v.transpose(0, 2, 1, 3)
+        keys = cache.k[layer][:, shard.kv_of_q, :start + n]      # (b, hq, keys, d)
+        values = cache.v[layer][:, shard.kv_of_q, :start + n]
+        scores = np.einsum("bqhd,bhkd->bhqk", q, keys) / np.float32(np.sqrt(d))
+        scores = np.where(causal[None, None], scores, np.float32(-np.inf))
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
-        attn = np.einsum("hqk,hkd->qhd", probs, values).reshape(n, hq * d)
+        attn = np.einsum("bhqk,bhkd->bqhd", probs, values).reshape(b * n, hq * d)
         attn_sum = yield Collective("all_reduce", (attn @ w[p + "wo"]).astype(np.float32), f"layer{layer}.attn")
         x = x + attn_sum
         hn = _rms_norm(x, w[p + "mlp_norm"], cfg.norm_eps)
@@ -213,9 +235,10 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator
         mlp_sum = yield Collective("all_reduce", mlp.astype(np.float32), f"layer{layer}.mlp")
         x = x + mlp_sum
     cache.length = start + n
-    final = _rms_norm(x, w["final_norm"], cfg.norm_eps)
+    last = x.reshape(b, n, -1)[:, -1]                             # only the last positions are decoded
+    final = _rms_norm(last, w["final_norm"], cfg.norm_eps)
     logits = yield Collective("all_gather", (final @ w["lm_head"]).astype(np.float32), "logits")
-    return logits
+    return logits[0] if single else logits
 
 
 def run_lockstep(steps: list[Generator[Collective, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -242,15 +265,23 @@ def run_lockstep(steps: list[Generator[Collective, np.ndarray, np.ndarray]]) -> 
         pending = nxt
 
 
-def run_reference(weights: dict[str, np.ndarray], cfg: TinyConfig, prompt: np.ndarray,
-                  new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy generation with the unsharded model: (generated ids, logits of every step)."""
+def run_reference(weights: dict[str, np.ndarray], cfg: TinyConfig, prompts: np.ndarray,
+                  new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy generation with the unsharded model for a batch of prompts of equal length
+    (shape (batch, length), or (length,) for one): (generated ids (batch, new_tokens),
+    logits (new_tokens, batch, vocab)); 1-D prompts drop the batch axis."""
+    prompts = np.asarray(prompts)
+    single = prompts.ndim == 1
+    prompts = prompts[None, :] if single else prompts
     shard = shard_weights(weights, cfg, 1, 0)
-    cache = KVCache(cfg, cfg.num_kv_heads)
-    tokens, all_logits, ids = np.asarray(prompt), [], []
+    cache = KVCache(cfg, cfg.num_kv_heads, batch=len(prompts))
+    tokens, all_logits, ids = prompts, [], []
     for _ in range(new_tokens):
         logits = run_lockstep([forward_shard(shard, tokens, cache)])[0]
-        all_logits.append(logits[-1])
-        ids.append(int(np.argmax(logits[-1])))
-        tokens = np.array([ids[-1]])
-    return ids, all_logits
+        all_logits.append(logits)
+        ids.append(np.argmax(logits, axis=-1))
+        tokens = ids[-1][:, None]
+    ids_array, logits_array = np.stack(ids, axis=1), np.stack(all_logits)
+    if single:
+        return ids_array[0], logits_array[:, 0]
+    return ids_array, logits_array

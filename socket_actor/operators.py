@@ -25,7 +25,7 @@ from interconnect.spec_fields import UserError
 from socket_actor.model_spec import ModelSpec
 
 __all__ = ["PhaseShape", "Operator", "StepGraph", "build_step_graph", "shard_weight_bytes",
-           "prefill_shape", "decode_shapes", "kv_bytes_per_token_per_socket", "SHAPE_KEYS",
+           "prefill_shape", "decode_shapes", "decode_step_shape", "kv_bytes_per_token_per_socket", "SHAPE_KEYS",
            "OPERATOR_CLASSES"]
 
 SHAPE_KEYS = ("tokens", "seqs", "attn_pairs", "score_elems", "kv_read_tokens")
@@ -260,6 +260,15 @@ def prefill_shape(prompt_lens, window: int | None = None) -> PhaseShape:
     return PhaseShape(tokens=np.array([n.sum()]), seqs=np.array([float(n.size)]),
                       attn_pairs=np.array([_window_pairs(n, window).sum()]),
                       score_elems=np.array([(n * n).sum()]), kv_read_tokens=np.array([0.0]))
+
+
+def decode_step_shape(past_lens, window: int | None = None) -> PhaseShape:
+    """One decode step of a batch whose sequences hold `past_lens` tokens in the cache."""
+    past = np.asarray(past_lens, dtype=np.float64)
+    read = past if window is None else np.minimum(past, window - 1)
+    return PhaseShape(tokens=np.array([float(past.size)]), seqs=np.array([float(past.size)]),
+                      attn_pairs=np.array([(read + 1).sum()]), score_elems=np.array([(read + 1).sum()]),
+                      kv_read_tokens=np.array([read.sum()]))
 
 
 def decode_shapes(prompt_lens, output_lens, window: int | None = None) -> PhaseShape:

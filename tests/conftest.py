@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+import pytest
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+LOCAL_SOCKETS = 64
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (started lazily by the first test that needs it)."""
+    import ray
+
+    ray.init(num_cpus=2, resources={"rdu_socket": LOCAL_SOCKETS}, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, object_store_memory=768 * 2**20)
+    yield ray
+    ray.shutdown()

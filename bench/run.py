@@ -1,0 +1,125 @@
+"""Benchmarks of the emulator itself (wall-clock speed and memory), printed as one table.
+
+    make bench                      # everything
+    .venv/bin/python bench/run.py --only plane --json
+
+Speed goals live here, never in the test suite: machines are shared and noisy, so each row is
+one measurement of this run, and ratios (e.g. Ray backend vs in-process) compare numbers taken
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+@dataclass
+class Row:
+    group: str
+    name: str
+    value: float
+    unit: str
+    target: str = ""
+    ok: bool | None = None
+
+    def to_dict(self) -> dict:
+        return vars(self)
+
+
+def bench_plane() -> list[Row]:
+    """Data plane, control plane and object store between socket actors on the local Ray."""
+    import ray
+
+    from node.check_tp import check_tp
+    from node.platform import load_platform
+    from node.ray_nodes import RayNodes
+    from socket_actor.numerics import Shard, TinyConfig
+
+    rows: list[Row] = []
+    ray.init(num_cpus=os.cpu_count() or 2, resources={"rdu_socket": 8}, include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING, object_store_memory=1 << 30)
+    try:
+        spec = load_platform("sn40l-node", {"sockets_per_node": 2}).spec
+        cluster = RayNodes(spec, 1)
+        cluster.start()
+        try:
+            a, b = (cluster.sockets[name] for name in cluster.names)
+            nbytes = 64 << 20
+            grpc_s = float("inf")
+            for i in range(3):  # the first transfers touch fresh pages; keep the best
+                started = time.perf_counter()
+                ray.get([a.send_to.remote("node0/socket1", f"bulk{i}", nbytes), b.receive_from.remote(f"bulk{i}")])
+                grpc_s = min(grpc_s, time.perf_counter() - started)
+            rows.append(Row("plane", "gRPC plane, 64 MiB socket -> socket", nbytes / grpc_s / 1e6, "MB/s",
+                            ">= 500", nbytes / grpc_s / 1e6 >= 500))
+            shard = Shard(cfg=TinyConfig(), tp=1, rank=0, weights={"w": np.ones(nbytes // 4, np.float32)},
+                          kv_of_q=np.zeros(1, dtype=np.int64), vocab_offset=0)
+            ray.get(cluster.ddr[0].put.remote("bulk", nbytes, {0: shard}))
+            ref = ray.get(cluster.ddr[0].shard_ref.remote("bulk", 0))
+            best = float("inf")
+            for i in range(3):
+                started = time.perf_counter()
+                ray.get(a.load.remote(f"bulk{i}", nbytes, 0, ref))
+                best = min(best, time.perf_counter() - started)
+                ray.get(a.evict.remote(f"bulk{i}"))
+            rows.append(Row("plane", "object store (DDR) -> socket HBM copy, 64 MiB", nbytes / best / 1e6, "MB/s"))
+            ray.get(a.ping.remote())
+            samples = []
+            for _ in range(300):
+                started = time.perf_counter()
+                ray.get(a.ping.remote())
+                samples.append(time.perf_counter() - started)
+            rows.append(Row("plane", "actor call round trip (p50)", statistics.median(samples) * 1e3, "ms"))
+        finally:
+            cluster.shutdown()
+        for batch in (1, 8):
+            result = check_tp(1, 8, tokens=16, prompt_tokens=16, batch=batch)
+            rows.append(Row("plane", f"check-tp 8 sockets, batch {batch}", result["tokens_per_s"], "tokens/s",
+                            ">= 20", result["tokens_per_s"] >= 20))
+    finally:
+        ray.shutdown()
+    return rows
+
+
+BENCHES: dict[str, Callable[[], list[Row]]] = {"plane": bench_plane}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these groups")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for name in args.only or list(BENCHES):
+        rows.extend(BENCHES[name]())
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows]))
+        return 0
+    table = Table(title=f"rdu-emulator benchmarks ({os.cpu_count()} cores)")
+    for column in ("group", "measurement", "value", "unit", "target", "met"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for r in rows:
+        table.add_row(r.group, r.name, f"{r.value:,.2f}", r.unit, r.target,
+                      "" if r.ok is None else ("yes" if r.ok else "NO"))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

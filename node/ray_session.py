@@ -1,0 +1,72 @@
+"""Starting, joining and leaving Ray: one place that knows how this project uses it.
+
+`local` (the default) starts a private in-process Ray sized for the run and shuts it down
+afterwards; an address (`auto`, `host:port`, `ray://...`) joins an existing cluster whose nodes
+advertise `rdu_socket` resources. When Ray is already up (e.g. a test session's), it is reused
+and left running for its owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from interconnect.spec_fields import UserError
+
+__all__ = ["ray_session", "RaySessionInfo", "socket_capacity"]
+
+SOCKET_RESOURCE = "rdu_socket"
+
+
+@dataclass
+class RaySessionInfo:
+    started_here: bool
+    address: str
+    ray_nodes: int
+    multi_host: bool     # sockets may sit on other machines: bind gRPC to the node IP
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def socket_capacity() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get(SOCKET_RESOURCE, 0))
+
+
+@contextmanager
+def ray_session(address: str | None, sockets_needed: int, object_store_bytes: int = 1 << 30) -> Iterator[RaySessionInfo]:
+    """Ray for a run of `sockets_needed` socket actors; shuts down only what it started."""
+    _quiet_env()
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(num_cpus=os.cpu_count() or 2, resources={SOCKET_RESOURCE: sockets_needed},
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     object_store_memory=object_store_bytes)
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UserError(f"--address {address}: cannot join a Ray cluster ({exc})") from exc
+        started = True
+    try:
+        capacity = socket_capacity()
+        if capacity < sockets_needed:
+            raise UserError(f"the Ray cluster advertises {capacity} '{SOCKET_RESOURCE}' resources but the run "
+                            f"needs {sockets_needed} socket actors")
+        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+        yield RaySessionInfo(started_here=started, address=address or "local",
+                             ray_nodes=sum(1 for n in ray.nodes() if n.get("Alive")), multi_host=len(hosts) > 1)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,171 @@
+"""The socket actor: a thin async Ray actor around `RDUSocket` plus the socket's gRPC server.
+
+Ray carries the host's commands (the control plane); tensors between sockets go over the gRPC
+interconnect (the data plane). The class is plain Python; `node` wraps it with `ray.remote`
+(`num_cpus=0`, one `rdu_socket` resource) when it launches a node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from interconnect.collectives import RingCollectives
+from interconnect.grpc_plane import InterconnectServer, PeerClient
+from interconnect.spec_fields import UserError
+from interconnect.topology import Topology, TopologySpec
+from socket_actor.core import RDUSocket, RunRequest, RunResult
+from socket_actor.numerics import KVCache, Shard, TinyConfig, forward_shard
+from socket_actor.operators import decode_step_shape, prefill_shape
+from socket_actor.spec import SocketSpec
+
+__all__ = ["SocketActor"]
+
+
+class SocketActor:
+    """Hosts one socket core; methods are the commands the host may send it."""
+
+    def __init__(self, name: str, spec: SocketSpec, links: TopologySpec, nodes: int, sockets_per_node: int,
+                 registry, members: list[str], bind_host: str = "127.0.0.1", run_token: str = "") -> None:
+        self.name = name
+        self.topology = Topology(links, nodes, sockets_per_node)
+        self.core = RDUSocket(name, spec, self.topology)
+        self.registry = registry
+        self.bind_host = bind_host
+        self.server = InterconnectServer(name, bind_host=bind_host, members=members, run_token=run_token,
+                                         clock_ns=lambda: self.core.clock_ns)
+        self.client = PeerClient(name, self._resolve, self.server.stats, run_token=run_token)
+        self._rings: dict[tuple[str, ...], RingCollectives] = {}
+        self.address = ""
+
+    async def _resolve(self, peer: str) -> str:
+        return await self.registry.lookup.remote(peer)
+
+    def _ring(self, members: tuple[str, ...]) -> RingCollectives:
+        if members not in self._rings:
+            self._rings[members] = RingCollectives(self.name, list(members), self.topology, self.client,
+                                                   self.server.mailbox)
+        return self._rings[members]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> str:
+        """Start the gRPC server (inside this actor's event loop) and register its address."""
+        if self.bind_host == "node-ip":
+            import ray
+
+            self.server.bind_host = ray.util.get_node_ip_address()
+        self.address = await self.server.start()
+        await self.registry.register.remote(self.name, self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await self.server.stop()
+
+    async def ping(self) -> str:
+        return self.name
+
+    # -- residency ------------------------------------------------------------------------------
+    async def load(self, model_id: str, shard_bytes: int, ready_at_ns: int, refs: list | None = None) -> int:
+        """Load a shard. With `refs` (one ObjectRef from the node's DDR store) the functional
+        weights are really copied out of the object store into this socket's HBM buffers."""
+        weights = None
+        if refs:
+            shard: Shard = await refs[0]
+            weights = Shard(cfg=shard.cfg, tp=shard.tp, rank=shard.rank, kv_of_q=shard.kv_of_q.copy(),
+                            vocab_offset=shard.vocab_offset,
+                            weights={key: np.array(value, copy=True) for key, value in shard.weights.items()})
+        self.core.load(model_id, shard_bytes, ready_at_ns, weights)
+        return self.core.tiers.hbm.used_bytes
+
+    async def evict(self, model_id: str) -> int:
+        return self.core.evict(model_id)
+
+    # -- timing plane ---------------------------------------------------------------------------
+    async def run(self, request: RunRequest) -> RunResult:
+        return self.core.run(request)
+
+    async def run_many(self, commands: list[tuple]) -> list:
+        """Apply a batch of commands in order; returns each command's result."""
+        results = []
+        for name, *args in commands:
+            results.append(await getattr(self, name)(*args))
+        return results
+
+    # -- functional plane -----------------------------------------------------------------------
+    async def generate(self, model_id: str, members: tuple[str, ...], prompts: list[list[int]], new_tokens: int,
+                       mode: str | None = None, orchestration: str | None = None) -> dict:
+        """Greedy generation of a batch of equally long prompts with this socket's functional
+        shard, all-reducing over gRPC.
+
+        Virtual time: compute segments from the cost model of the functional model, collectives
+        from the link model as the chunks travel. Returns the logits of every generated token,
+        shape (new_tokens, batch, vocab).
+        """
+        resident = self.core.residents.get(model_id)
+        if resident is None or resident.weights is None:
+            raise UserError(f"{self.name}: no functional weights of {model_id} in HBM")
+        shard: Shard = resident.weights
+        cfg: TinyConfig = shard.cfg
+        ring = self._ring(tuple(members))
+        cost = self.core.cost_model(cfg.model_spec(), tuple(members), mode, orchestration)
+        tokens = np.asarray(prompts, dtype=np.int64)
+        batch = len(tokens)
+        cache = KVCache(cfg, cfg.kv_heads_per_shard(len(members)), batch=batch)
+        clock = max(self.core.clock_ns, resident.ready_at_ns)
+        start = clock
+        ids, all_logits = [], []
+        for step in range(new_tokens):
+            shape = (prefill_shape([tokens.shape[1]] * batch) if step == 0
+                     else decode_step_shape([cache.length] * batch))
+            segments = iter(cost.segments(shape))
+            run = forward_shard(shard, tokens, cache)
+            collective = next(run)
+            while True:
+                segment = next(segments)
+                clock += segment.compute_ns + segment.staging_ns
+                if collective.kind == "all_reduce":
+                    result = await ring.all_reduce(collective.tensor, clock, collective.label)
+                else:
+                    result = await ring.all_gather(collective.tensor, clock, collective.label)
+                clock = result.clock_ns
+                try:
+                    collective = run.send(result.tensor)
+                except StopIteration as done:
+                    logits = done.value
+                    break
+            clock += next(segments).compute_ns
+            all_logits.append(logits)
+            ids.append(np.argmax(logits, axis=-1))
+            tokens = ids[-1][:, None]
+        self.core.advance_to(clock)
+        self.core.counters.tokens += new_tokens * batch
+        self.core.counters.busy_ns += clock - start
+        return {"socket": self.name, "tokens": np.stack(ids, axis=1), "logits": np.stack(all_logits),
+                "start_ns": start, "end_ns": clock, "grpc_bytes_sent": ring.wire_bytes}
+
+    # -- point-to-point transfers (KV or activation moves) ---------------------------------------
+    async def send_to(self, peer: str, tensor_id: str, nbytes: int) -> int:
+        """Send `nbytes` of activations to `peer` now (virtual time: this socket's clock); returns
+        the modelled arrival time. The peer collects it with `receive_from`."""
+        from protos import interconnect_pb2 as pb
+        from interconnect.links import transmit_path
+
+        array = np.zeros(nbytes // 4, dtype=np.float32)
+        arrival = transmit_path(self.topology.path(self.name, peer), array.nbytes, self.core.clock_ns)
+        await self.client.send(pb.TensorHeader(tensor_id=tensor_id, dst=peer, virtual_send_ns=self.core.clock_ns,
+                                               virtual_arrival_ns=arrival), array, wait_ack=True)
+        return arrival
+
+    async def receive_from(self, tensor_id: str, timeout_s: float = 60.0) -> dict:
+        received = await self.server.mailbox.take(tensor_id, timeout_s)
+        self.core.advance_to(received.header.virtual_arrival_ns)
+        return {"bytes": received.array.nbytes, "arrival_ns": int(received.header.virtual_arrival_ns)}
+
+    # -- reporting ------------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        snapshot = self.core.snapshot()
+        s = self.server.stats
+        snapshot["grpc"] = {"address": self.address, "tensors_received": s.tensors_received,
+                            "bytes_received": s.bytes_received, "tensors_sent": s.tensors_sent,
+                            "bytes_sent": s.bytes_sent, "rejected": s.rejected}
+        return snapshot

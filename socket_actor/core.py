@@ -1,0 +1,162 @@
+"""`RDUSocket`: the plain-Python core of one socket (no Ray), which the socket actor hosts.
+
+It holds the socket's memory-tier ledgers at nominal sizes, the model shards resident in its HBM
+(with their functional weights when the run carries payloads), a virtual clock in integer ns,
+and counters. Operations are commands from the host side: load a shard (ready when its DDR ->
+HBM copy arrives), evict it, run a generation that starts at a given time. Every result depends
+only on the commands and the specs, never on the wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interconnect.topology import Topology
+from interconnect.collectives_timing import RingTiming
+from interconnect.spec_fields import UserError
+from socket_actor.cost_model import CostModel
+from socket_actor.model_spec import ModelSpec
+from socket_actor.operators import kv_bytes_per_token_per_socket
+from socket_actor.spec import SocketSpec
+from socket_actor.tiers import MemoryTiers
+
+__all__ = ["RDUSocket", "Resident", "RunRequest", "RunResult"]
+
+
+@dataclass
+class Resident:
+    """A model shard in this socket's HBM."""
+
+    model_id: str
+    shard_bytes: int
+    ready_at_ns: int
+    weights: object | None = None      # the functional shard (numerics.Shard), copied into HBM
+    runs: int = 0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Run one static batch of a resident model on this socket's TP group, starting at `start_ns`."""
+
+    job_id: str
+    model_id: str
+    model: ModelSpec
+    members: tuple[str, ...]
+    prompt_lens: tuple[int, ...]
+    output_lens: tuple[int, ...]
+    start_ns: int
+    mode: str | None = None
+    orchestration: str | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    job_id: str
+    socket: str
+    start_ns: int
+    ttft_ns: int                 # prefill duration: first token of every sequence at start + ttft
+    finish_ns: tuple[int, ...]   # absolute virtual time each sequence's last token is out
+    end_ns: int
+    busy_ns: int
+
+
+@dataclass
+class SocketCounters:
+    loads: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+    runs: int = 0
+    tokens: int = 0
+    busy_ns: int = 0
+    copy_ns: int = 0
+
+
+class RDUSocket:
+    """One socket's state machine; the TP group's members receive the same commands."""
+
+    def __init__(self, name: str, spec: SocketSpec, topology: Topology) -> None:
+        self.name = name
+        self.spec = spec
+        self.topology = topology
+        self.tiers = MemoryTiers(name, spec)
+        self.clock_ns = 0
+        self.residents: dict[str, Resident] = {}
+        self.counters = SocketCounters()
+        self._cost_models: dict[tuple, CostModel] = {}
+
+    # -- residency ------------------------------------------------------------------------------
+    def load(self, model_id: str, shard_bytes: int, ready_at_ns: int, weights: object | None = None) -> None:
+        """Place a shard in HBM; it can run from `ready_at_ns` (when its DDR -> HBM copy lands)."""
+        if model_id in self.residents:
+            raise ValueError(f"{self.name}: {model_id} is already resident")
+        self.tiers.hbm.allocate(model_id, shard_bytes)
+        self.residents[model_id] = Resident(model_id, int(shard_bytes), int(ready_at_ns), weights)
+        self.counters.loads += 1
+        self.counters.bytes_loaded += int(shard_bytes)
+
+    def evict(self, model_id: str) -> int:
+        """Drop a shard (weights are read-only: nothing is written back). Returns its size."""
+        if model_id not in self.residents:
+            raise KeyError(f"{self.name}: {model_id} is not resident")
+        del self.residents[model_id]
+        self.counters.evictions += 1
+        return self.tiers.hbm.release(model_id)
+
+    def is_resident(self, model_id: str) -> bool:
+        return model_id in self.residents
+
+    def free_at_ns(self, model_id: str | None = None) -> int:
+        """Earliest time this socket could start running `model_id` (or anything)."""
+        ready = self.residents[model_id].ready_at_ns if model_id is not None else 0
+        return max(self.clock_ns, ready)
+
+    # -- execution ------------------------------------------------------------------------------
+    def cost_model(self, model: ModelSpec, members: tuple[str, ...], mode: str | None = None,
+                   orchestration: str | None = None) -> CostModel:
+        key = (model, members, mode, orchestration)
+        if key not in self._cost_models:
+            ring = RingTiming.for_group(self.topology, list(members))
+            self._cost_models[key] = CostModel(self.spec, model, len(members), ring, mode, orchestration)
+        return self._cost_models[key]
+
+    def run(self, request: RunRequest) -> RunResult:
+        """Execute a batch: prefill, then decode until every sequence has its output tokens."""
+        if self.name not in request.members:
+            raise ValueError(f"{self.name} is not a member of {request.members}")
+        resident = self.residents.get(request.model_id)
+        if resident is None:
+            raise UserError(f"{self.name}: {request.model_id} is not resident in HBM")
+        if request.start_ns < self.free_at_ns(request.model_id):
+            raise ValueError(f"{self.name}: job {request.job_id} starts at {request.start_ns} ns, before the "
+                             f"socket is free at {self.free_at_ns(request.model_id)} ns")
+        cost = self.cost_model(request.model, request.members, request.mode, request.orchestration)
+        tokens = sum(request.prompt_lens) + sum(request.output_lens)
+        kv_name = f"kv:{request.job_id}"
+        self.tiers.hbm.allocate(kv_name, kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens)
+        try:
+            generation = cost.generate(request.prompt_lens, request.output_lens)
+        finally:
+            self.tiers.hbm.release(kv_name)
+        busy = generation.total_ns
+        self.clock_ns = request.start_ns + busy
+        resident.runs += 1
+        self.counters.runs += 1
+        self.counters.tokens += int(sum(request.output_lens))
+        self.counters.busy_ns += busy
+        finish = tuple(int(request.start_ns + f) for f in generation.finish_ns)
+        return RunResult(job_id=request.job_id, socket=self.name, start_ns=request.start_ns,
+                         ttft_ns=generation.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy)
+
+    def advance_to(self, clock_ns: int) -> None:
+        """Move the clock forward (idle time); never backward."""
+        self.clock_ns = max(self.clock_ns, int(clock_ns))
+
+    # -- reporting ------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {
+            "socket": self.name,
+            "clock_ns": self.clock_ns,
+            "tiers": self.tiers.snapshot(),
+            "resident": sorted(self.residents),
+            "counters": dict(vars(self.counters)),
+        }

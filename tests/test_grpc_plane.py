@@ -1,0 +1,179 @@
+"""The gRPC data plane in one process (no Ray): servers on loopback, ring collectives, rejections."""
+
+import asyncio
+import contextlib
+import math
+
+import grpc
+import numpy as np
+import pytest
+
+from interconnect.collectives import RingCollectives
+from interconnect.collectives_timing import RingTiming
+from interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
+from interconnect.topology import Topology, socket_name
+from interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
+from node.platform import load_platform
+from protos import interconnect_pb2 as pb
+from protos import interconnect_pb2_grpc as pb_grpc
+
+
+@contextlib.asynccontextmanager
+async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", token: str = ""):
+    """Servers, clients and ring collectives of `nodes` x `per_node` sockets in this event loop."""
+    spec = load_platform(platform).spec
+    members = [socket_name(n, s) for n in range(nodes) for s in range(per_node)]
+    servers = {m: InterconnectServer(m, members=members, run_token=token) for m in members}
+    addresses = {m: await server.start() for m, server in servers.items()}
+
+    async def resolve(name):
+        return addresses[name]
+
+    rings = []
+    for m in members:
+        topology = Topology(spec.links, nodes, per_node)  # each rank holds its own view of its egress links
+        client = PeerClient(m, resolve, servers[m].stats, run_token=token)
+        rings.append(RingCollectives(m, members, topology, client, servers[m].mailbox, timeout_s=10))
+    try:
+        yield spec, members, servers, rings
+    finally:
+        for ring in rings:
+            await ring.client.close()
+        for server in servers.values():
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("nodes, per_node", [(1, 4), (1, 8), (2, 4)])
+def test_ring_all_reduce_numerics_and_virtual_time(nodes, per_node):
+    async def main():
+        async with ring_plane(nodes, per_node) as (spec, members, servers, rings):
+            rng = np.random.default_rng(0)
+            tensors = [rng.standard_normal((16, 256)).astype(np.float32) for _ in members]
+            results = await asyncio.gather(*(ring.all_reduce(t, 1000, "x") for ring, t in zip(rings, tensors)))
+            expected = np.sum(tensors, axis=0)
+            for r in results:
+                assert np.abs(r.tensor - expected).max() <= 1e-4
+            # every rank gets bitwise the same sum (each chunk is reduced once, then broadcast)
+            assert all(np.array_equal(r.tensor, results[0].tensor) for r in results)
+            formula = RingTiming.for_group(Topology(spec.links, nodes, per_node), members).collective_ns(
+                "all_reduce", tensors[0].nbytes)
+            assert max(r.clock_ns for r in results) == 1000 + formula
+            assert sum(s.stats.bytes_received for s in servers.values()) == sum(r.wire_bytes for r in results) > 0
+
+    asyncio.run(main())
+
+
+def test_all_gather_and_reduce_scatter():
+    async def main():
+        async with ring_plane(1, 4) as (spec, members, servers, rings):
+            parts = [np.full((2, 3), r, dtype=np.float32) for r in range(4)]
+            gathered = await asyncio.gather(*(ring.all_gather(p, 0, "g") for ring, p in zip(rings, parts)))
+            for g in gathered:
+                assert g.tensor.shape == (2, 12) and g.tensor[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+            hop = spec.links.p2p
+            assert gathered[0].clock_ns == 3 * (hop.latency_ns + math.ceil(24 * 1e9 / hop.bandwidth_bytes_per_s))
+            tensors = [np.arange(8, dtype=np.float32) * (r + 1) for r in range(4)]
+            scattered = await asyncio.gather(*(ring.reduce_scatter(t, 0, "rs") for ring, t in zip(rings, tensors)))
+            total = np.arange(8, dtype=np.float32) * 10
+            for rank, s in enumerate(scattered):
+                owned = (rank + 1) % 4
+                assert s.tensor.tolist() == total[2 * owned:2 * owned + 2].tolist()
+
+    asyncio.run(main())
+
+
+def test_one_stream_carries_many_tensors_and_reopens_after_a_refusal():
+    async def main():
+        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"])
+        address = await server.start()
+
+        async def resolve(name):
+            return address
+
+        client = PeerClient("node0/socket1", resolve, server.stats)
+        try:
+            for i in range(5):
+                await client.send(pb.TensorHeader(tensor_id=f"t{i}", dst="node0/socket0"),
+                                  np.full(3 * MAX_CHUNK_BYTES // 4, i, dtype=np.float32), wait_ack=True)
+            got = await server.mailbox.take("t4", 5)
+            assert got.array.shape == (3 * MAX_CHUNK_BYTES // 4,) and got.array[0] == 4
+            with pytest.raises(TransferRejected, match="addressed to"):
+                await client.send(pb.TensorHeader(tensor_id="x", dst="node0/socket7"), np.ones(1, np.float32),
+                                  wait_ack=True)
+            await client.send(pb.TensorHeader(tensor_id="after", dst="node0/socket0"), np.ones(1, np.float32),
+                              wait_ack=True)
+            assert server.stats.tensors_received == 6 and server.stats.rejected == 1
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_large_tensor_is_chunked():
+    header = pb.TensorHeader(tensor_id="t", dst="b")
+    array = np.zeros(3 * MAX_CHUNK_BYTES // 4 + 5, dtype=np.float32)
+    chunks = list(chunk_tensor(header, array))
+    assert len(chunks) == 4 and all(len(c.data) <= MAX_CHUNK_BYTES for c in chunks)
+    assembler = TensorAssembler()
+    for c in chunks:
+        assembler.add(c)
+    assert np.array_equal(assembler.result().array, array)
+
+
+def _raw_stream(header: pb.TensorHeader, payload: bytes, seqs=None):
+    seqs = seqs or [0]
+    for i, seq in enumerate(seqs):
+        yield pb.TensorChunk(header=header if i == 0 else None, seq=seq, data=payload, last=i == len(seqs) - 1)
+
+
+@pytest.mark.parametrize("header, payload, seqs, code, message", [
+    (dict(dtype="float32", shape=[2, 2], total_bytes=16), b"\0" * 12, None, "INVALID_ARGUMENT", "received 12 bytes"),
+    (dict(dtype="float32", shape=[3], total_bytes=16), b"\0" * 16, None, "INVALID_ARGUMENT", "is 12 bytes"),
+    (dict(dtype="object", shape=[1], total_bytes=8), b"\0" * 8, None, "INVALID_ARGUMENT", "not allowed"),
+    (dict(dtype="float32", shape=[1], total_bytes=4), b"\0" * 4, [1], "INVALID_ARGUMENT", "out of order"),
+    (dict(dtype="float32", shape=[1 << 29], total_bytes=1 << 31), b"", None, "INVALID_ARGUMENT", "exceeds"),
+    (dict(dtype="float32", shape=[1], total_bytes=4, src="node9/socket9"), b"\0" * 4, None, "PERMISSION_DENIED",
+     "unknown peer"),
+])
+def test_server_rejects_bad_streams_and_keeps_serving(header, payload, seqs, code, message):
+    async def main():
+        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"])
+        address = await server.start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.InterconnectStub(channel)
+            fields = {"tensor_id": "bad", "dst": "node0/socket0", "src": "node0/socket1", **header}
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Transfer(_raw_stream(pb.TensorHeader(**fields), payload, seqs), timeout=5):
+                    pass
+            assert info.value.code().name == code and message in info.value.details()
+            ok = pb.TensorHeader(tensor_id="good", dst="node0/socket0", src="node0/socket1", want_ack=True)
+            acks = [ack async for ack in stub.Transfer(chunk_tensor(ok, np.ones(4, dtype=np.float32)), timeout=5)]
+            assert [a.received_bytes for a in acks] == [16]
+            health = await stub.Health(pb.HealthRequest(), timeout=5)
+            assert health.status == "serving"
+        assert server.stats.rejected == 1
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_token_is_required_when_set():
+    async def main():
+        async with ring_plane(1, 2, token="s3cret") as (spec, members, servers, rings):
+            intruder = PeerClient("node0/socket1", rings[0].client.resolve, servers["node0/socket1"].stats, run_token="guess")
+            with pytest.raises(TransferRejected, match="without the run's token"):
+                await intruder.send(pb.TensorHeader(tensor_id="x", dst="node0/socket0"), np.ones(2, dtype=np.float32),
+                                wait_ack=True)
+            await intruder.close()
+            result = await asyncio.gather(*(ring.all_reduce(np.ones(4, dtype=np.float32), 0, "ok") for ring in rings))
+            assert result[0].tensor.tolist() == [2, 2, 2, 2]
+
+    asyncio.run(main())
+
+
+def test_assembler_rules():
+    with pytest.raises(WireError, match="no header"):
+        TensorAssembler().add(pb.TensorChunk(seq=0, data=b"", last=True))
+    with pytest.raises(WireError, match="empty stream"):
+        TensorAssembler().result()
