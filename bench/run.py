@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -97,7 +98,37 @@ def bench_plane() -> list[Row]:
     return rows
 
 
-BENCHES: dict[str, Callable[[], list[Row]]] = {"plane": bench_plane}
+def bench_trace() -> list[Row]:
+    """The whole shared Azure trace (8,819 requests, 150 experts, sn40l-node, timing mode) on the
+    Ray backend and in-process; the two summaries must be byte-identical."""
+    import tempfile
+
+    from node.run import execute_run
+    from node.run_config import resolve_run_config
+
+    rows: list[Row] = []
+    walls, serve = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("inline", "ray"):
+            config = resolve_run_config(None, {"backend": backend, "out": f"{tmp}/{backend}"})
+            output = execute_run(config)
+            walls[backend] = output.run_info["wall_s"]
+            serve[backend] = output.run_info.get("serve_wall_s", output.run_info["wall_s"])
+            completed = output.result.summary["requests_completed"]
+            rows.append(Row("trace", f"whole trace, {backend} backend: wall", walls[backend], "s",
+                            "<= 60" if backend == "ray" else "", walls[backend] <= 60 if backend == "ray" else None))
+            rows.append(Row("trace", f"whole trace, {backend} backend: emulated requests per wall second",
+                            completed / walls[backend], "req/s"))
+        identical = (Path(tmp) / "inline" / "summary.json").read_bytes() == (Path(tmp) / "ray" / "summary.json").read_bytes()
+    ratio = walls["ray"] / walls["inline"]
+    rows.append(Row("trace", "ray / inline wall, whole command", ratio, "x", "<= 3", ratio <= 3))
+    rows.append(Row("trace", "ray / inline wall, serving only (no Ray start/stop)", serve["ray"] / serve["inline"],
+                    "x", "<= 3", serve["ray"] / serve["inline"] <= 3))
+    rows.append(Row("trace", "summary.json identical across backends", float(identical), "bool", "1", identical))
+    return rows
+
+
+BENCHES: dict[str, Callable[[], list[Row]]] = {"plane": bench_plane, "trace": bench_trace}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,10 @@ class RingTiming:
     ranks: int
     hops: tuple[LinkSpec, ...]
 
+    def __post_init__(self) -> None:
+        # identical hops time identically; knowing it once makes every call cheap
+        object.__setattr__(self, "_uniform", len(set(self.hops)) <= 1)
+
     @classmethod
     def for_group(cls, topology: Topology, members: list[str]) -> "RingTiming":
         """Ring in the order of `members`; each hop is the path from a member to the next."""
@@ -40,7 +44,7 @@ class RingTiming:
 
     @property
     def uniform(self) -> bool:
-        return len(set(self.hops)) <= 1
+        return self._uniform
 
     def chunk_bytes(self, nbytes):
         """Bytes of the largest of the `ranks` chunks a payload is cut into."""
@@ -82,6 +86,16 @@ class RingTiming:
         if self.ranks == 1:
             return nbytes * 0 if isinstance(nbytes, np.ndarray) else 0
         return self._finish_ns(nbytes, self.steps(kind))
+
+    def collectives_ns(self, kinds: list[str], nbytes: np.ndarray) -> np.ndarray:
+        """`collective_ns` of several collectives at once: column j of `nbytes` is of kind j."""
+        if self.ranks == 1:
+            return np.zeros_like(nbytes)
+        if not self.uniform:
+            return np.column_stack([self.collective_ns(kind, nbytes[:, j]) for j, kind in enumerate(kinds)])
+        hop = self.hops[0]
+        steps = np.array([self.steps(kind) for kind in kinds], dtype=np.float64)
+        return steps * (math.ceil(hop.latency_ns) + serialisation_ns(self.chunk_bytes(nbytes), hop.bandwidth_bytes_per_s))
 
     def wire_bytes(self, kind: str, nbytes):
         """Bytes each rank puts on the wire for collective `kind`."""

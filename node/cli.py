@@ -131,6 +131,54 @@ def cmd_validate_cluster(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.ok else EXIT_USER_ERROR
 
 
+_RUN_FLAGS = {
+    # flag attribute -> dotted run-config field
+    "name": "name", "platform": "platform", "nodes": "nodes", "tp": "tp", "model": "model",
+    "router_model": "router_model", "experts": "experts", "workload": "workload.kind", "trace": "workload.trace",
+    "limit": "workload.limit", "time_scale": "workload.time_scale", "requests": "workload.requests",
+    "rate": "workload.rate_per_s", "batch": "workload.batch", "prompt": "workload.prompt_tokens",
+    "output": "workload.output_tokens", "router_output_tokens": "workload.router_output_tokens",
+    "zipf": "workload.popularity.exponent", "policy": "scheduler.policy", "max_batch": "scheduler.max_batch",
+    "dispatch": "scheduler.dispatch", "mode": "execution.mode", "orchestration": "execution.orchestration",
+    "seed": "seed", "backend": "backend", "out": "out", "address": "address",
+}
+
+
+def _run_overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    for attribute, dotted in _RUN_FLAGS.items():
+        value = getattr(args, attribute, None)
+        if value is None:
+            continue
+        node = overrides
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if args.zipf is not None:
+        overrides["workload"].setdefault("popularity", {})["kind"] = "zipf"
+    if args.uniform:
+        overrides.setdefault("workload", {})["popularity"] = {"kind": "uniform"}
+    if args.set:
+        overrides["platform_overrides"] = _parse_set(args.set)
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from node.run import execute_run
+    from node.run_config import resolve_run_config
+    from node.summary_view import render_summary
+
+    config = resolve_run_config(args.config, _run_overrides(args))
+    output = execute_run(config)
+    if args.json:
+        print(json.dumps({"summary": output.result.summary, "run": output.run_info, "out": str(output.out_dir)},
+                         sort_keys=True))
+    else:
+        render_summary(console, output)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> OneLineParser:
@@ -168,6 +216,40 @@ def build_parser() -> OneLineParser:
                    help="Ray to use: local (start one here, default), auto or host:port (join a cluster)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_check_tp)
+
+    p = sub.add_parser("run", help="serve a Composition of Experts on an emulated cluster")
+    p.add_argument("config", nargs="?", help="run config YAML (flags override its fields)")
+    p.add_argument("--name", help="run name (default: derived from the config)")
+    p.add_argument("--platform", help="platform preset or YAML (default sn40l-node)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a platform field (repeatable)")
+    p.add_argument("--nodes", type=_positive_int, help="emulated nodes (default 1)")
+    p.add_argument("--tp", type=_positive_int, help="tensor-parallel degree of each group (default 8)")
+    p.add_argument("--model", help="expert model preset or config.json (default llama-2-7b)")
+    p.add_argument("--router-model", help="router model (default: the expert model)")
+    p.add_argument("--experts", type=_positive_int, help="number of experts (default 150)")
+    p.add_argument("--workload", choices=("trace", "synthetic", "paper-coe"), help="workload kind (default trace)")
+    p.add_argument("--trace", help="Azure-format trace CSV (default: the shipped Azure 2023 code trace)")
+    p.add_argument("--limit", type=_positive_int, help="trace: first N requests only")
+    p.add_argument("--time-scale", type=float, help="trace: multiply inter-arrival gaps (0.5 = twice as fast)")
+    p.add_argument("--requests", type=_positive_int, help="synthetic: number of requests")
+    p.add_argument("--rate", type=float, help="synthetic: arrivals per second")
+    p.add_argument("--batch", type=_positive_int, help="paper-coe: prompts served at once")
+    p.add_argument("--prompt", type=_positive_int, help="synthetic / paper-coe: prompt tokens")
+    p.add_argument("--output", type=_positive_int, help="synthetic / paper-coe: output tokens")
+    p.add_argument("--router-output-tokens", type=_positive_int, help="tokens the router generates per prompt")
+    p.add_argument("--zipf", type=float, help="expert popularity: Zipf exponent (default 1.0)")
+    p.add_argument("--uniform", action="store_true", help="expert popularity: uniform")
+    p.add_argument("--policy", help="residency policy: lru, lfu, belady, prefetch (default lru)")
+    p.add_argument("--max-batch", type=_positive_int, help="requests per router batch (default 8)")
+    p.add_argument("--dispatch", help="expert-affinity or least-loaded (default expert-affinity)")
+    p.add_argument("--mode", choices=("fused", "unfused"), help="execution mode (default: the platform's)")
+    p.add_argument("--orchestration", choices=("SO", "HO"), help="launch orchestration (default: the platform's)")
+    p.add_argument("--seed", type=int, help="seed of the workload (default 0)")
+    p.add_argument("--backend", choices=("ray", "inline"), help="ray socket actors (default) or in-process")
+    p.add_argument("--address", help="Ray: local (default), auto or host:port")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
+    p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
     p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")

@@ -29,6 +29,13 @@ class DDRStore:
         self._refs[model_id] = refs
         return self.ledger.free_bytes
 
+    def put_many(self, models: list[tuple[str, int]]) -> int:
+        """Admit several payload-less models at once: (model_id, nominal bytes) each."""
+        free = self.ledger.free_bytes
+        for model_id, nominal_bytes in models:
+            free = self.put(model_id, nominal_bytes)
+        return free
+
     def shard_ref(self, model_id: str, rank: int) -> list:
         """The object ref of one rank's shard, wrapped in a list so Ray hands over the ref, not the data."""
         refs = self._refs.get(model_id)

@@ -7,6 +7,8 @@ interconnect (the data plane). The class is plain Python; `node` wraps it with `
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from interconnect.collectives import RingCollectives
@@ -36,6 +38,8 @@ class SocketActor:
         self.client = PeerClient(name, self._resolve, self.server.stats, run_token=run_token)
         self._rings: dict[tuple[str, ...], RingCollectives] = {}
         self.address = ""
+        self._batches = asyncio.Condition()
+        self._next_batch = 0
 
     async def _resolve(self, peer: str) -> str:
         return await self.registry.lookup.remote(peer)
@@ -84,12 +88,23 @@ class SocketActor:
     async def run(self, request: RunRequest) -> RunResult:
         return self.core.run(request)
 
-    async def run_many(self, commands: list[tuple]) -> list:
-        """Apply a batch of commands in order; returns each command's result."""
-        results = []
-        for name, *args in commands:
-            results.append(await getattr(self, name)(*args))
-        return results
+    async def follow(self, request: RunRequest, busy_ns: int) -> int:
+        return self.core.follow(request, busy_ns)
+
+    async def run_many(self, batch: int, commands: list[tuple]) -> list:
+        """Apply batch number `batch` of commands, after every earlier batch; returns each
+        command's result. (Ray may start an async actor's calls out of order when their
+        arguments take different routes, so the batches carry their order themselves.)"""
+        async with self._batches:
+            await self._batches.wait_for(lambda: self._next_batch == batch)
+            try:
+                results = []
+                for name, *args in commands:
+                    results.append(await getattr(self, name)(*args))
+                return results
+            finally:
+                self._next_batch += 1
+                self._batches.notify_all()
 
     # -- functional plane -----------------------------------------------------------------------
     async def generate(self, model_id: str, members: tuple[str, ...], prompts: list[list[int]], new_tokens: int,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from interconnect.topology import Topology
 from interconnect.collectives_timing import RingTiming
 from interconnect.spec_fields import UserError
-from socket_actor.cost_model import CostModel
+from socket_actor.cost_model import CostModel, Generation
 from socket_actor.model_spec import ModelSpec
 from socket_actor.operators import kv_bytes_per_token_per_socket
 from socket_actor.spec import SocketSpec
@@ -119,8 +119,14 @@ class RDUSocket:
             self._cost_models[key] = CostModel(self.spec, model, len(members), ring, mode, orchestration)
         return self._cost_models[key]
 
-    def run(self, request: RunRequest) -> RunResult:
-        """Execute a batch: prefill, then decode until every sequence has its output tokens."""
+    def generation(self, request: RunRequest) -> Generation:
+        """The timing of `request` on this socket's TP group (pure: no state changes)."""
+        cost = self.cost_model(request.model, request.members, request.mode, request.orchestration)
+        return cost.generate(request.prompt_lens, request.output_lens)
+
+    def _admit(self, request: RunRequest) -> Resident:
+        """Check that this socket can start `request`: a member, the model resident and ready,
+        the socket free, room in HBM for the batch's KV cache."""
         if self.name not in request.members:
             raise ValueError(f"{self.name} is not a member of {request.members}")
         resident = self.residents.get(request.model_id)
@@ -129,23 +135,39 @@ class RDUSocket:
         if request.start_ns < self.free_at_ns(request.model_id):
             raise ValueError(f"{self.name}: job {request.job_id} starts at {request.start_ns} ns, before the "
                              f"socket is free at {self.free_at_ns(request.model_id)} ns")
-        cost = self.cost_model(request.model, request.members, request.mode, request.orchestration)
         tokens = sum(request.prompt_lens) + sum(request.output_lens)
-        kv_name = f"kv:{request.job_id}"
-        self.tiers.hbm.allocate(kv_name, kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens)
-        try:
-            generation = cost.generate(request.prompt_lens, request.output_lens)
-        finally:
-            self.tiers.hbm.release(kv_name)
-        busy = generation.total_ns
-        self.clock_ns = request.start_ns + busy
+        kv = kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens
+        if not self.tiers.hbm.fits(kv):
+            self.tiers.hbm.allocate(f"kv:{request.job_id}", kv)  # raises CapacityError with the details
+        return resident
+
+    def _account(self, request: RunRequest, resident: Resident, busy_ns: int) -> None:
+        self.clock_ns = request.start_ns + busy_ns
         resident.runs += 1
         self.counters.runs += 1
         self.counters.tokens += int(sum(request.output_lens))
-        self.counters.busy_ns += busy
+        self.counters.busy_ns += busy_ns
+
+    def run(self, request: RunRequest, generation: Generation | None = None) -> RunResult:
+        """Time and execute a batch: prefill, then decode until every sequence is done.
+
+        The members of a TP group run one schedule in lockstep: one of them times it (`run`),
+        the others apply that timing (`follow`). A caller that already timed the batch may pass
+        its `generation`."""
+        resident = self._admit(request)
+        if generation is None:
+            generation = self.generation(request)
+        busy = generation.total_ns
+        self._account(request, resident, busy)
         finish = tuple(int(request.start_ns + f) for f in generation.finish_ns)
         return RunResult(job_id=request.job_id, socket=self.name, start_ns=request.start_ns,
                          ttft_ns=generation.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy)
+
+    def follow(self, request: RunRequest, busy_ns: int) -> int:
+        """Execute a batch whose timing the group's first member computed; returns the end time."""
+        resident = self._admit(request)
+        self._account(request, resident, busy_ns)
+        return self.clock_ns
 
     def advance_to(self, clock_ns: int) -> None:
         """Move the clock forward (idle time); never backward."""

@@ -198,30 +198,40 @@ class CostModel:
         self._bytes_per_ns = socket.hbm.bandwidth_bytes_per_s * (
             socket.fused_hbm_bandwidth_fraction if fused else socket.unfused_hbm_bandwidth_fraction) / 1e9
         self._launch_ns = socket.launch_ns(self.orchestration) * self.compiled.kernels_per_step
+        self._collective_rows = [r for r, kind in enumerate(self.compiled.collectives) if kind is not None]
+        self._collective_kinds = [self.compiled.collectives[r] for r in self._collective_rows]
 
     # -- core -------------------------------------------------------------------------------
     def shard_bytes(self) -> int:
         return shard_weight_bytes(self.model, self.tp)
 
-    def row_times(self, shape: PhaseShape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def _design(shape: PhaseShape) -> np.ndarray:
+        """Rows = steps, columns = [1, *SHAPE_KEYS]."""
+        matrix = shape.matrix()
+        return np.hstack([np.ones((len(matrix), 1)), matrix])
+
+    def row_times(self, shape: PhaseShape, design: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(per-instance ns, flops, hbm bytes, collective ns) as steps x rows matrices."""
         c = self.compiled
-        x = np.column_stack([np.ones(len(shape.matrix())), shape.matrix()])
-        flops, traffic, coll_bytes = x @ c.flops.T, x @ c.hbm_bytes.T, x @ c.collective_bytes.T
+        x = self._design(shape) if design is None else design
+        flops, traffic = x @ c.flops.T, x @ c.hbm_bytes.T
         memory_ns = traffic / self._bytes_per_ns
         times = np.maximum(flops / self._flops_per_ns, memory_ns)
         coll_ns = np.zeros_like(times)
-        for r, kind in enumerate(c.collectives):
-            if kind is not None:
-                coll_ns[:, r] = self.ring.collective_ns(kind, coll_bytes[:, r])
-                times[:, r] = coll_ns[:, r] + memory_ns[:, r]
+        if self._collective_rows:
+            rows = self._collective_rows
+            coll_ns[:, rows] = self.ring.collectives_ns(self._collective_kinds, x @ c.collective_bytes[rows].T)
+            times[:, rows] = coll_ns[:, rows] + memory_ns[:, rows]
         return times, flops, traffic, coll_ns
 
     def steps(self, shape: PhaseShape, breakdown: bool = False) -> StepTimes:
         """Durations of the steps described by `shape` (one per row)."""
-        if len(shape.matrix()) == 0:
+        design = self._design(shape)
+        if len(design) == 0:
             return StepTimes(step_ns=np.zeros(0, dtype=np.int64))
-        times, flops, traffic, coll_ns = self.row_times(shape)
+        times, flops, traffic, coll_ns = self.row_times(shape, design)
         count = self.compiled.count
         step_ns = np.ceil(times @ count + self._launch_ns).astype(np.int64)
         result = StepTimes(step_ns=step_ns, kernels=self.compiled.kernels_per_step)
@@ -250,8 +260,15 @@ class CostModel:
         output_lens = np.asarray(output_lens, dtype=np.int64)
         if prompt_lens.size == 0 or (prompt_lens < 1).any() or (output_lens < 1).any():
             raise UserError("a generation needs at least one prompt, every prompt and output at least 1 token")
-        prefill = self.prefill(prompt_lens, breakdown)
-        decode = self.decode(prompt_lens, output_lens, breakdown)
+        window = self.model.sliding_window
+        if breakdown:
+            prefill = self.prefill(prompt_lens, breakdown)
+            decode = self.decode(prompt_lens, output_lens, breakdown)
+        else:  # one evaluation for the prefill step and every decode step
+            first, rest = prefill_shape(prompt_lens, window), decode_shapes(prompt_lens, output_lens, window)
+            both = PhaseShape(*(np.concatenate([getattr(first, k), getattr(rest, k)]) for k in SHAPE_KEYS))
+            steps = self.steps(both).step_ns
+            prefill, decode = StepTimes(step_ns=steps[:1]), StepTimes(step_ns=steps[1:])
         ends = np.concatenate([[0], np.cumsum(decode.step_ns)])
         finish = prefill.total_ns + ends[output_lens - 1]
         return Generation(prefill=prefill, decode=decode, finish_ns=finish)

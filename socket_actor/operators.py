@@ -58,8 +58,8 @@ class PhaseShape:
 
     def matrix(self) -> np.ndarray:
         """Rows = steps, columns = SHAPE_KEYS."""
-        return np.column_stack([np.atleast_1d(np.asarray(getattr(self, key), dtype=np.float64))
-                                for key in SHAPE_KEYS])
+        return np.array([self.tokens, self.seqs, self.attn_pairs, self.score_elems, self.kv_read_tokens],
+                        dtype=np.float64).reshape(len(SHAPE_KEYS), -1).T
 
 
 @dataclass

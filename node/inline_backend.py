@@ -1,0 +1,96 @@
+"""The in-process backend: every socket core, DDR store and link of the cluster in this process.
+
+It is the reference the Ray backend is checked against, and the fast path for very large sweeps
+(thousands of sockets in timing mode). A TP group's members are identical, so a batch is timed
+once per group and the result applied to every member's core.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from interconnect.links import transmit_path
+from interconnect.topology import Topology
+from node.ddr_store import DDRStore
+from node.layout import tp_groups
+from node.platform import NodeSpec
+from scheduler.backend import GroupInfo
+from socket_actor.core import RDUSocket, RunRequest, RunResult
+from socket_actor.cost_model import Generation
+from socket_actor.model_spec import ModelSpec
+from socket_actor.operators import shard_weight_bytes
+
+__all__ = ["InlineBackend"]
+
+_CACHE_ENTRIES = 4096
+
+
+class InlineBackend:
+    name = "inline"
+
+    def __init__(self, spec: NodeSpec, nodes: int, tp: int) -> None:
+        self.spec = spec
+        self.nodes = nodes
+        self.ddr_capacity_bytes = spec.ddr_capacity_bytes
+        self.ddr_tier_name = spec.ddr_tier_name
+        self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
+        self.tp_groups = tp_groups(spec, self.topology, tp)
+        self.sockets = {name: RDUSocket(name, spec.socket, self.topology)
+                        for group in self.tp_groups for name in group.members}
+        self.ddr = [DDRStore(f"node{n}", spec.ddr_capacity_bytes, spec.ddr_tier_name) for n in range(nodes)]
+        self._generations: OrderedDict[tuple, Generation] = OrderedDict()
+
+    def groups(self) -> list[GroupInfo]:
+        return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
+                          hbm_usable_bytes=self.spec.socket.hbm_usable_bytes)
+                for i, g in enumerate(self.tp_groups)]
+
+    def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
+        self.ddr[node].put(model_id, nominal_bytes)
+
+    def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int) -> tuple[int, dict[str, int]]:
+        """(shard bytes, arrival per member) of a DDR -> HBM copy over the contended copy paths."""
+        tp_group = self.tp_groups[group]
+        shard = shard_weight_bytes(model, tp_group.tp)
+        return shard, tp_group.copy_in(shard, send_ns)
+
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> int:
+        shard, arrivals = self.copy_arrivals(group, model, send_ns)
+        for member, arrival in arrivals.items():
+            self.sockets[member].load(model_id, shard, arrival)
+        return max(arrivals.values())
+
+    def evict(self, group: int, model_id: str) -> None:
+        for member in self.tp_groups[group].members:
+            self.sockets[member].evict(model_id)
+
+    def _generation(self, request: RunRequest) -> Generation:
+        key = (request.model, request.members, request.prompt_lens, request.output_lens, request.mode,
+               request.orchestration)
+        cached = self._generations.get(key)
+        if cached is None:
+            cached = self.sockets[request.members[0]].generation(request)
+            self._generations[key] = cached
+            if len(self._generations) > _CACHE_ENTRIES:
+                self._generations.popitem(last=False)
+        return cached
+
+    def run(self, group: int, request: RunRequest) -> RunResult:
+        """The group's first member times the batch; the others follow its schedule."""
+        leader, *followers = self.tp_groups[group].members
+        result = self.sockets[leader].run(request, self._generation(request))
+        for member in followers:
+            self.sockets[member].follow(request, result.busy_ns)
+        return result
+
+    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+        if src_node == dst_node:
+            return send_ns
+        links = [self.topology.links[f"node{src_node}->fabric"], self.topology.links[f"fabric->node{dst_node}"]]
+        return transmit_path(links, nbytes, send_ns)
+
+    def finish(self) -> dict:
+        return {"backend": self.name, "sockets": len(self.sockets)}
+
+    def socket_snapshots(self) -> list[dict]:
+        return [core.snapshot() for core in self.sockets.values()]

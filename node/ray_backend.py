@@ -1,0 +1,154 @@
+"""The Ray backend: the serving loop's commands executed by socket actors and DDR store actors.
+
+The scheduler must know when a batch ends before it can decide the next one, and a round trip
+to eight actors per decision would make a long trace crawl. So the driver keeps a *shadow* of
+the cluster (the in-process core, fed the same commands) to answer at once, while the commands
+stream to the actors in batches; each actor applies them to its own `RDUSocket` — its own HBM
+ledger and clock; a group's first socket times each batch with its own cost model and the
+others follow that schedule — and every result it returns is checked against the shadow's.
+A socket actor that disagrees (a different time, a capacity error the shadow did not see) stops
+the run with an error naming the socket and the command.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from node.inline_backend import InlineBackend
+from node.platform import NodeSpec
+from node.ray_nodes import RayNodes
+from scheduler.backend import GroupInfo
+from socket_actor.core import RunRequest, RunResult
+from socket_actor.model_spec import ModelSpec
+
+__all__ = ["RayBackend", "ActorDivergence"]
+
+
+class ActorDivergence(RuntimeError):
+    """A socket actor's result differs from the in-process shadow's."""
+
+
+@dataclass
+class _Batch:
+    socket: str
+    ref: object
+    expected: list
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, spec: NodeSpec, nodes: int, tp: int, run_token: str = "", bind_host: str = "127.0.0.1",
+                 flush_every: int = 512, max_in_flight: int = 64) -> None:
+        self.shadow = InlineBackend(spec, nodes, tp)
+        self.nodes = nodes
+        self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
+        self.ddr_tier_name = self.shadow.ddr_tier_name
+        self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host)
+        self.flush_every = flush_every
+        self.max_in_flight = max_in_flight
+        self._pending: dict[str, list[tuple[tuple, object]]] = {}
+        self._in_flight: deque[_Batch] = deque()
+        self._ddr_pending: dict[int, list[tuple[str, int]]] = {}
+        self.commands = 0
+        self.verified = 0
+
+    def start(self) -> None:
+        self.cluster.start()
+        self._pending = {name: [] for name in self.cluster.sockets}
+        self._batch_numbers = {name: 0 for name in self.cluster.sockets}
+
+    def groups(self) -> list[GroupInfo]:
+        return self.shadow.groups()
+
+    # -- commands -------------------------------------------------------------------------------
+    def _enqueue(self, socket: str, command: tuple, expected: object) -> None:
+        queue = self._pending[socket]
+        queue.append((command, expected))
+        self.commands += 1
+        if len(queue) >= self.flush_every:
+            self._flush(socket)
+
+    def _flush(self, socket: str) -> None:
+        queue = self._pending[socket]
+        if not queue:
+            return
+        ref = self.cluster.sockets[socket].run_many.remote(self._batch_numbers[socket],
+                                                           [command for command, _ in queue])
+        self._batch_numbers[socket] += 1
+        self._in_flight.append(_Batch(socket, ref, queue))
+        self._pending[socket] = []
+        while len(self._in_flight) > self.max_in_flight:
+            self._check(self._in_flight.popleft())
+
+    def _check(self, batch: _Batch) -> None:
+        import ray
+
+        try:
+            results = ray.get(batch.ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise ActorDivergence(f"{batch.socket} failed a command the in-process core accepted: "
+                                  f"{exc.cause if hasattr(exc, 'cause') else exc}") from None
+        for got, (command, expected) in zip(results, batch.expected):
+            if got != expected:
+                raise ActorDivergence(f"{batch.socket}: {command[0]} {command[1]!r} gave {got!r}, "
+                                      f"the in-process core {expected!r}")
+            self.verified += 1
+
+    def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
+        self.shadow.store(node, model_id, nominal_bytes)
+        self._ddr_pending.setdefault(node, []).append((model_id, nominal_bytes))
+
+    def _flush_ddr(self) -> None:
+        import ray
+
+        if self._ddr_pending:
+            ray.get([self.cluster.ddr[node].put_many.remote(models) for node, models in self._ddr_pending.items()])
+            self._ddr_pending.clear()
+
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> int:
+        self._flush_ddr()
+        shard, arrivals = self.shadow.copy_arrivals(group, model, send_ns)
+        for member, arrival in arrivals.items():
+            self.shadow.sockets[member].load(model_id, shard, arrival)
+            self._enqueue(member, ("load", model_id, shard, arrival, None),
+                          self.shadow.sockets[member].tiers.hbm.used_bytes)
+        return max(arrivals.values())
+
+    def evict(self, group: int, model_id: str) -> None:
+        for member in self.shadow.tp_groups[group].members:
+            size = self.shadow.sockets[member].evict(model_id)
+            self._enqueue(member, ("evict", model_id), size)
+
+    def run(self, group: int, request: RunRequest) -> RunResult:
+        result = self.shadow.run(group, request)
+        leader, *followers = self.shadow.tp_groups[group].members
+        self._enqueue(leader, ("run", request), result)
+        for member in followers:
+            self._enqueue(member, ("follow", request, result.busy_ns), result.end_ns)
+        return result
+
+    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+        return self.shadow.forward(src_node, dst_node, nbytes, send_ns)
+
+    def finish(self) -> dict:
+        """Send what is left, check every answer, and collect the actors' own statistics."""
+        import ray
+
+        self._flush_ddr()
+        for socket in list(self._pending):
+            self._flush(socket)
+        while self._in_flight:
+            self._check(self._in_flight.popleft())
+        snapshots = ray.get([handle.stats.remote() for handle in self.cluster.sockets.values()])
+        for snapshot in snapshots:
+            shadow = self.shadow.sockets[snapshot["socket"]].snapshot()
+            if snapshot["clock_ns"] != shadow["clock_ns"] or snapshot["counters"] != shadow["counters"]:
+                raise ActorDivergence(f"{snapshot['socket']}: final state {snapshot['counters']} at "
+                                      f"{snapshot['clock_ns']} ns differs from the in-process core's")
+        return {"backend": self.name, "sockets": len(snapshots), "commands": self.commands,
+                "verified": self.verified}
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
