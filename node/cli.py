@@ -170,7 +170,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from node.summary_view import render_summary
 
     config = resolve_run_config(args.config, _run_overrides(args))
-    output = execute_run(config)
+    if args.dashboard:
+        from node.dashboard import LiveDashboard
+
+        with LiveDashboard(console) as dashboard:
+            output = execute_run(config, [dashboard])
+    else:
+        output = execute_run(config)
     if args.json:
         print(json.dumps({"summary": output.result.summary, "run": output.run_info, "out": str(output.out_dir)},
                          sort_keys=True))
@@ -248,8 +254,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--backend", choices=("ray", "inline"), help="ray socket actors (default) or in-process")
     p.add_argument("--address", help="Ray: local (default), auto or host:port")
     p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--dashboard", action="store_true", help="show a live terminal dashboard while the run goes")
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)
+
+    from node import cli_observe
+
+    cli_observe.add_commands(sub)
 
     p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
     p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")

@@ -54,11 +54,11 @@ class InlineBackend:
         shard = shard_weight_bytes(model, tp_group.tp)
         return shard, tp_group.copy_in(shard, send_ns)
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> int:
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
         shard, arrivals = self.copy_arrivals(group, model, send_ns)
         for member, arrival in arrivals.items():
             self.sockets[member].load(model_id, shard, arrival)
-        return max(arrivals.values())
+        return arrivals
 
     def evict(self, group: int, model_id: str) -> None:
         for member in self.tp_groups[group].members:

@@ -53,6 +53,8 @@ class RayBackend:
         self._ddr_pending: dict[int, list[tuple[str, int]]] = {}
         self.commands = 0
         self.verified = 0
+        self._stats_refs: list = []
+        self._stats: list[dict] | None = None
 
     def start(self) -> None:
         self.cluster.start()
@@ -107,14 +109,14 @@ class RayBackend:
             ray.get([self.cluster.ddr[node].put_many.remote(models) for node, models in self._ddr_pending.items()])
             self._ddr_pending.clear()
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> int:
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
         self._flush_ddr()
         shard, arrivals = self.shadow.copy_arrivals(group, model, send_ns)
         for member, arrival in arrivals.items():
             self.shadow.sockets[member].load(model_id, shard, arrival)
             self._enqueue(member, ("load", model_id, shard, arrival, None),
                           self.shadow.sockets[member].tiers.hbm.used_bytes)
-        return max(arrivals.values())
+        return arrivals
 
     def evict(self, group: int, model_id: str) -> None:
         for member in self.shadow.tp_groups[group].members:
@@ -149,6 +151,19 @@ class RayBackend:
                                       f"{snapshot['clock_ns']} ns differs from the in-process core's")
         return {"backend": self.name, "sockets": len(snapshots), "commands": self.commands,
                 "verified": self.verified}
+
+    def socket_snapshots(self) -> list[dict] | None:
+        """The socket actors' latest statistics, without waiting: returns what the previous
+        request brought back (None until the first answer) and asks again."""
+        import ray
+
+        if self._stats_refs:
+            ready, _ = ray.wait(self._stats_refs, num_returns=len(self._stats_refs), timeout=0)
+            if len(ready) < len(self._stats_refs):
+                return self._stats
+            self._stats = ray.get(self._stats_refs)
+        self._stats_refs = [handle.stats.remote() for handle in self.cluster.sockets.values()]
+        return self._stats
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -1,12 +1,14 @@
 """`rdu run`: serve a workload on an emulated cluster and write the run directory.
 
     runs/<name>/config.resolved.yaml   what ran (every default and preset value filled in)
+    runs/<name>/events.msgpack         the raw event stream, written while the run goes
     runs/<name>/requests.csv           one row per request, times in ns
     runs/<name>/summary.json           emulated results only: byte-identical across runs, backends, layouts
     runs/<name>/run.json               the emulator's own measurements (wall time, backend, host)
 
-The directory is built under a temporary name and renamed only when complete, so a failed run
-never leaves a directory that looks finished.
+The directory is built under a hidden temporary name and renamed only when complete, so a
+failed run never leaves a directory that looks finished. A bad input found before serving
+starts removes it; a crash keeps it (with the events up to the crash) for `rdu trace`.
 """
 
 from __future__ import annotations
@@ -17,17 +19,23 @@ import platform as host_platform
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from interconnect.spec_fields import UserError
+from node.events_log import EVENTS_FILE, EventsWriter
 from node.inline_backend import InlineBackend
 from node.run_config import RunConfig
 from node.yaml_io import dump_yaml
 from scheduler.metrics import records_csv
 from scheduler.serving import CoEServer, ServingResult
 from scheduler.workloads import build_workload
+from socket_actor.operators import shard_weight_bytes
 
-__all__ = ["execute_run", "RunOutput", "write_json"]
+__all__ = ["execute_run", "RunOutput", "write_json", "setup_event"]
+
+EventSink = Callable[[dict], None]
 
 
 @dataclass
@@ -42,41 +50,102 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _serve(config: RunConfig, backend) -> ServingResult:
+def setup_event(config: RunConfig, backend, requests: int) -> dict:
+    """The first event of a run: everything a viewer needs to lay out nodes, sockets and links."""
+    spec = config.platform.spec
+    groups = backend.groups()
+    return {
+        "type": "setup", "t_ns": 0, "name": config.name, "platform": spec.name, "nodes": config.nodes,
+        "sockets_per_node": spec.sockets_per_node, "tp": config.tp, "experts": config.experts,
+        "model": config.model.name, "router_model": config.router_model.name, "policy": config.serving.policy,
+        "requests": requests,
+        "groups": [{"name": g.name, "node": g.node, "members": list(g.members)} for g in groups],
+        "hbm_usable_bytes": spec.socket.hbm_usable_bytes, "sram_bytes": spec.socket.sram.capacity_bytes,
+        "ddr_bytes": spec.ddr_capacity_bytes, "ddr_tier": spec.ddr_tier_name,
+        "expert_shard_bytes": shard_weight_bytes(config.model, config.tp),
+        "router_shard_bytes": shard_weight_bytes(config.router_model, config.tp),
+        "p2p_topology": spec.links.p2p_kind, "host_link": spec.links.host_shared is not None,
+    }
+
+
+class _RunDirectory:
+    """The hidden directory a run writes into, renamed to its final name when complete."""
+
+    def __init__(self, out: str) -> None:
+        self.final = Path(out)
+        self.partial = self.final.with_name(f".{self.final.name}.partial-{os.getpid()}")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+
+    def complete(self) -> Path:
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.partial.rename(self.final)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _serve(config: RunConfig, backend, sinks: Sequence[EventSink]) -> ServingResult:
     workload = build_workload(config.workload, config.experts, config.seed)
-    server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving)
+
+    def emit(event: dict) -> None:
+        for sink in sinks:
+            sink(event)
+
+    server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit)
+    emit(setup_event(config, backend, len(workload.requests)))
+    for sink in sinks:
+        if hasattr(sink, "attach"):
+            sink.attach(backend)
     return server.run()
 
 
-def execute_run(config: RunConfig) -> RunOutput:
-    """Run the emulation on the configured backend and write the run directory."""
+def execute_run(config: RunConfig, sinks: Sequence[EventSink] = ()) -> RunOutput:
+    """Run the emulation on the configured backend and write the run directory. Every event
+    also goes to each of `sinks` (a live dashboard, say)."""
     started_at = time.time()
     wall_start = time.perf_counter()
     spec = config.platform.spec
-    if config.backend == "inline":
-        backend = InlineBackend(spec, config.nodes, config.tp)
-        result = _serve(config, backend)
-        backend_info = backend.finish()
-        ray_info = {}
-    else:
-        from node.ray_backend import RayBackend
-        from node.ray_session import ray_session
+    directory = _RunDirectory(config.out)
+    events = EventsWriter(directory.partial / EVENTS_FILE)
+    sinks = [events, *sinks]
+    try:
+        (directory.partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
+        if config.backend == "inline":
+            backend = InlineBackend(spec, config.nodes, config.tp)
+            result = _serve(config, backend, sinks)
+            backend_info = backend.finish()
+            ray_info = {}
+        else:
+            from node.ray_backend import RayBackend
+            from node.ray_session import ray_session
 
-        with ray_session(config.address, config.sockets) as session:
-            backend = RayBackend(spec, config.nodes, config.tp,
-                                 run_token=secrets.token_hex(16) if session.multi_host else "",
-                                 bind_host="node-ip" if session.multi_host else "127.0.0.1")
-            try:
-                backend.start()
-                serve_start = time.perf_counter()
-                result = _serve(config, backend)
-                backend_info = backend.finish()
-                serve_s = time.perf_counter() - serve_start
-            finally:
-                backend.shutdown()
-            ray_info = {"ray_nodes": session.ray_nodes, "ray_session": "started here" if session.started_here
-                        else f"joined {session.address}", "serve_wall_s": round(serve_s, 3),
-                        "setup_and_teardown_wall_s": None}
+            with ray_session(config.address, config.sockets) as session:
+                backend = RayBackend(spec, config.nodes, config.tp,
+                                     run_token=secrets.token_hex(16) if session.multi_host else "",
+                                     bind_host="node-ip" if session.multi_host else "127.0.0.1")
+                try:
+                    backend.start()
+                    serve_start = time.perf_counter()
+                    result = _serve(config, backend, sinks)
+                    backend_info = backend.finish()
+                    serve_s = time.perf_counter() - serve_start
+                finally:
+                    backend.shutdown()
+                ray_info = {"ray_nodes": session.ray_nodes, "ray_session": "started here" if session.started_here
+                            else f"joined {session.address}", "serve_wall_s": round(serve_s, 3)}
+        for sink in sinks:
+            sink({"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
+                  "interrupted": False, "summary": result.summary})
+    except UserError:
+        events.close()
+        directory.discard()
+        raise
+    finally:
+        events.close()
     wall_s = time.perf_counter() - wall_start
     if ray_info:
         ray_info["setup_and_teardown_wall_s"] = round(wall_s - ray_info["serve_wall_s"], 3)
@@ -86,27 +155,10 @@ def execute_run(config: RunConfig) -> RunOutput:
         "emulated_requests_per_wall_s": round(completed / wall_s, 2) if wall_s > 0 else None,
         "virtual_to_wall": round(result.summary["virtual_ns"] / 1e9 / wall_s, 2) if wall_s > 0 else None,
         "started_at_unix_s": round(started_at, 3), "host": host_platform.node(), "cpus": os.cpu_count(),
-        "python": host_platform.python_version(), **ray_info, "backend_checks": backend_info,
+        "python": host_platform.python_version(), "events": events.count, **ray_info,
+        "backend_checks": backend_info,
     }
-    out_dir = _write_outputs(config, result, run_info)
-    return RunOutput(config=config, result=result, run_info=run_info, out_dir=out_dir)
-
-
-def _write_outputs(config: RunConfig, result: ServingResult, run_info: dict) -> Path:
-    out_dir = Path(config.out)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
-        (partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
-        (partial / "requests.csv").write_text(records_csv(result.records), encoding="utf-8")
-        write_json(partial / "summary.json", result.summary)
-        write_json(partial / "run.json", run_info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out_dir
+    (directory.partial / "requests.csv").write_text(records_csv(result.records), encoding="utf-8")
+    write_json(directory.partial / "summary.json", result.summary)
+    write_json(directory.partial / "run.json", run_info)
+    return RunOutput(config=config, result=result, run_info=run_info, out_dir=directory.complete())

@@ -41,8 +41,8 @@ class ServingBackend(Protocol):
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
         """Admit a model into a node's DDR (raises CapacityError when it does not fit)."""
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> int:
-        """Copy a model's shards DDR -> HBM into every member; return when the last one lands."""
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
+        """Copy a model's shards DDR -> HBM into every member; return each member's arrival."""
 
     def evict(self, group: int, model_id: str) -> None:
         """Drop a model's shards from every member's HBM."""

@@ -162,9 +162,11 @@ class CoEServer:
         starts once they are resident (`setup_ns`)."""
         setup_ns = 0
         for g in self.groups:
-            g.router_ready_ns = self.backend.copy_in(g.info.index, ROUTER_ID, self.router_model, 0)
+            arrivals = self.backend.copy_in(g.info.index, ROUTER_ID, self.router_model, 0)
+            g.router_ready_ns = max(arrivals.values())
             self.emit({"type": "switch", "t_ns": 0, "ready_ns": g.router_ready_ns, "group": g.info.name,
-                       "model": ROUTER_ID, "victims": [], "prefetch": False})
+                       "model": ROUTER_ID, "victims": [], "prefetch": False, "arrivals": arrivals,
+                       "shard_bytes": shard_weight_bytes(self.router_model, g.info.tp)})
             for e in self.config.pinned_experts:
                 self._switch_in(g, e, 0, protected=set(), position=-1, prefetch=True)
             setup_ns = max([setup_ns, g.router_ready_ns, *g.resident.values()])
@@ -228,8 +230,9 @@ class CoEServer:
         group.stats.router_ns += result.end_ns - start
         group.stats.stall_ns += start - now if start > now else 0
         group.stats.batches += 1
-        self.emit({"type": "router", "t_ns": start, "end_ns": result.end_ns, "group": group.info.name,
-                   "batch": len(group.batch)})
+        self.emit({"type": "router", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
+                   "collective_ns": result.collective_ns, "group": group.info.name, "model": ROUTER_ID,
+                   "requests": [r.id for r in group.batch], "queued": len(group.queue)})
         self._push(result.end_ns, "decide", group)
 
     def _on_decide(self, now: int, group: _Group) -> None:
@@ -269,12 +272,14 @@ class CoEServer:
             self.backend.evict(group.info.index, expert_id(victim))
             del group.resident[victim]
             group.stats.evictions += 1
-        ready = self.backend.copy_in(group.info.index, expert_id(expert), self.expert_model, now)
+        arrivals = self.backend.copy_in(group.info.index, expert_id(expert), self.expert_model, now)
+        ready = max(arrivals.values())
         group.resident[expert] = ready
         group.stats.switches += 1
         group.stats.prefetches += prefetch
         self.emit({"type": "switch", "t_ns": now, "ready_ns": ready, "group": group.info.name,
-                   "model": expert_id(expert), "victims": [expert_id(v) for v in victims], "prefetch": prefetch})
+                   "model": expert_id(expert), "victims": [expert_id(v) for v in victims], "prefetch": prefetch,
+                   "arrivals": arrivals, "shard_bytes": shard_weight_bytes(self.expert_model, group.info.tp)})
         return ready
 
     def _on_next(self, now: int, group: _Group) -> None:
@@ -302,8 +307,9 @@ class CoEServer:
         group.stats.expert_ns += result.end_ns - start
         group.stats.accesses += 1
         group.stats.hits += hit
-        self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "group": group.info.name,
-                   "model": expert_id(expert), "requests": [r.id for r in requests], "hit": hit, "stall_ns": stall})
+        self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
+                   "collective_ns": result.collective_ns, "group": group.info.name, "model": expert_id(expert),
+                   "requests": [r.id for r in requests], "hit": hit, "stall_ns": stall})
         for request, finish in zip(requests, result.finish_ns):
             first_token = start + result.ttft_ns
             self.records.append(RequestRecord(
@@ -316,5 +322,8 @@ class CoEServer:
                 ttft_ns=first_token - request.arrival_ns,
                 tpot_ns=(finish - first_token) // (request.output_tokens - 1) if request.output_tokens > 1 else 0,
                 e2e_ns=finish - request.arrival_ns, finish_ns=finish))
-            self.emit({"type": "done", "t_ns": finish, "request": request.id, "group": group.info.name})
+            record = self.records[-1]
+            self.emit({"type": "done", "t_ns": finish, "request": request.id, "group": group.info.name,
+                       "expert": request.expert, "hit": hit, "output_tokens": request.output_tokens,
+                       "ttft_ns": record.ttft_ns, "tpot_ns": record.tpot_ns, "e2e_ns": record.e2e_ns})
         self._push(result.end_ns, "next", group)

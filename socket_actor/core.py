@@ -58,6 +58,7 @@ class RunResult:
     finish_ns: tuple[int, ...]   # absolute virtual time each sequence's last token is out
     end_ns: int
     busy_ns: int
+    collective_ns: int = 0       # part of busy_ns spent in tensor-parallel collectives
 
 
 @dataclass
@@ -161,7 +162,8 @@ class RDUSocket:
         self._account(request, resident, busy)
         finish = tuple(int(request.start_ns + f) for f in generation.finish_ns)
         return RunResult(job_id=request.job_id, socket=self.name, start_ns=request.start_ns,
-                         ttft_ns=generation.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy)
+                         ttft_ns=generation.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy,
+                         collective_ns=generation.collective_ns)
 
     def follow(self, request: RunRequest, busy_ns: int) -> int:
         """Execute a batch whose timing the group's first member computed; returns the end time."""

@@ -143,6 +143,7 @@ class StepTimes:
     """Per-step durations (integer ns) and, on request, per-operator totals over all steps."""
 
     step_ns: np.ndarray
+    collective_step_ns: np.ndarray | None = None   # link time of each step's collectives
     op_ns: dict[str, float] = field(default_factory=dict)
     class_ns: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
@@ -167,6 +168,12 @@ class Generation:
     @property
     def ttft_ns(self) -> int:
         return self.prefill.total_ns
+
+    @property
+    def collective_ns(self) -> int:
+        """Link time of all collectives of the batch (part of its duration)."""
+        return int(sum(float(p.collective_step_ns.sum()) for p in (self.prefill, self.decode)
+                       if p.collective_step_ns is not None))
 
     @property
     def total_ns(self) -> int:
@@ -234,7 +241,8 @@ class CostModel:
         times, flops, traffic, coll_ns = self.row_times(shape, design)
         count = self.compiled.count
         step_ns = np.ceil(times @ count + self._launch_ns).astype(np.int64)
-        result = StepTimes(step_ns=step_ns, kernels=self.compiled.kernels_per_step)
+        result = StepTimes(step_ns=step_ns, kernels=self.compiled.kernels_per_step,
+                           collective_step_ns=coll_ns @ count)
         if breakdown:
             per_row = times.sum(0) * count
             for name, cls, ns in zip(self.compiled.names, self.compiled.classes, per_row):
@@ -267,8 +275,10 @@ class CostModel:
         else:  # one evaluation for the prefill step and every decode step
             first, rest = prefill_shape(prompt_lens, window), decode_shapes(prompt_lens, output_lens, window)
             both = PhaseShape(*(np.concatenate([getattr(first, k), getattr(rest, k)]) for k in SHAPE_KEYS))
-            steps = self.steps(both).step_ns
-            prefill, decode = StepTimes(step_ns=steps[:1]), StepTimes(step_ns=steps[1:])
+            times = self.steps(both)
+            steps, coll = times.step_ns, times.collective_step_ns
+            prefill = StepTimes(step_ns=steps[:1], collective_step_ns=coll[:1])
+            decode = StepTimes(step_ns=steps[1:], collective_step_ns=coll[1:])
         ends = np.concatenate([[0], np.cumsum(decode.step_ns)])
         finish = prefill.total_ns + ends[output_lens - 1]
         return Generation(prefill=prefill, decode=decode, finish_ns=finish)

@@ -19,8 +19,8 @@ def test_run_writes_a_complete_directory(tmp_path, capsys):
     code, stdout, _ = run(capsys, "run", "--backend", "inline", "--limit", "300", "--out", str(out), "--json")
     assert code == 0
     data = json.loads(stdout)
-    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "requests.csv", "run.json",
-                                                      "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "events.msgpack", "requests.csv",
+                                                      "run.json", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert data["summary"] == summary and data["run"]["backend"] == "inline"
     for key in ("requests_in", "requests_completed", "throughput_tokens_per_s", "switches", "switch_time_share",
@@ -34,6 +34,12 @@ def test_run_writes_a_complete_directory(tmp_path, capsys):
     assert {"id", "arrival_ns", "expert", "node", "switch_wait_ns", "ttft_ns", "tpot_ns", "e2e_ns"} <= set(rows[0])
     resolved = (out / "config.resolved.yaml").read_text()
     assert "policy: lru" in resolved and "platform_resolved:" in resolved
+    from node.events_log import read_events
+
+    events = list(read_events(out / "events.msgpack"))
+    assert events[0]["type"] == "setup" and events[-1]["type"] == "end"
+    assert sum(e["type"] == "done" for e in events) == 300
+    assert data["run"]["events"] == len(events)
 
 
 def test_config_file_and_flags(tmp_path, capsys):
