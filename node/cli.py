@@ -38,6 +38,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nodes_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _parse_set(items: Sequence[str] | None) -> dict[str, object]:
     """`--set socket.hbm.bandwidth_bytes_per_s=2e12` -> {dotted: parsed YAML scalar}."""
     from node.yaml_io import parse_yaml
@@ -228,7 +232,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--name", help="run name (default: derived from the config)")
     p.add_argument("--platform", help="platform preset or YAML (default sn40l-node)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a platform field (repeatable)")
-    p.add_argument("--nodes", type=_positive_int, help="emulated nodes (default 1)")
+    p.add_argument("--nodes", type=_nodes_arg, help="emulated nodes, or 'auto': as many as one TP group needs "
+                                                   "(default 1)")
     p.add_argument("--tp", type=_positive_int, help="tensor-parallel degree of each group (default 8)")
     p.add_argument("--model", help="expert model preset or config.json (default llama-2-7b)")
     p.add_argument("--router-model", help="router model (default: the expert model)")
@@ -258,9 +263,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)
 
-    from node import cli_observe
+    from node import cli_observe, cli_studies
 
     cli_observe.add_commands(sub)
+    cli_studies.add_commands(sub)
 
     p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
     p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")

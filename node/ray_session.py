@@ -29,12 +29,6 @@ class RaySessionInfo:
     multi_host: bool     # sockets may sit on other machines: bind gRPC to the node IP
 
 
-def _quiet_env() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-
 def socket_capacity() -> int:
     import ray
 
@@ -43,8 +37,8 @@ def socket_capacity() -> int:
 
 @contextmanager
 def ray_session(address: str | None, sockets_needed: int, object_store_bytes: int = 1 << 30) -> Iterator[RaySessionInfo]:
-    """Ray for a run of `sockets_needed` socket actors; shuts down only what it started."""
-    _quiet_env()
+    """Ray for a run of `sockets_needed` socket actors; shuts down only what it started.
+    (The package sets Ray's environment defaults on import: see node/__init__.py.)"""
     import ray
 
     started = False

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from interconnect.spec_fields import Fields, UserError, deep_merge
+from node.layout import nodes_for_tp
 from node.platform import Platform, load_platform
 from node.yaml_io import read_yaml
 from scheduler.policies import POLICIES
@@ -109,10 +110,15 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         else None,
     )
     workload = WorkloadSpec.from_fields(fields.sub("workload"))
+    tp = fields.integer("tp")
+    if tree.get("nodes") == "auto":  # as many nodes as one tensor-parallel group needs
+        nodes = nodes_for_tp(platform.spec, tp)
+    else:
+        nodes = fields.integer("nodes")
     name = fields.string("name") if fields.has("name") else _default_name(tree)
     backend = fields.string("backend", choices=BACKENDS)
     config = RunConfig(
-        name=name, platform=platform, nodes=fields.integer("nodes"), tp=fields.integer("tp"), model=model,
+        name=name, platform=platform, nodes=nodes, tp=tp, model=model,
         router_model=router, experts=fields.integer("experts"), workload=workload, serving=serving,
         seed=fields.integer("seed", minimum=0), backend=backend, address=fields.string("address"),
         out=fields.string("out") if fields.has("out") else f"runs/{name}", resolved={})

@@ -43,6 +43,7 @@ class GroupStats:
     router_ns: int = 0
     expert_ns: int = 0
     stall_ns: int = 0
+    collective_ns: int = 0     # part of router_ns + expert_ns spent in TP collectives
     switches: int = 0
     prefetches: int = 0
     evictions: int = 0
@@ -88,6 +89,7 @@ def summarize(records: list[RequestRecord], groups: list[GroupStats], requests_i
         "prefetches": sum(g.prefetches for g in groups),
         "evictions": sum(g.evictions for g in groups),
         "switch_time_share": round(sum(g.stall_ns for g in groups) / busy, 6) if busy else 0.0,
+        "collective_time_share": round(sum(g.collective_ns for g in groups) / busy, 6) if busy else 0.0,
         "hbm_hit_rate": round(sum(g.hits for g in groups) / accesses, 6) if accesses else 0.0,
         "expert_runs": accesses,
         "inter_node_bytes": inter_node_bytes,
@@ -95,6 +97,7 @@ def summarize(records: list[RequestRecord], groups: list[GroupStats], requests_i
             "router": sum(g.router_ns for g in groups),
             "switching_stall": sum(g.stall_ns for g in groups),
             "expert": sum(g.expert_ns for g in groups),
+            "collectives_within_runs": sum(g.collective_ns for g in groups),
         },
         "groups": [{"name": g.name, "node": g.node, "expert_slots": g.expert_slots, "batches": g.batches,
                     "switches": g.switches, "prefetches": g.prefetches, "evictions": g.evictions,

@@ -228,6 +228,7 @@ class CoEServer:
             mode=self.config.mode, orchestration=self.config.orchestration))
         group.router_start_ns, group.router_end_ns = start, result.end_ns
         group.stats.router_ns += result.end_ns - start
+        group.stats.collective_ns += result.collective_ns
         group.stats.stall_ns += start - now if start > now else 0
         group.stats.batches += 1
         self.emit({"type": "router", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
@@ -305,6 +306,7 @@ class CoEServer:
         stall = start - now
         group.stats.stall_ns += stall
         group.stats.expert_ns += result.end_ns - start
+        group.stats.collective_ns += result.collective_ns
         group.stats.accesses += 1
         group.stats.hits += hit
         self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,

@@ -1,0 +1,71 @@
+"""Subcommands that run studies: `rdu reproduce` (the paper's claims) and `rdu sweep`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_commands"]
+
+
+def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
+    from node.reproduce import check_target, reproduce_sn40l, write_report
+
+    check_target(args.target)
+    reproduction = reproduce_sn40l()
+    files = write_report(reproduction, Path(args.out)) if args.out else []
+    if args.json:
+        print(json.dumps({"claims": [c.to_dict() for c in reproduction.claims], "all_ok": reproduction.all_ok,
+                          "files": [str(f) for f in files]}, sort_keys=True))
+    else:
+        table = Table(title="SN40L paper (MICRO 2024) vs the emulator, one set of presets")
+        for column in ("claim", "paper", "emulator", "relative error", "within tolerance"):
+            table.add_column(column, justify="left" if column == "claim" else "right")
+        for c in reproduction.claims:
+            paper = f"{c.paper[0]:g}-{c.paper[1]:g}" if isinstance(c.paper, tuple) else str(c.paper)
+            value = f"{c.emulator:.3g}" if isinstance(c.emulator, float) else str(c.emulator)
+            err = "" if c.rel_err is None else f"{c.rel_err:.1%}"
+            table.add_row(c.description, f"{paper} {c.unit}".strip(), f"{value} {c.unit}".strip(), err,
+                          "yes" if c.ok else "[red]NO[/red]")
+        console.print(table)
+        for f in files:
+            console.print(f"wrote {f}")
+    return 0 if reproduction.all_ok else 1
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from node.sweep import load_study, run_study
+
+    study = load_study(args.study, fast=args.fast, backend=args.backend)
+    outcome = run_study(study, Path(args.out) if args.out else None, jobs=args.jobs, address=args.address,
+                        progress=None if args.json else console.print)
+    if args.json:
+        print(json.dumps(outcome.to_dict(), sort_keys=True))
+    else:
+        console.print(f"{outcome.ran} point(s) run, {outcome.reused} reused from an earlier run, "
+                      f"{outcome.skipped} skipped, {outcome.failed} failed")
+        for path in outcome.files:
+            console.print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="reproduce a paper's headline claims and compare")
+    p.add_argument("target", help="what to reproduce: sn40l")
+    p.add_argument("--out", help="write REPORT.md, claims.json and PNG plots into this directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the list of claims")
+    p.set_defaults(handler=cmd_reproduce)
+
+    p = sub.add_parser("sweep", help="run a study: a base config and axes to sweep (experiments/*.yaml)")
+    p.add_argument("study", help="study YAML, e.g. experiments/scale-up.yaml")
+    p.add_argument("--fast", action="store_true", help="the study's small variant (seconds)")
+    p.add_argument("--backend", choices=("inline", "ray"), help="backend of every point (default: the study's)")
+    p.add_argument("--out", help="study directory (default sweeps/<name>)")
+    p.add_argument("--jobs", type=int, help="points run at once as Ray tasks (default: CPU count)")
+    p.add_argument("--address", default="local", help="Ray: local (default), auto or host:port")
+    p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    p.set_defaults(handler=cmd_sweep)
