@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.links import LinkSpec, path_spec, serialisation_ns
+from interconnect.links import LinkDown, LinkSpec, path_spec, serialisation_ns
 from interconnect.topology import Topology
 
 __all__ = ["RingTiming"]
@@ -38,8 +38,12 @@ class RingTiming:
         """Ring in the order of `members`; each hop is the path from a member to the next."""
         if len(members) == 1:
             return cls(ranks=1, hops=())
-        hops = tuple(path_spec([link.spec for link in topology.path(src, members[(i + 1) % len(members)])])
-                     for i, src in enumerate(members))
+        paths = [topology.path(src, members[(i + 1) % len(members)]) for i, src in enumerate(members)]
+        for link in (link for path in paths for link in path):
+            if link.down_since_ns is not None:
+                raise LinkDown(f"link {link.name} of the ring {members[0]}..{members[-1]} is down since "
+                               f"{link.down_since_ns} ns: every message is lost")
+        hops = tuple(path_spec([link.spec for link in path]) for path in paths)
         return cls(ranks=len(members), hops=hops)
 
     @property

@@ -16,7 +16,11 @@ import numpy as np
 
 from interconnect.spec_fields import Fields
 
-__all__ = ["LinkSpec", "Link", "serialisation_ns", "transmit_path", "path_spec"]
+__all__ = ["LinkSpec", "Link", "LinkDown", "serialisation_ns", "transmit_path", "path_spec"]
+
+
+class LinkDown(RuntimeError):
+    """A link every message of which is lost: nothing can cross it."""
 
 
 def serialisation_ns(nbytes, bandwidth_bytes_per_s: float):
@@ -57,11 +61,12 @@ def path_spec(specs: list[LinkSpec]) -> LinkSpec:
 class Link:
     """One direction of a physical link with a virtual busy-until time (contention)."""
 
-    __slots__ = ("name", "spec", "free_at_ns", "bytes_moved", "busy_ns", "transfers")
+    __slots__ = ("name", "spec", "free_at_ns", "bytes_moved", "busy_ns", "transfers", "down_since_ns")
 
     def __init__(self, name: str, spec: LinkSpec) -> None:
         self.name = name
         self.spec = spec
+        self.down_since_ns: int | None = None
         self.free_at_ns = 0
         self.bytes_moved = 0
         self.busy_ns = 0
@@ -84,6 +89,9 @@ def transmit_path(links: list[Link], nbytes: int, send_ns: int) -> int:
     """
     if not links:
         return send_ns
+    for link in links:
+        if link.down_since_ns is not None:
+            raise LinkDown(f"link {link.name} is down since {link.down_since_ns} ns: every message is lost")
     start_ns = max(send_ns, max(link.free_at_ns for link in links))
     busy_ns = serialisation_ns(nbytes, min(link.spec.bandwidth_bytes_per_s for link in links))
     latency_ns = math.ceil(sum(link.spec.latency_ns for link in links))

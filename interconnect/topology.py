@@ -32,10 +32,11 @@ class TopologySpec:
     scale_out: LinkSpec
     ddr_to_hbm: LinkSpec
     host_shared: LinkSpec | None
+    retransmit_timeout_ns: float = 50_000.0   # a lost message is resent after this long
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "TopologySpec":
-        fields.check_known({"p2p", "scale_out", "ddr_to_hbm", "host_shared"})
+        fields.check_known({"p2p", "scale_out", "ddr_to_hbm", "host_shared", "retransmit_timeout_ns"})
         p2p = fields.sub("p2p")
         p2p.check_known({"topology", "latency_ns", "bandwidth_bytes_per_s"})
         kind = p2p.string("topology", choices=TOPOLOGY_KINDS)
@@ -48,6 +49,7 @@ class TopologySpec:
             scale_out=LinkSpec.from_fields(fields.sub("scale_out")),
             ddr_to_hbm=LinkSpec.from_fields(fields.sub("ddr_to_hbm")),
             host_shared=host,
+            retransmit_timeout_ns=fields.number("retransmit_timeout_ns"),
         )
 
 
@@ -137,6 +139,21 @@ class Topology:
         if self.spec.host_shared is not None:
             return [self.links[f"node{node}/host"]] + own
         return own
+
+    def degrade(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        """Make the links between sockets `a` and `b` (both ways) lose each message with
+        `probability`: a lost message is resent after the retransmission timeout, so on average a
+        message arrives p / (1 - p) timeouts late; with probability 1 the links are down."""
+        if not 0.0 < probability <= 1.0:
+            raise ValueError(f"loss probability must be in (0, 1], got {probability}")
+        links = {link.name: link for link in self.path(a, b) + self.path(b, a)}
+        for link in links.values():
+            if probability >= 1.0:
+                link.down_since_ns = at_ns
+            else:
+                extra = probability / (1.0 - probability) * self.spec.retransmit_timeout_ns
+                link.spec = LinkSpec(link.spec.latency_ns + extra, link.spec.bandwidth_bytes_per_s)
+        return sorted(links)
 
     def stats(self) -> list[dict]:
         return [link.stats() for link in self.links.values()]

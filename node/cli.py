@@ -165,6 +165,8 @@ def _run_overrides(args: argparse.Namespace) -> dict:
         overrides.setdefault("workload", {})["popularity"] = {"kind": "uniform"}
     if args.set:
         overrides["platform_overrides"] = _parse_set(args.set)
+    if args.fault:
+        overrides["faults"] = list(args.fault)
     return overrides
 
 
@@ -259,6 +261,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--backend", choices=("ray", "inline"), help="ray socket actors (default) or in-process")
     p.add_argument("--address", help="Ray: local (default), auto or host:port")
     p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--fault", action="append", metavar="SPEC",
+                   help="inject a fault, e.g. kill-socket:node0/socket3@request=500, kill-node:node1@virtual_ms=2000, "
+                        "drop-link:node0/socket1-node0/socket2@p=0.01 (repeatable)")
     p.add_argument("--dashboard", action="store_true", help="show a live terminal dashboard while the run goes")
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)
@@ -283,9 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"rdu: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("rdu: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"rdu: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from node.run import RunStopped
+
+        if not isinstance(exc, RunStopped):
+            raise
+        print(f"rdu: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

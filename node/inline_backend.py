@@ -16,7 +16,7 @@ from node.layout import tp_groups
 from node.platform import NodeSpec
 from scheduler.backend import GroupInfo
 from socket_actor.core import RDUSocket, RunRequest, RunResult
-from socket_actor.cost_model import Generation
+from socket_actor.cost_model import Timing
 from socket_actor.model_spec import ModelSpec
 from socket_actor.operators import shard_weight_bytes
 
@@ -33,12 +33,13 @@ class InlineBackend:
         self.nodes = nodes
         self.ddr_capacity_bytes = spec.ddr_capacity_bytes
         self.ddr_tier_name = spec.ddr_tier_name
+        self.restart_ns = spec.socket.restart_ns
         self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
         self.tp_groups = tp_groups(spec, self.topology, tp)
         self.sockets = {name: RDUSocket(name, spec.socket, self.topology)
                         for group in self.tp_groups for name in group.members}
         self.ddr = [DDRStore(f"node{n}", spec.ddr_capacity_bytes, spec.ddr_tier_name) for n in range(nodes)]
-        self._generations: OrderedDict[tuple, Generation] = OrderedDict()
+        self._timings: OrderedDict[tuple, Timing] = OrderedDict()
 
     def groups(self) -> list[GroupInfo]:
         return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
@@ -48,14 +49,17 @@ class InlineBackend:
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
         self.ddr[node].put(model_id, nominal_bytes)
 
-    def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int) -> tuple[int, dict[str, int]]:
-        """(shard bytes, arrival per member) of a DDR -> HBM copy over the contended copy paths."""
+    def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int,
+                      members: list[str] | None = None) -> tuple[int, dict[str, int]]:
+        """(shard bytes, arrival per member) of a DDR -> HBM copy over the contended copy paths
+        into every member of a group (or only into `members`)."""
         tp_group = self.tp_groups[group]
         shard = shard_weight_bytes(model, tp_group.tp)
-        return shard, tp_group.copy_in(shard, send_ns)
+        return shard, tp_group.copy_in(shard, send_ns, members)
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
-        shard, arrivals = self.copy_arrivals(group, model, send_ns)
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
+                members: list[str] | None = None) -> dict[str, int]:
+        shard, arrivals = self.copy_arrivals(group, model, send_ns, members)
         for member, arrival in arrivals.items():
             self.sockets[member].load(model_id, shard, arrival)
         return arrivals
@@ -64,21 +68,21 @@ class InlineBackend:
         for member in self.tp_groups[group].members:
             self.sockets[member].evict(model_id)
 
-    def _generation(self, request: RunRequest) -> Generation:
+    def _timing(self, request: RunRequest) -> Timing:
         key = (request.model, request.members, request.prompt_lens, request.output_lens, request.mode,
                request.orchestration)
-        cached = self._generations.get(key)
+        cached = self._timings.get(key)
         if cached is None:
-            cached = self.sockets[request.members[0]].generation(request)
-            self._generations[key] = cached
-            if len(self._generations) > _CACHE_ENTRIES:
-                self._generations.popitem(last=False)
+            cached = self.sockets[request.members[0]].timing(request)
+            self._timings[key] = cached
+            if len(self._timings) > _CACHE_ENTRIES:
+                self._timings.popitem(last=False)
         return cached
 
     def run(self, group: int, request: RunRequest) -> RunResult:
         """The group's first member times the batch; the others follow its schedule."""
         leader, *followers = self.tp_groups[group].members
-        result = self.sockets[leader].run(request, self._generation(request))
+        result = self.sockets[leader].run(request, self._timing(request))
         for member in followers:
             self.sockets[member].follow(request, result.busy_ns)
         return result
@@ -88,6 +92,32 @@ class InlineBackend:
             return send_ns
         links = [self.topology.links[f"node{src_node}->fabric"], self.topology.links[f"fabric->node{dst_node}"]]
         return transmit_path(links, nbytes, send_ns)
+
+    # -- faults -----------------------------------------------------------------------------------
+    def abort(self, group: int, job_id: str, at_ns: int) -> None:
+        """A member failed: cut the group's batch in progress short on its surviving members."""
+        for member in self.tp_groups[group].members:
+            if member in self.sockets:
+                self.sockets[member].abort(job_id, at_ns)
+
+    def fail_socket(self, socket: str, at_ns: int, back_at_ns: int) -> None:
+        """The socket dies at `at_ns` and comes back empty (HBM lost) at `back_at_ns`."""
+        fresh = RDUSocket(socket, self.spec.socket, self.topology)
+        fresh.advance_to(back_at_ns)
+        self.sockets[socket] = fresh
+
+    def fail_node(self, node: int, at_ns: int) -> None:
+        """The node is gone: its sockets and its DDR."""
+        for name in [n for n in self.sockets if Topology.parse(n)[0] == node]:
+            del self.sockets[name]
+        self.ddr[node] = DDRStore(f"node{node}", 0, self.ddr_tier_name)
+
+    def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        links = self.topology.degrade(a, b, probability, at_ns)
+        for core in self.sockets.values():
+            core.topology_changed()
+        self._timings.clear()
+        return links
 
     def finish(self) -> dict:
         return {"backend": self.name, "sockets": len(self.sockets)}

@@ -40,12 +40,13 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, spec: NodeSpec, nodes: int, tp: int, run_token: str = "", bind_host: str = "127.0.0.1",
-                 flush_every: int = 512, max_in_flight: int = 64) -> None:
+                 flush_every: int = 512, max_in_flight: int = 64, max_restarts: int = 4) -> None:
         self.shadow = InlineBackend(spec, nodes, tp)
         self.nodes = nodes
         self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
         self.ddr_tier_name = self.shadow.ddr_tier_name
-        self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host)
+        self.restart_ns = self.shadow.restart_ns
+        self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
         self.flush_every = flush_every
         self.max_in_flight = max_in_flight
         self._pending: dict[str, list[tuple[tuple, object]]] = {}
@@ -55,6 +56,7 @@ class RayBackend:
         self.verified = 0
         self._stats_refs: list = []
         self._stats: list[dict] | None = None
+        self.restarts = 0
 
     def start(self) -> None:
         self.cluster.start()
@@ -109,9 +111,10 @@ class RayBackend:
             ray.get([self.cluster.ddr[node].put_many.remote(models) for node, models in self._ddr_pending.items()])
             self._ddr_pending.clear()
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
+                members: list[str] | None = None) -> dict[str, int]:
         self._flush_ddr()
-        shard, arrivals = self.shadow.copy_arrivals(group, model, send_ns)
+        shard, arrivals = self.shadow.copy_arrivals(group, model, send_ns, members)
         for member, arrival in arrivals.items():
             self.shadow.sockets[member].load(model_id, shard, arrival)
             self._enqueue(member, ("load", model_id, shard, arrival, None),
@@ -134,6 +137,58 @@ class RayBackend:
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         return self.shadow.forward(src_node, dst_node, nbytes, send_ns)
 
+    # -- faults: the shadow models them, the actors live them -------------------------------------
+    def _drain(self, socket: str) -> None:
+        """Send and check everything queued for `socket` (before it dies)."""
+        self._flush(socket)
+        keep = deque()
+        while self._in_flight:
+            batch = self._in_flight.popleft()
+            if batch.socket == socket:
+                self._check(batch)
+            else:
+                keep.append(batch)
+        self._in_flight = keep
+
+    def abort(self, group: int, job_id: str, at_ns: int) -> None:
+        self.shadow.abort(group, job_id, at_ns)
+        for member in self.shadow.tp_groups[group].members:
+            if member in self.shadow.sockets:
+                self._enqueue(member, ("abort", job_id, at_ns), self.shadow.sockets[member].clock_ns)
+
+    def fail_socket(self, socket: str, at_ns: int, back_at_ns: int) -> None:
+        """Really kill the socket's actor process; Ray restarts it empty; it rejoins the run."""
+        import ray
+
+        self._drain(socket)
+        handle = self.cluster.sockets[socket]
+        ray.kill(handle, no_restart=False)
+        self.cluster.restart_socket(socket)
+        self._batch_numbers[socket] = 0
+        self.restarts += 1
+        self.shadow.fail_socket(socket, at_ns, back_at_ns)
+        self._enqueue(socket, ("advance_to", back_at_ns), back_at_ns)
+
+    def fail_node(self, node: int, at_ns: int) -> None:
+        """Kill every actor of the node (sockets and DDR store) for good."""
+        import ray
+
+        doomed = [name for name in self.cluster.sockets if name.startswith(f"node{node}/")]
+        for name in doomed:
+            self._drain(name)
+        self.shadow.fail_node(node, at_ns)
+        for name in doomed:
+            ray.kill(self.cluster.sockets.pop(name), no_restart=True)
+            self._pending.pop(name, None)
+        ray.kill(self.cluster.ddr[node], no_restart=True)
+        self._ddr_pending.pop(node, None)
+
+    def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        links = self.shadow.degrade_link(a, b, probability, at_ns)
+        for socket in self.cluster.sockets:
+            self._enqueue(socket, ("degrade_link", a, b, probability, at_ns), links)
+        return links
+
     def finish(self) -> dict:
         """Send what is left, check every answer, and collect the actors' own statistics."""
         import ray
@@ -150,7 +205,7 @@ class RayBackend:
                 raise ActorDivergence(f"{snapshot['socket']}: final state {snapshot['counters']} at "
                                       f"{snapshot['clock_ns']} ns differs from the in-process core's")
         return {"backend": self.name, "sockets": len(snapshots), "commands": self.commands,
-                "verified": self.verified}
+                "verified": self.verified, "actor_restarts": self.restarts}
 
     def socket_snapshots(self) -> list[dict] | None:
         """The socket actors' latest statistics, without waiting: returns what the previous

@@ -2,7 +2,7 @@
 
     runs/<name>/config.resolved.yaml   what ran (every default and preset value filled in)
     runs/<name>/events.msgpack         the raw event stream, written while the run goes
-    runs/<name>/requests.csv           one row per request, times in ns
+    runs/<name>/requests.csv           one row per request (in the order served), times in ns
     runs/<name>/summary.json           emulated results only: byte-identical across runs, backends, layouts
     runs/<name>/run.json               the emulator's own measurements (wall time, backend, host)
 
@@ -28,12 +28,12 @@ from node.events_log import EVENTS_FILE, EventsWriter
 from node.inline_backend import InlineBackend
 from node.run_config import RunConfig
 from node.yaml_io import dump_yaml
-from scheduler.metrics import records_csv
-from scheduler.serving import CoEServer, ServingResult
+from scheduler.metrics import RecordsCsvWriter
+from scheduler.serving import CoEServer, ServingResult, ServingStopped
 from scheduler.workloads import build_workload
 from socket_actor.operators import shard_weight_bytes
 
-__all__ = ["execute_run", "RunOutput", "write_json", "setup_event"]
+__all__ = ["execute_run", "RunOutput", "RunStopped", "RunInterrupted", "write_json", "setup_event"]
 
 EventSink = Callable[[dict], None]
 
@@ -88,77 +88,125 @@ class _RunDirectory:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
-def _serve(config: RunConfig, backend, sinks: Sequence[EventSink]) -> ServingResult:
+class RunStopped(RuntimeError):
+    """The emulated cluster could not go on (a link down, no node left); results so far are written."""
+
+    def __init__(self, reason: str, out_dir: Path) -> None:
+        super().__init__(f"run stopped: {reason}; results so far in {out_dir}/")
+        self.out_dir = out_dir
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the results so far are written and the run is marked interrupted."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(f"interrupted; results so far in {out_dir}/")
+        self.out_dir = out_dir
+
+
+def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records: RecordsCsvWriter) -> CoEServer:
     workload = build_workload(config.workload, config.experts, config.seed)
 
     def emit(event: dict) -> None:
         for sink in sinks:
             sink(event)
 
-    server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit)
+    server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit,
+                       on_record=records, keep_records=False)
     emit(setup_event(config, backend, len(workload.requests)))
     for sink in sinks:
         if hasattr(sink, "attach"):
             sink.attach(backend)
-    return server.run()
+    return server
 
 
 def execute_run(config: RunConfig, sinks: Sequence[EventSink] = ()) -> RunOutput:
     """Run the emulation on the configured backend and write the run directory. Every event
-    also goes to each of `sinks` (a live dashboard, say)."""
+    also goes to each of `sinks` (a live dashboard, say). A run that the emulated cluster cannot
+    finish raises `RunStopped`, Ctrl-C `RunInterrupted`; both after writing the results so far."""
     started_at = time.time()
     wall_start = time.perf_counter()
     spec = config.platform.spec
     directory = _RunDirectory(config.out)
     events = EventsWriter(directory.partial / EVENTS_FILE)
+    records = RecordsCsvWriter(directory.partial / "requests.csv")
     sinks = [events, *sinks]
+    server: CoEServer | None = None
+    result: ServingResult | None = None
+    backend_info: dict = {}
+    ray_info: dict = {}
+    stopped = ""
+    interrupted = False
     try:
         (directory.partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
         if config.backend == "inline":
             backend = InlineBackend(spec, config.nodes, config.tp)
-            result = _serve(config, backend, sinks)
+            server = _make_server(config, backend, sinks, records)
+            result = server.run()
             backend_info = backend.finish()
-            ray_info = {}
         else:
             from node.ray_backend import RayBackend
             from node.ray_session import ray_session
 
             with ray_session(config.address, config.sockets) as session:
+                restarts = 4 if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
                 backend = RayBackend(spec, config.nodes, config.tp,
                                      run_token=secrets.token_hex(16) if session.multi_host else "",
-                                     bind_host="node-ip" if session.multi_host else "127.0.0.1")
+                                     bind_host="node-ip" if session.multi_host else "127.0.0.1", max_restarts=restarts)
                 try:
                     backend.start()
                     serve_start = time.perf_counter()
-                    result = _serve(config, backend, sinks)
+                    server = _make_server(config, backend, sinks, records)
+                    result = server.run()
                     backend_info = backend.finish()
-                    serve_s = time.perf_counter() - serve_start
+                    ray_info["serve_wall_s"] = round(time.perf_counter() - serve_start, 3)
                 finally:
                     backend.shutdown()
-                ray_info = {"ray_nodes": session.ray_nodes, "ray_session": "started here" if session.started_here
-                            else f"joined {session.address}", "serve_wall_s": round(serve_s, 3)}
-        for sink in sinks:
-            sink({"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
-                  "interrupted": False, "summary": result.summary})
+                ray_info.update(ray_nodes=session.ray_nodes, ray_session="started here" if session.started_here
+                                else f"joined {session.address}")
     except UserError:
         events.close()
+        records.close()
         directory.discard()
         raise
+    except ServingStopped as exc:
+        result, stopped = exc.result, str(exc)
+    except KeyboardInterrupt:
+        if server is None:
+            events.close()
+            records.close()
+            directory.discard()
+            raise
+        result, interrupted = server.result(), True
     finally:
+        if result is not None:
+            end = {"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
+                   "interrupted": interrupted, "stopped": stopped, "summary": result.summary}
+            for sink in sinks:
+                sink(end)
         events.close()
+        records.close()
+    summary = dict(result.summary)
+    if stopped or interrupted:
+        summary.update(stopped=stopped, interrupted=interrupted)
     wall_s = time.perf_counter() - wall_start
-    if ray_info:
+    if "serve_wall_s" in ray_info:
         ray_info["setup_and_teardown_wall_s"] = round(wall_s - ray_info["serve_wall_s"], 3)
-    completed = result.summary["requests_completed"]
+    completed = summary["requests_completed"]
     run_info = {
         "name": config.name, "backend": config.backend, "wall_s": round(wall_s, 3),
         "emulated_requests_per_wall_s": round(completed / wall_s, 2) if wall_s > 0 else None,
-        "virtual_to_wall": round(result.summary["virtual_ns"] / 1e9 / wall_s, 2) if wall_s > 0 else None,
+        "virtual_to_wall": round(summary["virtual_ns"] / 1e9 / wall_s, 2) if wall_s > 0 else None,
         "started_at_unix_s": round(started_at, 3), "host": host_platform.node(), "cpus": os.cpu_count(),
-        "python": host_platform.python_version(), "events": events.count, **ray_info,
-        "backend_checks": backend_info,
+        "python": host_platform.python_version(), "events": events.count, "interrupted": interrupted,
+        "stopped": stopped, **ray_info, "backend_checks": backend_info,
     }
-    (directory.partial / "requests.csv").write_text(records_csv(result.records), encoding="utf-8")
-    write_json(directory.partial / "summary.json", result.summary)
+    write_json(directory.partial / "summary.json", summary)
     write_json(directory.partial / "run.json", run_info)
-    return RunOutput(config=config, result=result, run_info=run_info, out_dir=directory.complete())
+    out_dir = directory.complete()
+    if stopped:
+        raise RunStopped(stopped, out_dir)
+    if interrupted:
+        raise RunInterrupted(out_dir)
+    result.summary = summary
+    return RunOutput(config=config, result=result, run_info=run_info, out_dir=out_dir)

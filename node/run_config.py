@@ -12,6 +12,7 @@ from interconnect.spec_fields import Fields, UserError, deep_merge
 from node.layout import nodes_for_tp
 from node.platform import Platform, load_platform
 from node.yaml_io import read_yaml
+from scheduler.faults import parse_faults
 from scheduler.policies import POLICIES
 from scheduler.serving import DISPATCH, ServingConfig
 from scheduler.workloads import WorkloadSpec
@@ -22,7 +23,7 @@ __all__ = ["RunConfig", "resolve_run_config", "DEFAULTS", "BACKENDS"]
 
 BACKENDS = ("ray", "inline")
 _TOP = {"name", "platform", "platform_overrides", "nodes", "tp", "model", "router_model", "experts", "workload",
-        "scheduler", "execution", "seed", "backend", "out", "address"}
+        "scheduler", "execution", "seed", "backend", "out", "address", "faults"}
 
 DEFAULTS: dict[str, Any] = {
     "platform": "sn40l-node",
@@ -100,7 +101,9 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         scheduler.fail(f"expected a list of expert numbers, got {pinned!r}", "pinned_experts")
     execution = fields.sub("execution")
     execution.check_known({"mode", "orchestration"})
+    faults = parse_faults(tree.get("faults"), f"{origin}: faults")
     serving = ServingConfig(
+        faults=faults,
         policy=policy,
         max_batch=scheduler.integer("max_batch"),
         dispatch=scheduler.string("dispatch", choices=DISPATCH),
@@ -129,6 +132,7 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         "scheduler": {"policy": policy, "max_batch": serving.max_batch, "dispatch": serving.dispatch,
                       "pinned_experts": list(serving.pinned_experts)},
         "execution": {"mode": serving.mode, "orchestration": serving.orchestration},
+        "faults": [f.text for f in faults],
         "seed": config.seed, "backend": backend, "address": config.address, "out": config.out,
         "platform_resolved": platform.values,
         "platform_sources": platform.sources,

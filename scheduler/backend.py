@@ -35,14 +35,17 @@ class ServingBackend(Protocol):
     nodes: int
     ddr_capacity_bytes: int      # per node
     ddr_tier_name: str
+    restart_ns: float            # a failed socket is back (empty) after this long
 
     def groups(self) -> list[GroupInfo]: ...
 
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
         """Admit a model into a node's DDR (raises CapacityError when it does not fit)."""
 
-    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int) -> dict[str, int]:
-        """Copy a model's shards DDR -> HBM into every member; return each member's arrival."""
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
+                members: list[str] | None = None) -> dict[str, int]:
+        """Copy a model's shards DDR -> HBM into every member (or only `members`); return each
+        member's arrival."""
 
     def evict(self, group: int, model_id: str) -> None:
         """Drop a model's shards from every member's HBM."""
@@ -52,6 +55,18 @@ class ServingBackend(Protocol):
 
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         """Carry a request's bytes between nodes over the scale-out links; return the arrival."""
+
+    def abort(self, group: int, job_id: str, at_ns: int) -> None:
+        """Cut the group's batch in progress short at `at_ns` (a member failed)."""
+
+    def fail_socket(self, socket: str, at_ns: int, back_at_ns: int) -> None:
+        """The socket dies at `at_ns`; it is back, empty, at `back_at_ns`."""
+
+    def fail_node(self, node: int, at_ns: int) -> None:
+        """The node's sockets and DDR are gone for good."""
+
+    def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        """Links between two sockets lose messages with `probability` (1: down) from `at_ns`."""
 
     def finish(self) -> dict:
         """Wait for outstanding work, check it, and report the backend's own counters."""

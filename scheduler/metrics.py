@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
-import io
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RequestRecord", "GroupStats", "summarize", "records_csv", "percentiles"]
+__all__ = ["RequestRecord", "GroupStats", "MetricsCollector", "RecordsCsvWriter", "summarize", "percentiles"]
 
 
 @dataclass
@@ -56,6 +58,59 @@ class GroupStats:
         return self.router_ns + self.expert_ns + self.stall_ns
 
 
+class MetricsCollector:
+    """What the summary needs, in compact arrays (flat memory on long runs); every record also
+    goes to `sink` (the run's requests.csv, say), and is kept in `records` only on request."""
+
+    def __init__(self, sink: Callable[[RequestRecord], None] | None = None, keep: bool = True,
+                 requests: int = 0) -> None:
+        self.sink = sink
+        self.served = bytearray(requests)     # one flag per request id: served once, or again?
+        self.duplicated = 0
+        self.records: list[RequestRecord] = []
+        self.keep = keep
+        self.ttft, self.tpot, self.e2e, self.switch_wait = array("q"), array("q"), array("q"), array("q")
+        self.completed = 0
+        self.output_tokens = 0
+        self.last_finish_ns = 0
+
+    def add(self, record: RequestRecord) -> None:
+        if record.id < len(self.served):
+            if self.served[record.id]:
+                self.duplicated += 1
+                return
+            self.served[record.id] = 1
+        self.completed += 1
+        self.output_tokens += record.output_tokens
+        self.last_finish_ns = max(self.last_finish_ns, record.finish_ns)
+        self.ttft.append(record.ttft_ns)
+        self.e2e.append(record.e2e_ns)
+        self.switch_wait.append(record.switch_wait_ns)
+        if record.output_tokens > 1:
+            self.tpot.append(record.tpot_ns)
+        if self.keep:
+            self.records.append(record)
+        if self.sink is not None:
+            self.sink(record)
+
+
+class RecordsCsvWriter:
+    """requests.csv written row by row as requests complete (in the order they were served)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = Path(path).open("w", newline="", encoding="utf-8")
+        self._names = [f.name for f in fields(RequestRecord)]
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._writer.writerow(self._names)
+
+    def __call__(self, record: RequestRecord) -> None:
+        self._writer.writerow([int(v) if isinstance(v, bool) else v for v in (getattr(record, n) for n in self._names)])
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
 def percentiles(values: list[int] | np.ndarray) -> dict[str, int]:
     if len(values) == 0:
         return {"p50": 0, "p90": 0, "p99": 0, "mean": 0, "max": 0}
@@ -65,26 +120,28 @@ def percentiles(values: list[int] | np.ndarray) -> dict[str, int]:
             "mean": int(round(array.mean())), "max": int(array.max())}
 
 
-def summarize(records: list[RequestRecord], groups: list[GroupStats], requests_in: int,
+def summarize(metrics: MetricsCollector, groups: list[GroupStats], requests_in: int,
               inter_node_bytes: int, setup_ns: int = 0) -> dict:
     """The numbers of `summary.json`. `virtual_ns` counts from the first arrival (after the
     set-up that loads the router, `setup_ns`) to the last completion."""
-    finish = max((r.finish_ns for r in records), default=setup_ns) - setup_ns
-    tokens = sum(r.output_tokens for r in records)
+    finish = max(metrics.last_finish_ns - setup_ns, 0)
+    tokens = metrics.output_tokens
     busy = sum(g.busy_ns for g in groups)
     accesses = sum(g.accesses for g in groups)
     return {
         "requests_in": requests_in,
-        "requests_completed": len(records),
+        "requests_completed": metrics.completed,
+        "requests_lost": requests_in - metrics.completed,
+        "requests_duplicated": metrics.duplicated,
         "output_tokens": tokens,
         "virtual_ns": finish,
         "setup_ns": setup_ns,
         "throughput_tokens_per_s": round(tokens / (finish / 1e9), 6) if finish else 0.0,
-        "throughput_requests_per_s": round(len(records) / (finish / 1e9), 6) if finish else 0.0,
-        "ttft_ns": percentiles([r.ttft_ns for r in records]),
-        "tpot_ns": percentiles([r.tpot_ns for r in records if r.output_tokens > 1]),
-        "e2e_ns": percentiles([r.e2e_ns for r in records]),
-        "switch_wait_ns": percentiles([r.switch_wait_ns for r in records]),
+        "throughput_requests_per_s": round(metrics.completed / (finish / 1e9), 6) if finish else 0.0,
+        "ttft_ns": percentiles(metrics.ttft),
+        "tpot_ns": percentiles(metrics.tpot),
+        "e2e_ns": percentiles(metrics.e2e),
+        "switch_wait_ns": percentiles(metrics.switch_wait),
         "switches": sum(g.switches for g in groups),
         "prefetches": sum(g.prefetches for g in groups),
         "evictions": sum(g.evictions for g in groups),
@@ -104,14 +161,3 @@ def summarize(records: list[RequestRecord], groups: list[GroupStats], requests_i
                     "hits": g.hits, "expert_runs": g.accesses, "router_ns": g.router_ns, "expert_ns": g.expert_ns,
                     "stall_ns": g.stall_ns} for g in groups],
     }
-
-
-def records_csv(records: list[RequestRecord]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    names = [f.name for f in fields(RequestRecord)]
-    writer.writerow(names)
-    for record in sorted(records, key=lambda r: r.id):
-        values = (getattr(record, n) for n in names)
-        writer.writerow([int(v) if isinstance(v, bool) else v for v in values])
-    return out.getvalue()

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from interconnect.spec_fields import UserError, format_bytes
+from interconnect.links import LinkDown
 from scheduler.backend import GroupInfo, ServingBackend
-from scheduler.metrics import GroupStats, RequestRecord, summarize
+from scheduler.faults import FaultSpec
+from scheduler.metrics import GroupStats, MetricsCollector, RequestRecord, summarize
 from scheduler.policies import ResidencyPolicy, make_policy
 from scheduler.workloads import Request, Workload
 from socket_actor.core import RunRequest
@@ -27,7 +29,7 @@ from socket_actor.model_spec import ModelSpec
 from socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
 from socket_actor.tiers import CapacityError
 
-__all__ = ["ServingConfig", "CoEServer", "ServingResult", "DISPATCH", "ROUTER_ID", "expert_id"]
+__all__ = ["ServingConfig", "CoEServer", "ServingResult", "ServingStopped", "DISPATCH", "ROUTER_ID", "expert_id"]
 
 DISPATCH = ("expert-affinity", "least-loaded")
 ROUTER_ID = "router"
@@ -47,6 +49,7 @@ class ServingConfig:
     mode: str | None = None
     orchestration: str | None = None
     ingress_node: int = 0
+    faults: tuple[FaultSpec, ...] = ()
 
 
 @dataclass
@@ -55,6 +58,15 @@ class ServingResult:
     groups: list[GroupStats]
     summary: dict
     placement: dict[str, list[int]]
+
+
+class ServingStopped(RuntimeError):
+    """The emulated cluster can no longer serve (a link down, no node left): the run stops, and
+    `result` holds what was served until then."""
+
+    def __init__(self, reason: str, result: ServingResult) -> None:
+        super().__init__(reason)
+        self.result = result
 
 
 @dataclass
@@ -68,10 +80,16 @@ class _Group:
     router_ready_ns: int = 0
     busy: bool = False
     plan: deque = field(default_factory=deque)   # (expert, [requests]) left in the current cycle
+    running: tuple | None = None                 # the expert run in progress, committed when it ends
     batch: list = field(default_factory=list)
     router_start_ns: int = 0
     router_end_ns: int = 0
+    router_job: str = ""
     cycle: int = 0
+    phase: str = "idle"                          # idle, router or experts
+    epoch: int = 0                               # bumped by a fault: older events of the group are void
+    available_at_ns: int = 0                     # when the group is back after a fault
+    dead: bool = False
 
     @property
     def load(self) -> int:
@@ -83,7 +101,8 @@ class CoEServer:
 
     def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
                  workload: Workload, config: ServingConfig,
-                 on_event: Callable[[dict], None] | None = None) -> None:
+                 on_event: Callable[[dict], None] | None = None,
+                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
         if experts < 1:
             raise UserError(f"experts: expected at least 1, got {experts}")
         if config.max_batch < 1:
@@ -93,6 +112,15 @@ class CoEServer:
         bad_pins = [e for e in config.pinned_experts if not 0 <= e < experts]
         if bad_pins:
             raise UserError(f"scheduler.pinned_experts: no expert {bad_pins[0]} (experts are 0..{experts - 1})")
+        sockets = {m for info in backend.groups() for m in info.members}
+        for fault in config.faults:
+            targets = {"kill-socket": [fault.target], "drop-link": list(fault.link) if fault.kind == "drop-link" else [],
+                       "kill-node": []}[fault.kind]
+            missing = [t for t in targets if t not in sockets]
+            if fault.kind == "kill-node" and int(fault.target.removeprefix("node")) >= backend.nodes:
+                missing = [fault.target]
+            if missing:
+                raise UserError(f"fault {fault.text!r}: no {missing[0]} in this cluster of {backend.nodes} node(s)")
         self.backend = backend
         self.expert_model, self.router_model = expert_model, router_model
         self.experts, self.workload, self.config = experts, workload, config
@@ -100,8 +128,12 @@ class CoEServer:
         sequence = [r.expert for r in workload.requests]
         self.groups = [self._make_group(info, sequence) for info in backend.groups()]
         self.placement = self._place_experts()
-        self.records: list[RequestRecord] = []
+        self.metrics = MetricsCollector(on_record, keep=keep_records, requests=len(workload.requests))
         self.inter_node_bytes = 0
+        self.setup_ns = 0
+        self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0,
+                            "requests_redispatched": 0}
+        self._jobs = 0
         self._events: list[tuple[int, int, str, object]] = []
         self._seq = 0
 
@@ -155,7 +187,13 @@ class CoEServer:
     # -- events -------------------------------------------------------------------------------
     def _push(self, time_ns: int, kind: str, payload: object) -> None:
         self._seq += 1
+        if isinstance(payload, _Group):  # a fault may void the events a group has pending
+            payload = (payload, payload.epoch)
         heapq.heappush(self._events, (int(time_ns), self._seq, kind, payload))
+
+    def _job_id(self, group: _Group, what: str) -> str:
+        self._jobs += 1
+        return f"{group.info.name}/j{self._jobs}/{what}"
 
     def run(self) -> ServingResult:
         """Load the router (and pinned experts) everywhere, then serve the workload, whose clock
@@ -175,28 +213,57 @@ class CoEServer:
             shifted = Request(request.id, request.arrival_ns + setup_ns, request.prompt_tokens,
                               request.output_tokens, request.expert)
             self._push(shifted.arrival_ns, "arrival", shifted)
+        for fault in self.config.faults:
+            if fault.request is None:
+                self._push(setup_ns + fault.virtual_ns, "fault", fault)
         handlers = {"arrival": self._on_arrival, "enqueue": self._on_enqueue, "free": self._on_free,
-                    "decide": self._on_decide, "next": self._on_next}
+                    "decide": self._on_decide, "next": self._on_next, "fault": self._on_fault}
+        group_events = {"free", "decide", "next"}
         while self._events:
             time_ns, _, kind, payload = heapq.heappop(self._events)
-            handlers[kind](time_ns, payload)
-        if len(self.records) != len(self.workload.requests):
-            raise RuntimeError(f"served {len(self.records)} of {len(self.workload.requests)} requests")
+            if kind in group_events:
+                group, epoch = payload
+                if epoch != group.epoch or group.dead:
+                    continue
+                payload = group
+            try:
+                handlers[kind](time_ns, payload)
+            except LinkDown as exc:
+                raise ServingStopped(f"at {time_ns} ns: {exc}", self.result()) from None
+        if self.metrics.completed != len(self.workload.requests):
+            raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
+        return self.result()
+
+    def result(self) -> ServingResult:
+        """Records, group statistics and summary of what has been served so far."""
         stats = [g.stats for g in self.groups]
-        summary = summarize(self.records, stats, len(self.workload.requests), self.inter_node_bytes, setup_ns)
-        return ServingResult(records=self.records, groups=stats, summary=summary, placement=self.placement)
+        summary = summarize(self.metrics, stats, len(self.workload.requests), self.inter_node_bytes, self.setup_ns)
+        summary.update(self.fault_stats)
+        return ServingResult(records=self.metrics.records, groups=stats, summary=summary, placement=self.placement)
 
     # -- dispatch -----------------------------------------------------------------------------
     def _choose_group(self, request: Request) -> _Group:
-        eligible = [g for g in self.groups if g.info.node in self._holders[request.expert]]
+        """Least-loaded eligible group; with expert affinity, a group that already holds (or is
+        about to run) the expert, unless it is a whole batch busier than the least-loaded one:
+        then the request spills over and that group warms up too (a hot expert gets replicas)."""
+        eligible = [g for g in self.groups if not g.dead and g.info.node in self._holders[request.expert]]
+        if not eligible:
+            raise ServingStopped(f"no live group can serve expert {request.expert}", self.result())
+        load = lambda g: (g.load + g.busy, g.info.index)  # noqa: E731
+        coldest = min(eligible, key=load)
         if self.config.dispatch == "expert-affinity":
             warm = [g for g in eligible if request.expert in g.resident
                     or any(r.expert == request.expert for r in g.queue)]
             if warm:
-                eligible = warm
-        return min(eligible, key=lambda g: (g.load + g.busy, g.info.index))
+                best = min(warm, key=load)
+                if load(best)[0] <= load(coldest)[0] + self.config.max_batch:
+                    return best
+        return coldest
 
     def _on_arrival(self, now: int, request: Request) -> None:
+        for fault in self.config.faults:
+            if fault.request == request.id:
+                self._on_fault(now, fault)
         group = self._choose_group(request)
         self.emit({"type": "arrival", "t_ns": now, "request": request.id, "expert": request.expert,
                    "group": group.info.name})
@@ -209,6 +276,8 @@ class CoEServer:
 
     def _on_enqueue(self, now: int, payload: tuple[_Group, Request]) -> None:
         group, request = payload
+        if group.dead:  # its node failed while the request was on its way
+            group = self._choose_group(request)
         group.queue.append(request)
         if not group.busy:
             self._push(now, "free", group)
@@ -217,12 +286,17 @@ class CoEServer:
     def _on_free(self, now: int, group: _Group) -> None:
         if group.busy or not group.queue:
             return
+        if now < group.available_at_ns:  # still recovering from a fault
+            self._push(group.available_at_ns, "free", group)
+            return
         group.busy = True
+        group.phase = "router"
         group.cycle += 1
         group.batch = [group.queue.popleft() for _ in range(min(self.config.max_batch, len(group.queue)))]
         start = max(now, group.router_ready_ns)
+        group.router_job = self._job_id(group, ROUTER_ID)
         result = self.backend.run(group.info.index, RunRequest(
-            job_id=f"{group.info.name}/c{group.cycle}/router", model_id=ROUTER_ID, model=self.router_model,
+            job_id=group.router_job, model_id=ROUTER_ID, model=self.router_model,
             members=group.info.members, prompt_lens=tuple(r.prompt_tokens for r in group.batch),
             output_lens=(self.workload.router_output_tokens,) * len(group.batch), start_ns=start,
             mode=self.config.mode, orchestration=self.config.orchestration))
@@ -242,6 +316,7 @@ class CoEServer:
             by_expert.setdefault(request.expert, []).append(request)
         ready_first = sorted(by_expert.items(), key=lambda item: item[0] not in group.resident)
         group.plan = deque(ready_first)
+        group.phase = "experts"
         if group.policy.prefetch:
             pending = {e for e, _ in group.plan}
             upcoming = [e for e, _ in group.plan] + [r.expert for r in list(group.queue)[:self.config.max_batch]]
@@ -284,8 +359,12 @@ class CoEServer:
         return ready
 
     def _on_next(self, now: int, group: _Group) -> None:
+        """The group's previous expert run (if any) has ended: commit it, then start the next."""
+        if group.running is not None:
+            self._commit(group)
         if not group.plan:
             group.busy = False
+            group.phase = "idle"
             group.batch = []
             self._push(now, "free", group)
             return
@@ -298,8 +377,9 @@ class CoEServer:
         group.policy.touch(expert, position)
         ready = group.resident[expert]
         start = max(now, ready)
+        job = self._job_id(group, expert_id(expert))
         result = self.backend.run(group.info.index, RunRequest(
-            job_id=f"{group.info.name}/c{group.cycle}/{expert_id(expert)}", model_id=expert_id(expert),
+            job_id=job, model_id=expert_id(expert),
             model=self.expert_model, members=group.info.members,
             prompt_lens=tuple(r.prompt_tokens for r in requests), output_lens=tuple(r.output_tokens for r in requests),
             start_ns=start, mode=self.config.mode, orchestration=self.config.orchestration))
@@ -312,20 +392,125 @@ class CoEServer:
         self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
                    "collective_ns": result.collective_ns, "group": group.info.name, "model": expert_id(expert),
                    "requests": [r.id for r in requests], "hit": hit, "stall_ns": stall})
+        group.running = (expert, requests, result, hit, stall, job)
+        self._push(result.end_ns, "next", group)
+
+    def _commit(self, group: _Group) -> None:
+        """Record the requests of the run that just ended."""
+        expert, requests, result, hit, stall, _ = group.running
+        group.running = None
+        first_token = result.start_ns + result.ttft_ns
         for request, finish in zip(requests, result.finish_ns):
-            first_token = start + result.ttft_ns
-            self.records.append(RequestRecord(
+            record = RequestRecord(
                 id=request.id, arrival_ns=request.arrival_ns, expert=request.expert, node=group.info.node,
                 group=group.info.name, prompt_tokens=request.prompt_tokens, output_tokens=request.output_tokens,
                 batch_size=len(group.batch), expert_batch_size=len(requests),
                 queue_ns=group.router_start_ns - request.arrival_ns,
                 router_ns=group.router_end_ns - group.router_start_ns,
-                expert_wait_ns=start - group.router_end_ns, switch_wait_ns=stall, hbm_hit=hit,
+                expert_wait_ns=result.start_ns - group.router_end_ns, switch_wait_ns=stall, hbm_hit=hit,
                 ttft_ns=first_token - request.arrival_ns,
                 tpot_ns=(finish - first_token) // (request.output_tokens - 1) if request.output_tokens > 1 else 0,
-                e2e_ns=finish - request.arrival_ns, finish_ns=finish))
-            record = self.records[-1]
+                e2e_ns=finish - request.arrival_ns, finish_ns=finish)
+            self.metrics.add(record)
             self.emit({"type": "done", "t_ns": finish, "request": request.id, "group": group.info.name,
                        "expert": request.expert, "hit": hit, "output_tokens": request.output_tokens,
                        "ttft_ns": record.ttft_ns, "tpot_ns": record.tpot_ns, "e2e_ns": record.e2e_ns})
-        self._push(result.end_ns, "next", group)
+
+    # -- faults -------------------------------------------------------------------------------
+    def _on_fault(self, now: int, fault: FaultSpec) -> None:
+        self.fault_stats["faults_injected"] += 1
+        handler = {"kill-socket": self._kill_socket, "kill-node": self._kill_node, "drop-link": self._drop_link}
+        detail = handler[fault.kind](now, fault)
+        self.emit({"type": "fault", "t_ns": now, "kind": fault.kind, "target": fault.target, "spec": fault.text,
+                   **detail})
+
+    def _interrupt(self, group: _Group, now: int) -> None:
+        """A member of `group` failed at `now`: stop what the group is doing; the interrupted
+        router batch goes back to the queue, an interrupted expert run back to the plan."""
+        if group.phase == "router" and now < group.router_end_ns:
+            self.backend.abort(group.info.index, group.router_job, now)
+            group.stats.router_ns -= group.router_end_ns - max(now, group.router_start_ns)
+            group.queue.extendleft(reversed(group.batch))
+            group.batch, group.busy, group.phase = [], False, "idle"
+        elif group.running is not None and now < group.running[2].end_ns:
+            expert, requests, result, hit, stall, job = group.running
+            self.backend.abort(group.info.index, job, now)
+            group.stats.expert_ns -= result.end_ns - max(now, result.start_ns)
+            group.plan.appendleft((expert, requests))
+            group.running = None
+            self.fault_stats["runs_retried"] += 1
+        elif group.running is not None:  # it ended at this very moment: keep its results
+            self._commit(group)
+        group.epoch += 1
+
+    def _kill_socket(self, now: int, fault: FaultSpec) -> dict:
+        """The socket dies; it is restarted empty and refilled from DDR with everything its group
+        held; the group's interrupted batch is retried once it is back."""
+        group = next((g for g in self.groups if fault.target in g.info.members), None)
+        if group is None or group.dead:
+            raise UserError(f"fault {fault.text!r}: no live socket {fault.target} in this cluster")
+        self._interrupt(group, now)
+        back = now + int(self.backend.restart_ns)
+        self.backend.fail_socket(fault.target, now, back)
+        ready = [back]
+        arrivals = self.backend.copy_in(group.info.index, ROUTER_ID, self.router_model, back, [fault.target])
+        group.router_ready_ns = max(group.router_ready_ns, *arrivals.values())
+        ready.append(group.router_ready_ns)
+        for expert in list(group.resident):
+            arrivals = self.backend.copy_in(group.info.index, expert_id(expert), self.expert_model, back,
+                                            [fault.target])
+            group.resident[expert] = max(group.resident[expert], *arrivals.values())
+            ready.append(group.resident[expert])
+        group.available_at_ns = max(ready)
+        self._push(group.available_at_ns, "next" if group.busy else "free", group)
+        self.fault_stats["faults_recovered"] += 1
+        self.fault_stats["recovery_ns"] += group.available_at_ns - now
+        return {"group": group.info.name, "recovered_at_ns": group.available_at_ns,
+                "reloaded": len(group.resident) + 1}
+
+    def _kill_node(self, now: int, fault: FaultSpec) -> dict:
+        """The node and its DDR are gone: its groups' work goes to the other nodes, and experts
+        only it held are placed in the survivors' DDR (or the run stops if they do not fit)."""
+        node = int(fault.target.removeprefix("node"))
+        doomed = [g for g in self.groups if g.info.node == node and not g.dead]
+        if not doomed:
+            raise UserError(f"fault {fault.text!r}: no live node {node} in this cluster")
+        orphans: list[Request] = []
+        for group in doomed:
+            self._interrupt(group, now)
+            orphans += [r for _, requests in group.plan for r in requests] + list(group.queue)
+            group.plan.clear()
+            group.queue.clear()
+            group.batch, group.busy, group.dead = [], False, True
+        self.backend.fail_node(node, now)
+        if all(g.dead for g in self.groups):
+            raise ServingStopped(f"node{node} failed at {now} ns and no node is left to serve", self.result())
+        moved = 0
+        survivors = sorted({g.info.node for g in self.groups if not g.dead})
+        for expert, holders in self._holders.items():
+            holders.discard(node)
+            if not holders:
+                target = survivors[moved % len(survivors)]
+                try:
+                    self.backend.store(target, expert_id(expert), self.expert_model.weight_bytes())
+                except CapacityError as exc:
+                    raise ServingStopped(f"node{node} failed at {now} ns and its experts do not fit in the "
+                                         f"survivors' DDR: {exc}", self.result()) from None
+                holders.add(target)
+                moved += 1
+        for request in sorted(orphans, key=lambda r: r.id):
+            self._push(now, "enqueue", (self._choose_group(request), request))
+        self.fault_stats["requests_redispatched"] += len(orphans)
+        self.fault_stats["faults_recovered"] += 1
+        return {"groups": [g.info.name for g in doomed], "requests_redispatched": len(orphans),
+                "experts_replaced": moved}
+
+    def _drop_link(self, now: int, fault: FaultSpec) -> dict:
+        """Messages between two sockets are lost with probability p and resent after a timeout
+        (the link's latency grows by the expected resends); with p = 1 the link is down and the
+        first batch that needs it stops the run."""
+        a, b = fault.link
+        links = self.backend.degrade_link(a, b, fault.probability, now)
+        if fault.probability < 1.0:
+            self.fault_stats["faults_recovered"] += 1
+        return {"links": links, "probability": fault.probability}

@@ -91,6 +91,19 @@ class SocketActor:
     async def follow(self, request: RunRequest, busy_ns: int) -> int:
         return self.core.follow(request, busy_ns)
 
+    async def abort(self, job_id: str, at_ns: int) -> int:
+        return self.core.abort(job_id, at_ns)
+
+    async def advance_to(self, clock_ns: int) -> int:
+        self.core.advance_to(clock_ns)
+        return self.core.clock_ns
+
+    async def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        """This socket's copy of the topology learns that a link lost messages (or went down)."""
+        links = self.topology.degrade(a, b, probability, at_ns)
+        self.core.topology_changed()
+        return links
+
     async def run_many(self, batch: int, commands: list[tuple]) -> list:
         """Apply batch number `batch` of commands, after every earlier batch; returns each
         command's result. (Ray may start an async actor's calls out of order when their

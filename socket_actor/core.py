@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from interconnect.topology import Topology
 from interconnect.collectives_timing import RingTiming
 from interconnect.spec_fields import UserError
-from socket_actor.cost_model import CostModel, Generation
+from socket_actor.cost_model import CostModel, Timing
 from socket_actor.model_spec import ModelSpec
 from socket_actor.operators import kv_bytes_per_token_per_socket
 from socket_actor.spec import SocketSpec
@@ -84,6 +84,7 @@ class RDUSocket:
         self.residents: dict[str, Resident] = {}
         self.counters = SocketCounters()
         self._cost_models: dict[tuple, CostModel] = {}
+        self._last_run: tuple[str, RunRequest, int] | None = None
 
     # -- residency ------------------------------------------------------------------------------
     def load(self, model_id: str, shard_bytes: int, ready_at_ns: int, weights: object | None = None) -> None:
@@ -120,10 +121,10 @@ class RDUSocket:
             self._cost_models[key] = CostModel(self.spec, model, len(members), ring, mode, orchestration)
         return self._cost_models[key]
 
-    def generation(self, request: RunRequest) -> Generation:
+    def timing(self, request: RunRequest) -> Timing:
         """The timing of `request` on this socket's TP group (pure: no state changes)."""
         cost = self.cost_model(request.model, request.members, request.mode, request.orchestration)
-        return cost.generate(request.prompt_lens, request.output_lens)
+        return cost.generate(request.prompt_lens, request.output_lens).timing()
 
     def _admit(self, request: RunRequest) -> Resident:
         """Check that this socket can start `request`: a member, the model resident and ready,
@@ -143,33 +144,55 @@ class RDUSocket:
         return resident
 
     def _account(self, request: RunRequest, resident: Resident, busy_ns: int) -> None:
+        self._last_run = (request.job_id, request, busy_ns)
         self.clock_ns = request.start_ns + busy_ns
         resident.runs += 1
         self.counters.runs += 1
         self.counters.tokens += int(sum(request.output_lens))
         self.counters.busy_ns += busy_ns
 
-    def run(self, request: RunRequest, generation: Generation | None = None) -> RunResult:
+    def run(self, request: RunRequest, timing: Timing | None = None) -> RunResult:
         """Time and execute a batch: prefill, then decode until every sequence is done.
 
         The members of a TP group run one schedule in lockstep: one of them times it (`run`),
         the others apply that timing (`follow`). A caller that already timed the batch may pass
-        its `generation`."""
+        its `timing`."""
         resident = self._admit(request)
-        if generation is None:
-            generation = self.generation(request)
-        busy = generation.total_ns
+        if timing is None:
+            timing = self.timing(request)
+        busy = timing.total_ns
         self._account(request, resident, busy)
-        finish = tuple(int(request.start_ns + f) for f in generation.finish_ns)
+        finish = tuple(request.start_ns + f for f in timing.finish_ns)
         return RunResult(job_id=request.job_id, socket=self.name, start_ns=request.start_ns,
-                         ttft_ns=generation.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy,
-                         collective_ns=generation.collective_ns)
+                         ttft_ns=timing.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy,
+                         collective_ns=timing.collective_ns)
 
     def follow(self, request: RunRequest, busy_ns: int) -> int:
         """Execute a batch whose timing the group's first member computed; returns the end time."""
         resident = self._admit(request)
         self._account(request, resident, busy_ns)
         return self.clock_ns
+
+    def abort(self, job_id: str, at_ns: int) -> int:
+        """Cut the batch in progress short at `at_ns` (a member of the group failed): the socket
+        is free from then, and the batch counts as not run. Returns the clock."""
+        if self._last_run is None or self._last_run[0] != job_id:
+            raise ValueError(f"{self.name}: {job_id} is not the batch in progress")
+        _, request, busy = self._last_run
+        if not request.start_ns <= at_ns < request.start_ns + busy:
+            raise ValueError(f"{self.name}: {job_id} is not running at {at_ns} ns")
+        self.counters.busy_ns -= request.start_ns + busy - at_ns
+        self.counters.runs -= 1
+        self.counters.tokens -= int(sum(request.output_lens))
+        if request.model_id in self.residents:
+            self.residents[request.model_id].runs -= 1
+        self.clock_ns = at_ns
+        self._last_run = None
+        return self.clock_ns
+
+    def topology_changed(self) -> None:
+        """The links changed (a degraded or lost link): time every group afresh."""
+        self._cost_models.clear()
 
     def advance_to(self, clock_ns: int) -> None:
         """Move the clock forward (idle time); never backward."""

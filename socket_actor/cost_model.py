@@ -31,7 +31,7 @@ from socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, de
                                     shard_weight_bytes)
 from socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
 
-__all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "Segment", "compile_step"]
+__all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "Timing", "Segment", "compile_step"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,16 @@ class StepTimes:
         return int(self.step_ns.sum())
 
 
+@dataclass(frozen=True)
+class Timing:
+    """What running a batch needs to know of its generation: small enough to cache by the thousand."""
+
+    ttft_ns: int
+    total_ns: int
+    finish_ns: tuple[int, ...]
+    collective_ns: int
+
+
 @dataclass
 class Generation:
     """Timing of one static batch: prefill, then decode steps until every sequence is done."""
@@ -174,6 +184,9 @@ class Generation:
         """Link time of all collectives of the batch (part of its duration)."""
         return int(sum(float(p.collective_step_ns.sum()) for p in (self.prefill, self.decode)
                        if p.collective_step_ns is not None))
+
+    def timing(self) -> Timing:
+        return Timing(self.ttft_ns, self.total_ns, tuple(int(f) for f in self.finish_ns), self.collective_ns)
 
     @property
     def total_ns(self) -> int:

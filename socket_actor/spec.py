@@ -45,6 +45,7 @@ class SocketSpec:
     hbm: TierSpec
     ddr: TierSpec | None
     hbm_reserved_bytes: int
+    restart_ns: float
     fused_compute_fraction: float
     fused_hbm_bandwidth_fraction: float
     unfused_compute_fraction: float
@@ -60,7 +61,7 @@ class SocketSpec:
     @classmethod
     def from_fields(cls, fields: Fields) -> "SocketSpec":
         fields.check_known({"kind", "name", "peak_flops_per_s", "sram", "hbm", "ddr", "hbm_reserved_bytes",
-                            "efficiency", "launch", "execution"})
+                            "restart_ns", "efficiency", "launch", "execution"})
         eff = fields.sub("efficiency")
         eff.check_known({"fused_compute_fraction", "fused_hbm_bandwidth_fraction",
                          "unfused_compute_fraction", "unfused_hbm_bandwidth_fraction"})
@@ -94,6 +95,7 @@ class SocketSpec:
             hbm=TierSpec.from_fields("hbm", fields.sub("hbm")),
             ddr=TierSpec.from_fields("ddr", fields.sub("ddr")) if fields.has("ddr") else None,
             hbm_reserved_bytes=int(fields.number("hbm_reserved_bytes", minimum=0.0, inclusive=True)),
+            restart_ns=fields.number("restart_ns", minimum=0.0, inclusive=True),
             fused_compute_fraction=eff.fraction("fused_compute_fraction"),
             fused_hbm_bandwidth_fraction=eff.fraction("fused_hbm_bandwidth_fraction"),
             unfused_compute_fraction=eff.fraction("unfused_compute_fraction"),

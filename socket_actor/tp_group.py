@@ -46,8 +46,8 @@ class TPGroup:
         """KV cache one member needs for `tokens` positions (summed over sequences)."""
         return kv_bytes_per_token_per_socket(model, self.tp) * int(tokens)
 
-    def copy_in(self, shard_bytes: int, send_ns: int) -> dict[str, int]:
-        """Copy a shard from DDR into every member's HBM over the (contended) copy paths;
-        return each member's arrival time."""
+    def copy_in(self, shard_bytes: int, send_ns: int, members: list[str] | None = None) -> dict[str, int]:
+        """Copy a shard from DDR into every member's HBM (or only into `members`) over the
+        (contended) copy paths; return each member's arrival time."""
         return {member: transmit_path(self.topology.copy_path(member), shard_bytes, send_ns)
-                for member in self.members}
+                for member in (self.members if members is None else members)}
