@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from protos import interconnect_pb2 as pb
 from protos import interconnect_pb2_grpc as pb_grpc
 
 __all__ = ["GRPC_OPTIONS", "DEFAULT_DEADLINE_S", "Mailbox", "InterconnectServer", "PeerClient", "PlaneStats",
-           "TransferRejected"]
+           "TransferRejected", "LinkLost"]
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + (64 << 10)),
@@ -33,6 +34,10 @@ DEFAULT_DEADLINE_S = 30.0
 
 class TransferRejected(RuntimeError):
     """The receiving server refused a tensor (bad format, unknown peer, wrong token)."""
+
+
+class LinkLost(RuntimeError):
+    """Every attempt to send over a link was lost: the link is down."""
 
 
 @dataclass
@@ -190,11 +195,22 @@ class _PeerStream:
 
 
 class PeerClient:
-    """Sends tensors to peers over one persistent stream per peer (reopened if it broke)."""
+    """Sends tensors to peers over one persistent stream per peer (reopened if it broke).
+
+    A link to a peer may be made lossy (`set_loss`, fault injection): each message is then lost
+    with that probability (seeded, so the same messages are lost every run); the sender notices
+    the missing acknowledgement when its deadline expires and sends again, up to
+    `max_attempts` times, and the message arrives one retransmission timeout later per loss."""
 
     def __init__(self, name: str, resolve: Callable[[str], Awaitable[str]], stats: PlaneStats,
-                 run_token: str = "", deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+                 run_token: str = "", deadline_s: float = DEFAULT_DEADLINE_S, retransmit_timeout_ns: float = 50_000,
+                 ack_deadline_s: float = 0.05, max_attempts: int = 6) -> None:
         self.name = name
+        self.retransmit_timeout_ns = retransmit_timeout_ns
+        self.ack_deadline_s = ack_deadline_s
+        self.max_attempts = max_attempts
+        self._loss: dict[str, tuple[float, random.Random]] = {}
+        self.lost_messages = 0
         self.resolve = resolve
         self.stats = stats
         self.run_token = run_token
@@ -218,6 +234,25 @@ class PeerClient:
             self._streams[peer] = stream
         return stream
 
+    def set_loss(self, peer: str, probability: float, seed: int = 0) -> None:
+        """Lose each message to `peer` with `probability` (0 makes the link healthy again)."""
+        if probability <= 0:
+            self._loss.pop(peer, None)
+        else:
+            self._loss[peer] = (probability, random.Random(f"{seed}:{self.name}->{peer}"))
+
+    async def _losses_before_delivery(self, peer: str, tensor_id: str) -> int:
+        """How many attempts of this message are lost (waiting out each ack deadline)."""
+        if peer not in self._loss:
+            return 0
+        probability, rng = self._loss[peer]
+        for attempt in range(self.max_attempts):
+            if rng.random() >= probability:
+                return attempt
+            self.lost_messages += 1
+            await asyncio.sleep(self.ack_deadline_s)   # no acknowledgement within the deadline
+        raise LinkLost(f"{self.name} -> {peer}: {tensor_id} lost {self.max_attempts} times: the link is down")
+
     def forget(self, peer: str) -> None:
         """Drop a peer's cached address and stream (it may have restarted on another port)."""
         self._addresses.pop(peer, None)
@@ -228,12 +263,15 @@ class PeerClient:
         (raising `TransferRejected` if it refused); otherwise a refusal surfaces on a later send."""
         header.src = self.name
         header.run_token = self.run_token
-        header.want_ack = wait_ack
+        lost = await self._losses_before_delivery(header.dst, header.tensor_id)
+        if lost:
+            header.virtual_arrival_ns += int(lost * self.retransmit_timeout_ns)
+        header.want_ack = wait_ack or header.dst in self._loss
         stream = await self._stream(header.dst)
         if not stream.alive:
             raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {stream.failure}")
         waiter = None
-        if wait_ack:
+        if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
             waiter = asyncio.get_running_loop().create_future()
             stream.waiting[header.tensor_id] = waiter
         try:

@@ -12,8 +12,11 @@ import numpy as np
 from interconnect.spec_fields import UserError
 from interconnect.topology import Topology
 from node.platform import load_platform
+from interconnect.grpc_plane import LinkLost
 from node.ray_nodes import RayNodes
+from node.run import RunStopped
 from node.ray_session import ray_session
+from scheduler.faults import parse_faults
 from socket_actor.numerics import TinyConfig, init_weights, run_reference, shard_weights
 from socket_actor.operators import shard_weight_bytes
 from socket_actor.tp_group import TPGroup
@@ -24,9 +27,14 @@ MODEL_ID = "functional-tiny"
 
 
 def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens: int = 16, seed: int = 0,
-             platform: str = "sn40l-node", address: str | None = None, batch: int = 1) -> dict:
+             platform: str = "sn40l-node", address: str | None = None, batch: int = 1,
+             faults: list[str] | None = None) -> dict:
     if min(nodes, sockets_per_node, tokens, prompt_tokens, batch) < 1:
         raise UserError("--nodes, --sockets-per-node, --tokens, --prompt and --batch must be >= 1")
+    lossy = parse_faults(faults, "--fault")
+    for fault in lossy:
+        if fault.kind != "drop-link":
+            raise UserError(f"--fault {fault.text!r}: check-tp takes drop-link faults only")
     spec = load_platform(platform, {"sockets_per_node": sockets_per_node}).spec
     cfg = TinyConfig(max_seq=prompt_tokens + tokens + 1)
     tp = nodes * sockets_per_node
@@ -53,9 +61,20 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
             refs = [ray.get(cluster.ddr[r // sockets_per_node].shard_ref.remote(MODEL_ID, r)) for r in range(tp)]
             ray.get([cluster.sockets[name].load.remote(MODEL_ID, shard_bytes, arrivals[name], refs[r])
                      for r, name in enumerate(members)])
+            for fault in lossy:
+                a, b = fault.link
+                for src, dst in ((a, b), (b, a)):
+                    if src not in cluster.sockets or dst not in cluster.sockets:
+                        raise UserError(f"--fault {fault.text!r}: no socket {src if src not in cluster.sockets else dst}")
+                    ray.get(cluster.sockets[src].set_link_loss.remote(dst, fault.probability, seed))
             started = time.perf_counter()
-            results = ray.get([cluster.sockets[name].generate.remote(MODEL_ID, members, prompts.tolist(), tokens)
-                               for name in members])
+            try:
+                results = ray.get([cluster.sockets[name].generate.remote(MODEL_ID, members, prompts.tolist(), tokens)
+                                   for name in members])
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, LinkLost):
+                    raise RunStopped(str(exc.cause)) from None
+                raise
             wall_s = time.perf_counter() - started
             ray_nodes = cluster.ray_node_of()
         finally:
@@ -70,6 +89,7 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
         "max_abs_err": max_abs_err,
         "tokens_match": all(np.array_equal(r["tokens"], reference_ids) for r in results),
         "grpc_bytes": int(sum(r["grpc_bytes_sent"] for r in results)),
+        "messages_lost": int(sum(r["messages_lost"] for r in results)),
         "virtual_ns": int(max(r["end_ns"] for r in results)),
         "wall_s": round(wall_s, 3),
         "tokens_per_s": round(generated / wall_s, 2) if wall_s > 0 else None,

@@ -103,7 +103,7 @@ def cmd_check_tp(args: argparse.Namespace, console: Console) -> int:
     from node.check_tp import check_tp
 
     result = check_tp(args.nodes, args.sockets_per_node, args.tokens, args.prompt, args.seed, args.platform,
-                      args.address, args.batch)
+                      args.address, args.batch, args.fault)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -111,8 +111,8 @@ def cmd_check_tp(args: argparse.Namespace, console: Console) -> int:
                             f"{result['sockets_per_node']} socket(s)")
         table.add_column("quantity")
         table.add_column("value", justify="right")
-        for key in ("tp", "tokens", "batch", "tokens_match", "max_abs_err", "grpc_bytes", "virtual_ns", "wall_s",
-                    "tokens_per_s", "ray_nodes_used"):
+        for key in ("tp", "tokens", "batch", "tokens_match", "max_abs_err", "grpc_bytes", "messages_lost",
+                    "virtual_ns", "wall_s", "tokens_per_s", "ray_nodes_used"):
             table.add_row(key, str(result[key]))
         console.print(table)
     ok = result["max_abs_err"] <= 1e-4 and result["tokens_match"]
@@ -226,6 +226,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--platform", default="sn40l-node", help="platform whose links time the run (default sn40l-node)")
     p.add_argument("--address", default="local",
                    help="Ray to use: local (start one here, default), auto or host:port (join a cluster)")
+    p.add_argument("--fault", action="append", metavar="SPEC",
+                   help="lose messages on a link, e.g. drop-link:node0/socket1-node0/socket2@p=0.05 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_check_tp)
 

@@ -89,10 +89,12 @@ class _RunDirectory:
 
 
 class RunStopped(RuntimeError):
-    """The emulated cluster could not go on (a link down, no node left); results so far are written."""
+    """The emulated cluster could not go on (a link down, no node left); results so far, if any,
+    are in `out_dir`."""
 
-    def __init__(self, reason: str, out_dir: Path) -> None:
-        super().__init__(f"run stopped: {reason}; results so far in {out_dir}/")
+    def __init__(self, reason: str, out_dir: Path | None = None) -> None:
+        where = f"; results so far in {out_dir}/" if out_dir is not None else ""
+        super().__init__(f"run stopped: {reason}{where}")
         self.out_dir = out_dir
 
 

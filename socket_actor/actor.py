@@ -35,7 +35,8 @@ class SocketActor:
         self.bind_host = bind_host
         self.server = InterconnectServer(name, bind_host=bind_host, members=members, run_token=run_token,
                                          clock_ns=lambda: self.core.clock_ns)
-        self.client = PeerClient(name, self._resolve, self.server.stats, run_token=run_token)
+        self.client = PeerClient(name, self._resolve, self.server.stats, run_token=run_token,
+                                 retransmit_timeout_ns=links.retransmit_timeout_ns)
         self._rings: dict[tuple[str, ...], RingCollectives] = {}
         self.address = ""
         self._batches = asyncio.Condition()
@@ -97,6 +98,10 @@ class SocketActor:
     async def advance_to(self, clock_ns: int) -> int:
         self.core.advance_to(clock_ns)
         return self.core.clock_ns
+
+    async def set_link_loss(self, peer: str, probability: float, seed: int = 0) -> None:
+        """Fault injection on the data plane: lose messages to `peer` with `probability`."""
+        self.client.set_loss(peer, probability, seed)
 
     async def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
         """This socket's copy of the topology learns that a link lost messages (or went down)."""
@@ -169,7 +174,8 @@ class SocketActor:
         self.core.counters.tokens += new_tokens * batch
         self.core.counters.busy_ns += clock - start
         return {"socket": self.name, "tokens": np.stack(ids, axis=1), "logits": np.stack(all_logits),
-                "start_ns": start, "end_ns": clock, "grpc_bytes_sent": ring.wire_bytes}
+                "start_ns": start, "end_ns": clock, "grpc_bytes_sent": ring.wire_bytes,
+                "messages_lost": self.client.lost_messages}
 
     # -- point-to-point transfers (KV or activation moves) ---------------------------------------
     async def send_to(self, peer: str, tensor_id: str, nbytes: int) -> int:

@@ -177,3 +177,26 @@ def test_assembler_rules():
         TensorAssembler().add(pb.TensorChunk(seq=0, data=b"", last=True))
     with pytest.raises(WireError, match="empty stream"):
         TensorAssembler().result()
+
+
+def test_lossy_link_resends_and_stays_exact():
+    """Messages on a lossy link are lost (seeded), noticed by the missing ack, and resent; the
+    numerics are unchanged and each loss costs one retransmission timeout of virtual time."""
+    async def main():
+        async with ring_plane(1, 4) as (spec, members, servers, rings):
+            for ring in rings:
+                ring.client.ack_deadline_s = 0.005
+            rings[1].client.set_loss("node0/socket2", 0.4, seed=3)
+            tensors = [np.full(64, r + 1, dtype=np.float32) for r in range(4)]
+            results = await asyncio.gather(*(ring.all_reduce(t, 0, "lossy") for ring, t in zip(rings, tensors)))
+            assert all(np.array_equal(r.tensor, np.full(64, 10, dtype=np.float32)) for r in results)
+            lost = rings[1].client.lost_messages
+            assert lost > 0
+            clean = RingTiming.for_group(Topology(spec.links, 1, 4), members).collective_ns("all_reduce", 256)
+            assert max(r.clock_ns for r in results) > clean
+            rings[1].client.set_loss("node0/socket2", 1.0)
+            with pytest.raises(Exception, match="the link is down"):
+                await rings[1].client.send(pb.TensorHeader(tensor_id="dead", dst="node0/socket2"),
+                                           np.ones(1, np.float32))
+
+    asyncio.run(main())
