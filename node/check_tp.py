@@ -4,7 +4,6 @@ reference forward pass."""
 
 from __future__ import annotations
 
-import secrets
 import time
 
 import numpy as np
@@ -45,8 +44,7 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
     shard_bytes = shard_weight_bytes(model, tp)
 
     with ray_session(address, tp) as session:
-        cluster = RayNodes(spec, nodes, run_token=secrets.token_hex(16) if session.multi_host else "",
-                           bind_host="node-ip" if session.multi_host else "127.0.0.1")
+        cluster = RayNodes(spec, nodes, run_token=session.run_token(), bind_host=session.bind_host)
         try:
             cluster.start()
             members = tuple(cluster.names)
@@ -94,5 +92,6 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
         "wall_s": round(wall_s, 3),
         "tokens_per_s": round(generated / wall_s, 2) if wall_s > 0 else None,
         "ray_nodes_used": len(set(ray_nodes.values())),
+        "interconnect_token": bool(cluster.run_token),
         "ray_session": "started here" if session.started_here else f"joined {session.address}",
     }

@@ -13,6 +13,7 @@ the run with an error naming the socket and the command.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.inline_backend import InlineBackend
@@ -40,13 +41,18 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, spec: NodeSpec, nodes: int, tp: int, run_token: str = "", bind_host: str = "127.0.0.1",
-                 flush_every: int = 512, max_in_flight: int = 64, max_restarts: int = 4) -> None:
+                 flush_every: int = 512, max_in_flight: int = 64, max_restarts: int = 4,
+                 on_node_lost: Callable[[int, set[str]], None] | None = None) -> None:
+        """`on_node_lost(node, ray_node_ids)` is called when a kill-node fault fires, after the
+        emulated node's actors are gone, with the Ray nodes that hosted them (tests use it to take
+        those Ray nodes away as well)."""
         self.shadow = InlineBackend(spec, nodes, tp)
         self.nodes = nodes
         self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
         self.ddr_tier_name = self.shadow.ddr_tier_name
         self.restart_ns = self.shadow.restart_ns
         self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
+        self.on_node_lost = on_node_lost
         self.flush_every = flush_every
         self.max_in_flight = max_in_flight
         self._pending: dict[str, list[tuple[tuple, object]]] = {}
@@ -174,6 +180,7 @@ class RayBackend:
         import ray
 
         doomed = [name for name in self.cluster.sockets if name.startswith(f"node{node}/")]
+        hosts = {ray_node for name, ray_node in self.cluster.ray_node_of().items() if name in doomed}
         for name in doomed:
             self._drain(name)
         self.shadow.fail_node(node, at_ns)
@@ -182,6 +189,8 @@ class RayBackend:
             self._pending.pop(name, None)
         ray.kill(self.cluster.ddr[node], no_restart=True)
         self._ddr_pending.pop(node, None)
+        if self.on_node_lost is not None:
+            self.on_node_lost(node, hosts)
 
     def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
         links = self.shadow.degrade_link(a, b, probability, at_ns)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ class RaySessionInfo:
     address: str
     ray_nodes: int
     multi_host: bool     # sockets may sit on other machines: bind gRPC to the node IP
+
+    @property
+    def bind_host(self) -> str:
+        """Where socket servers listen: loopback unless sockets sit on several machines."""
+        return "node-ip" if self.multi_host else "127.0.0.1"
+
+    def run_token(self) -> str:
+        """A fresh secret for this run's interconnect on any cluster of several Ray nodes (every
+        call must carry it); none on a single Ray node, whose servers listen on loopback only."""
+        return secrets.token_hex(16) if self.ray_nodes > 1 else ""
 
 
 def socket_capacity() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform as host_platform
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -122,7 +121,7 @@ def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records
     return server
 
 
-def execute_run(config: RunConfig, sinks: Sequence[EventSink] = ()) -> RunOutput:
+def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options: dict | None = None) -> RunOutput:
     """Run the emulation on the configured backend and write the run directory. Every event
     also goes to each of `sinks` (a live dashboard, say). A run that the emulated cluster cannot
     finish raises `RunStopped`, Ctrl-C `RunInterrupted`; both after writing the results so far."""
@@ -152,9 +151,8 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = ()) -> RunOutput
 
             with ray_session(config.address, config.sockets) as session:
                 restarts = 4 if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
-                backend = RayBackend(spec, config.nodes, config.tp,
-                                     run_token=secrets.token_hex(16) if session.multi_host else "",
-                                     bind_host="node-ip" if session.multi_host else "127.0.0.1", max_restarts=restarts)
+                backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
+                                     bind_host=session.bind_host, max_restarts=restarts, **(ray_options or {}))
                 try:
                     backend.start()
                     serve_start = time.perf_counter()
@@ -165,7 +163,8 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = ()) -> RunOutput
                 finally:
                     backend.shutdown()
                 ray_info.update(ray_nodes=session.ray_nodes, ray_session="started here" if session.started_here
-                                else f"joined {session.address}")
+                                else f"joined {session.address}", interconnect_token=session.ray_nodes > 1,
+                                grpc_bind=session.bind_host)
     except UserError:
         events.close()
         records.close()

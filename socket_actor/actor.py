@@ -8,6 +8,7 @@ interconnect (the data plane). The class is plain Python; `node` wraps it with `
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 
@@ -195,6 +196,10 @@ class SocketActor:
         self.core.advance_to(received.header.virtual_arrival_ns)
         return {"bytes": received.array.nbytes, "arrival_ns": int(received.header.virtual_arrival_ns)}
 
+    async def memory(self) -> dict:
+        """This actor process's resident memory now and at its peak (bytes)."""
+        return process_memory()
+
     # -- reporting ------------------------------------------------------------------------------
     async def stats(self) -> dict:
         snapshot = self.core.snapshot()
@@ -203,3 +208,14 @@ class SocketActor:
                             "bytes_received": s.bytes_received, "tensors_sent": s.tensors_sent,
                             "bytes_sent": s.bytes_sent, "rejected": s.rejected}
         return snapshot
+
+
+def process_memory() -> dict:
+    """Resident set size now (VmRSS) and at its high-water mark (VmHWM) of this process, in bytes."""
+    values = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return {"pid": os.getpid(), "rss_bytes": values.get("VmRSS", 0), "peak_rss_bytes": values.get("VmHWM", 0)}

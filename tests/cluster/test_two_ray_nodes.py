@@ -1,44 +1,100 @@
-"""check-tp on a fake two-node Ray cluster: each emulated node's sockets on their own Ray node,
-with the same virtual time as when every socket shares one Ray node.
+"""The emulator on a fake two-node Ray cluster: each emulated node's sockets on their own Ray
+node, results identical to the single-process and single-Ray-node runs, a lost Ray node
+survived, and the interconnect closed with a per-run token that is never written down.
 
 Runs in its own pytest invocation (`pytest -m cluster tests/cluster`): it starts and stops Ray
 itself, so it cannot share a process with the session-wide local Ray of the other tests.
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from node.check_tp import check_tp
+from node.run import execute_run
+from node.run_config import resolve_run_config
 
 pytestmark = pytest.mark.cluster
 
+KNOWN_TOKEN = "0123456789abcdef0123456789abcdef"
 
-def test_two_ray_nodes_same_virtual_time():
+
+@pytest.fixture(scope="module")
+def one_node_check():
+    """check-tp with every socket on a single Ray node (run first, before the cluster exists)."""
     import ray
-    from ray.cluster_utils import Cluster
 
     ray.init(num_cpus=1, resources={"rdu_socket": 8}, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, object_store_memory=256 * 2**20)
     try:
-        one_node = check_tp(2, 4, tokens=4, prompt_tokens=6)
+        return check_tp(2, 4, tokens=4, prompt_tokens=6)
     finally:
         ray.shutdown()
-    assert one_node["ray_nodes_used"] == 1
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "object_store_memory": 128 * 2**20})
+
+@pytest.fixture(scope="module")
+def cluster(one_node_check):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    fake = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                         "object_store_memory": 128 * 2**20})
+    workers = [fake.add_node(num_cpus=1, resources={"rdu_socket": 8}, object_store_memory=128 * 2**20)
+               for _ in range(2)]
+    ray.init(address=fake.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, resources={"rdu_socket": 4}, object_store_memory=128 * 2**20)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
-        try:
-            two_nodes = check_tp(2, 4, tokens=4, prompt_tokens=6)
-        finally:
-            ray.shutdown()
+        yield fake, workers
     finally:
-        cluster.shutdown()
-    assert two_nodes["ray_nodes_used"] == 2
+        ray.shutdown()
+        fake.shutdown()
+
+
+def test_check_tp_same_virtual_time_on_two_ray_nodes(cluster, one_node_check):
+    two_nodes = check_tp(2, 4, tokens=4, prompt_tokens=6)
+    assert one_node_check["ray_nodes_used"] == 1 and two_nodes["ray_nodes_used"] == 2
     assert two_nodes["max_abs_err"] <= 1e-4 and two_nodes["tokens_match"]
-    assert two_nodes["virtual_ns"] == one_node["virtual_ns"]
-    assert two_nodes["grpc_bytes"] == one_node["grpc_bytes"] > 0
+    assert two_nodes["virtual_ns"] == one_node_check["virtual_ns"]
+    assert two_nodes["grpc_bytes"] == one_node_check["grpc_bytes"] > 0
+    assert two_nodes["interconnect_token"] and not one_node_check["interconnect_token"]
+
+
+def _fields(tmp_path: Path, name: str) -> dict:
+    return {"nodes": 2, "experts": 40, "workload": {"kind": "trace", "limit": 300}, "out": str(tmp_path / name)}
+
+
+def test_run_summary_identical_across_ray_layouts(cluster, tmp_path, monkeypatch):
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n=16: KNOWN_TOKEN)
+    inline = execute_run(resolve_run_config(None, {**_fields(tmp_path, "inline"), "backend": "inline"}))
+    spread = execute_run(resolve_run_config(None, {**_fields(tmp_path, "ray"), "backend": "ray"}))
+    assert (inline.out_dir / "summary.json").read_bytes() == (spread.out_dir / "summary.json").read_bytes()
+    assert spread.run_info["ray_nodes"] == 3 and spread.run_info["interconnect_token"]
+    # the per-run secret reaches the actors through Ray, and is written nowhere
+    for path in list(spread.out_dir.rglob("*")) + list(Path("/tmp/ray/session_latest/logs").rglob("*")):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert KNOWN_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_losing_a_ray_node(cluster, tmp_path):
+    """kill-node: the emulated node's actors die with their Ray node; its work goes to the
+    survivor; nothing is lost or served twice; same results as the in-process model."""
+    fake, workers = cluster
+    fault = {"faults": ["kill-node:node1@virtual_ms=30000"]}
+    inline = execute_run(resolve_run_config(None, {**_fields(tmp_path, "inline"), "backend": "inline", **fault}))
+    lost = []
+
+    def take_the_ray_node_away(node: int, ray_nodes: set[str]) -> None:
+        for worker in workers:
+            if worker.node_id in ray_nodes:
+                fake.remove_node(worker)
+                lost.append(worker.node_id)
+
+    output = execute_run(resolve_run_config(None, {**_fields(tmp_path, "ray"), "backend": "ray", **fault}),
+                         ray_options={"on_node_lost": take_the_ray_node_away})
+    summary = output.result.summary
+    assert lost and summary["faults_recovered"] == 1
+    assert summary["requests_lost"] == 0 and summary["requests_duplicated"] == 0
+    assert (inline.out_dir / "summary.json").read_bytes() == (output.out_dir / "summary.json").read_bytes()
+
