@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rdu estimate --platform sn40l-node --model llama-2-7b --tp 8 --batch 1 --prompt 128 --output 20
+	$(BIN)/rdu run --platform sn40l-node --model llama-2-7b --experts 150 --workload trace --limit 2000 \
+		--policy lru --out runs/demo --dashboard
 
 test: $(STAMP)
 	$(BIN)/python tests/leftovers.py snapshot .pytest_cache/ray-before

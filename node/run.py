@@ -5,6 +5,7 @@
     runs/<name>/requests.csv           one row per request (in the order served), times in ns
     runs/<name>/summary.json           emulated results only: byte-identical across runs, backends, layouts
     runs/<name>/run.json               the emulator's own measurements (wall time, backend, host)
+    runs/<name>/trace.json             Chrome/Perfetto trace built from the events
 
 The directory is built under a hidden temporary name and renamed only when complete, so a
 failed run never leaves a directory that looks finished. A bad input found before serving
@@ -26,6 +27,7 @@ from interconnect.spec_fields import UserError
 from node.events_log import EVENTS_FILE, EventsWriter
 from node.inline_backend import InlineBackend
 from node.run_config import RunConfig
+from node.trace_export import write_trace
 from node.yaml_io import dump_yaml
 from scheduler.metrics import RecordsCsvWriter
 from scheduler.serving import CoEServer, ServingResult, ServingStopped
@@ -49,10 +51,11 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def setup_event(config: RunConfig, backend, requests: int) -> dict:
+def setup_event(config: RunConfig, backend, requests: int, placement: dict[str, list[int]]) -> dict:
     """The first event of a run: everything a viewer needs to lay out nodes, sockets and links."""
     spec = config.platform.spec
     groups = backend.groups()
+    router_bytes = config.router_model.weight_bytes()
     return {
         "type": "setup", "t_ns": 0, "name": config.name, "platform": spec.name, "nodes": config.nodes,
         "sockets_per_node": spec.sockets_per_node, "tp": config.tp, "experts": config.experts,
@@ -64,6 +67,8 @@ def setup_event(config: RunConfig, backend, requests: int) -> dict:
         "expert_shard_bytes": shard_weight_bytes(config.model, config.tp),
         "router_shard_bytes": shard_weight_bytes(config.router_model, config.tp),
         "p2p_topology": spec.links.p2p_kind, "host_link": spec.links.host_shared is not None,
+        "ddr_used_bytes": [len(placement[f"node{n}"]) * config.model.weight_bytes() + router_bytes
+                           for n in range(config.nodes)],
     }
 
 
@@ -114,7 +119,7 @@ def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records
 
     server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit,
                        on_record=records, keep_records=False)
-    emit(setup_event(config, backend, len(workload.requests)))
+    emit(setup_event(config, backend, len(workload.requests), server.placement))
     for sink in sinks:
         if hasattr(sink, "attach"):
             sink.attach(backend)
@@ -179,6 +184,13 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
             directory.discard()
             raise
         result, interrupted = server.result(), True
+    except Exception:
+        events.close()
+        try:  # a crashed run keeps its hidden directory: make its trace too
+            write_trace(directory.partial)
+        except UserError:
+            pass  # nothing traceable yet; keep the original error
+        raise
     finally:
         if result is not None:
             end = {"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
@@ -204,6 +216,7 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
     }
     write_json(directory.partial / "summary.json", summary)
     write_json(directory.partial / "run.json", run_info)
+    write_trace(directory.partial)
     out_dir = directory.complete()
     if stopped:
         raise RunStopped(stopped, out_dir)

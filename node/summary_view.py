@@ -45,4 +45,5 @@ def render_summary(console: Console, output) -> None:
     ):
         totals.add_row(label, value)
     console.print(totals)
-    console.print(f"run directory: {output.out_dir}/ (config.resolved.yaml, requests.csv, summary.json, run.json)")
+    files = ", ".join(sorted(p.name for p in output.out_dir.iterdir() if p.is_file()))
+    console.print(f"run directory: {output.out_dir}/ ({files})")

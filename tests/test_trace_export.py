@@ -1,0 +1,171 @@
+"""trace.json: valid Chrome trace events, one process per node, one track per socket and link,
+well-nested spans in time order, and a trace even from a truncated events file."""
+
+import json
+import shutil
+from collections import Counter, defaultdict
+
+import pytest
+
+from interconnect.spec_fields import UserError
+from node.cli import main
+from node.events_log import read_events
+from node.run import execute_run
+from node.run_config import resolve_run_config
+from node.trace_export import build_trace_json, write_trace
+
+
+def _run(out, **overrides):
+    workload = {"limit": overrides.pop("limit", 300)}
+    config = resolve_run_config(None, {"backend": "inline", "out": str(out), "workload": workload, **overrides})
+    return execute_run(config).out_dir
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    run_dir = _run(tmp_path_factory.mktemp("trace") / "n2", nodes=2, tp=4)
+    return run_dir, json.loads(write_trace(run_dir).read_text()), list(read_events(run_dir / "events.msgpack"))
+
+
+@pytest.fixture(scope="module")
+def gpu_node(tmp_path_factory):
+    run_dir = _run(tmp_path_factory.mktemp("trace") / "dgx", platform="dgx-a100", experts=40, limit=150)
+    return run_dir, json.loads(write_trace(run_dir).read_text()), list(read_events(run_dir / "events.msgpack"))
+
+
+def spans(trace):
+    return [e for e in trace["traceEvents"] if e["ph"] == "X"]
+
+
+def thread_names(trace):
+    return {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+            if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def assert_well_formed(trace):
+    by_track = defaultdict(list)
+    for event in spans(trace):
+        for key in ("ts", "dur", "pid", "tid", "name"):
+            assert key in event, (key, event)
+        assert isinstance(event["ts"], float) and event["dur"] >= 0
+        by_track[(event["pid"], event["tid"])].append(event)
+    names = thread_names(trace)
+    for track, events in by_track.items():
+        assert track in names, track
+        times = [e["ts"] for e in events]
+        assert times == sorted(times), f"timestamps go backwards on {names[track]}"
+        open_ends: list[float] = []  # a stack: spans must nest or be disjoint
+        for event in events:
+            end = event["ts"] + event["dur"]
+            while open_ends and open_ends[-1] <= event["ts"]:
+                open_ends.pop()
+            assert not open_ends or end <= open_ends[-1], f"overlapping spans on {names[track]}: {event}"
+            open_ends.append(end)
+
+
+def test_two_node_trace_is_valid_and_well_nested(two_nodes):
+    _, trace, _ = two_nodes
+    assert trace["displayTimeUnit"] == "ms" and trace["otherData"]["complete"] is True
+    assert_well_formed(trace)
+
+
+def test_one_process_per_node_and_one_track_per_socket_and_link(two_nodes):
+    _, trace, _ = two_nodes
+    processes = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+                 if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(processes.values()) == ["node0 (sn40l-node)", "node1 (sn40l-node)"]
+    names = thread_names(trace)
+    assert len(set(names.values())) == len(names) == 2 * 8 * 3
+    for node in (0, 1):
+        pid = next(pid for pid, name in processes.items() if name.startswith(f"node{node} "))
+        on_node = {name for (p, _), name in names.items() if p == pid}
+        for socket in range(8):
+            member = f"node{node}/socket{socket}"
+            assert {f"{member} compute", f"{member} DDR->HBM link", f"{member} P2P link (collectives)"} <= on_node
+
+
+def test_every_run_is_a_span_with_prefill_and_decode_on_every_member(two_nodes):
+    _, trace, events = two_nodes
+    runs = [e for e in events if e["type"] in ("router", "run")]
+    named = Counter(e["name"] for e in spans(trace))
+    assert named["prefill"] == 4 * len(runs)
+    assert named["decode"] == 4 * sum(e["end_ns"] > e["t_ns"] + e["ttft_ns"] for e in runs)
+    assert named["router"] == 4 * sum(e["type"] == "router" for e in runs)
+    collectives = [e for e in spans(trace) if e["cat"] == "collective"]
+    assert len(collectives) == 4 * sum(e["collective_ns"] > 0 for e in runs)
+    assert all(e["args"]["aggregated"] is True and e["args"]["collective_ns"] > 0 for e in collectives)
+    first = next(e for e in events if e["type"] == "run")
+    expert = next(e for e in spans(trace) if e["name"] == first["model"] and e["cat"] == "expert")
+    assert expert["ts"] == first["t_ns"] // 1000 and expert["ts"] + expert["dur"] == first["end_ns"] // 1000
+
+
+def test_switches_are_copies_on_each_member_ddr_link_and_hbm_is_a_counter(two_nodes):
+    _, trace, events = two_nodes
+    switches = [e for e in events if e["type"] == "switch"]
+    copies = [e for e in spans(trace) if e["cat"] == "switch"]
+    assert len(copies) == sum(len(e["arrivals"]) for e in switches)
+    names = thread_names(trace)
+    assert all(names[(e["pid"], e["tid"])].endswith("DDR->HBM link") for e in copies)
+    hbm = [e for e in trace["traceEvents"] if e["ph"] == "C" and e["name"].endswith("HBM used")]
+    assert {e["name"] for e in hbm} == {f"node{n}/socket{s} HBM used" for n in (0, 1) for s in range(8)}
+    assert max(e["args"]["GiB"] for e in hbm) > 0
+
+
+def test_gpu_copies_cross_the_shared_host_link(gpu_node):
+    _, trace, events = gpu_node
+    assert_well_formed(trace)
+    names = thread_names(trace)
+    host = [e for e in spans(trace) if names[(e["pid"], e["tid"])] == "node0 host link (PCIe, shared)"]
+    switches = [e for e in events if e["type"] == "switch"]
+    assert len(host) == 8 * len(switches)
+    last = switches[0]["arrivals"]  # the router's copies to the 8 GPUs queue on PCIe one after another
+    router_copies = sorted(host, key=lambda e: e["ts"])[:8]
+    assert [e["ts"] + e["dur"] for e in router_copies] == sorted(t // 1000 for t in last.values())
+
+
+def test_truncated_events_still_give_a_trace(two_nodes, tmp_path):
+    run_dir, full, _ = two_nodes
+    partial = tmp_path / ".n2.partial-1234"
+    partial.mkdir()
+    data = (run_dir / "events.msgpack").read_bytes()
+    (partial / "events.msgpack").write_bytes(data[: len(data) // 2 + 7])
+    assert main(["trace", str(partial)]) == 0
+    trace = json.loads((partial / "trace.json").read_text())
+    assert trace["otherData"]["complete"] is False
+    assert 0 < len(spans(trace)) < len(spans(full))
+    assert_well_formed(trace)
+
+
+def test_bad_run_directories_are_one_line_errors(tmp_path, capsys):
+    assert main(["trace", str(tmp_path / "missing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    (tmp_path / "events.msgpack").write_bytes(b"\x93\x01\x02\x03")
+    assert main(["trace", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rdu: error: ") and err.count("\n") == 1
+    with pytest.raises(UserError, match="no events"):
+        (tmp_path / "events.msgpack").write_bytes(b"")
+        build_trace_json(tmp_path / "events.msgpack")
+
+
+def test_rdu_trace_rewrites_the_trace(two_nodes, tmp_path, capsys):
+    run_dir, trace, _ = two_nodes
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "trace.json").unlink(missing_ok=True)
+    assert main(["trace", str(copy)]) == 0
+    assert "ui.perfetto.dev" in capsys.readouterr().out
+    assert json.loads((copy / "trace.json").read_text()) == trace
+
+
+FAULTS = ["kill-socket:node1/socket2@request=10", "kill-node:node1@request=150"]
+
+
+def test_faults_cut_the_interrupted_runs_and_are_marked(tmp_path):
+    run_dir = _run(tmp_path / "faults", nodes=2, tp=4, faults=FAULTS)
+    trace = json.loads(write_trace(run_dir).read_text())
+    assert_well_formed(trace)  # an interrupted run is cut at the fault, so its retry does not overlap it
+    faults = [e for e in trace["traceEvents"] if e.get("cat") == "fault"]
+    assert sorted(e["args"]["kind"] for e in faults) == ["kill-node", "kill-socket"]
+    cut = [e for e in spans(trace) if "interrupted_at_ns" in e.get("args", {})]
+    assert cut and all(e["pid"] == 2 for e in cut)  # both faults hit node1
