@@ -76,9 +76,6 @@ class Mailbox:
         finally:
             self._slots.pop(tensor_id, None)
 
-    def pending(self) -> int:
-        return len(self._slots)
-
 
 class _Servicer(pb_grpc.InterconnectServicer):
     def __init__(self, server: "InterconnectServer") -> None:
@@ -288,10 +285,6 @@ class PeerClient:
         if waiter is not None:
             async with asyncio.timeout(self.deadline_s):
                 await waiter
-
-    async def health(self, peer: str) -> pb.HealthReply:
-        stub = await self._stub(peer)
-        return await stub.Health(pb.HealthRequest(), timeout=self.deadline_s)
 
     async def close(self) -> None:
         for stream in self._streams.values():

@@ -154,6 +154,3 @@ class Topology:
                 extra = probability / (1.0 - probability) * self.spec.retransmit_timeout_ns
                 link.spec = LinkSpec(link.spec.latency_ns + extra, link.spec.bandwidth_bytes_per_s)
         return sorted(links)
-
-    def stats(self) -> list[dict]:
-        return [link.stats() for link in self.links.values()]

@@ -47,8 +47,5 @@ class DDRStore:
         self.ledger.release(model_id)
         self._refs.pop(model_id, None)
 
-    def contains(self, model_id: str) -> bool:
-        return model_id in self._refs
-
     def snapshot(self) -> dict:
         return {"node": self.node, **self.ledger.snapshot(), "models": len(self._refs)}

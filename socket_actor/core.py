@@ -104,9 +104,6 @@ class RDUSocket:
         self.counters.evictions += 1
         return self.tiers.hbm.release(model_id)
 
-    def is_resident(self, model_id: str) -> bool:
-        return model_id in self.residents
-
     def free_at_ns(self, model_id: str | None = None) -> int:
         """Earliest time this socket could start running `model_id` (or anything)."""
         ready = self.residents[model_id].ready_at_ns if model_id is not None else 0

@@ -80,12 +80,6 @@ class MemoryTiers:
         """Time to stream `nbytes` from HBM into SRAM at the HBM's peak bandwidth."""
         return LinkSpec(0.0, self.spec.hbm.bandwidth_bytes_per_s).transfer_ns(nbytes)
 
-    def ddr_read_ns(self, nbytes: int) -> int:
-        """Time to read `nbytes` out of the socket's own DDR at its peak bandwidth."""
-        if self.spec.ddr is None:
-            raise ValueError(f"{self.spec.name} has no socket-attached DDR")
-        return LinkSpec(0.0, self.spec.ddr.bandwidth_bytes_per_s).transfer_ns(nbytes)
-
     def snapshot(self) -> dict:
         tiers = [self.sram, self.hbm] + ([self.ddr] if self.ddr is not None else [])
         return {ledger.tier: ledger.snapshot() for ledger in tiers}
