@@ -230,7 +230,10 @@ def bench_soak(requests: int = 100_000) -> list[Row]:
     from node.run import execute_run
     from node.run_config import resolve_run_config
 
+    from socket_actor.actor import reset_peak_memory
+
     probe = _MemoryProbe(requests)
+    reset_peak_memory()  # earlier benchmark groups in this process must not count
     with tempfile.TemporaryDirectory() as tmp:
         config = resolve_run_config(None, {
             "backend": "ray", "out": f"{tmp}/soak", "experts": 150,

@@ -210,6 +210,15 @@ class SocketActor:
         return snapshot
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak-RSS measurement afresh (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then counts from the process start
+
+
 def process_memory() -> dict:
     """Resident set size now (VmRSS) and at its high-water mark (VmHWM) of this process, in bytes."""
     values = {}
