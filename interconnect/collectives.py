@@ -43,10 +43,16 @@ class RingCollectives:
         self.links = topology.path(me, self.successor) if self.ranks > 1 else []
         self.client, self.mailbox, self.timeout_s = client, mailbox, timeout_s
         self.calls = 0
+        self.epoch = ""
         self.wire_bytes = 0
 
+    def begin(self, epoch: str) -> None:
+        """Number the collectives that follow from 1 under `epoch` (a job id every rank knows), so
+        a rank that restarted counts the same as the others."""
+        self.epoch, self.calls = epoch, 0
+
     def _tensor_id(self, call: int, label: str, phase: str, step: int, src: str) -> str:
-        return f"{call}/{label}/{phase}{step}/{src}"
+        return f"{self.epoch}{call}/{label}/{phase}{step}/{src}"
 
     async def _exchange(self, call: int, kind: str, label: str, phase: str, step: int, steps: int,
                         chunk: np.ndarray, clock_ns: int) -> tuple[np.ndarray, int]:

@@ -40,6 +40,10 @@ class LinkLost(RuntimeError):
     """Every attempt to send over a link was lost: the link is down."""
 
 
+class _PeerUnavailable(RuntimeError):
+    """The peer's server could not be reached (it may have restarted on another port)."""
+
+
 @dataclass
 class PlaneStats:
     tensors_received: int = 0
@@ -264,9 +268,26 @@ class PeerClient:
         if lost:
             header.virtual_arrival_ns += int(lost * self.retransmit_timeout_ns)
         header.want_ack = wait_ack or header.dst in self._loss
+        for attempt in range(self.max_attempts):
+            try:
+                await self._write(header, array)
+                break
+            except _PeerUnavailable as exc:  # the peer restarted elsewhere: ask the registry again
+                self.forget(header.dst)
+                if attempt == self.max_attempts - 1:
+                    raise TransferRejected(f"{header.dst} unreachable for {header.tensor_id} after "
+                                           f"{self.max_attempts} attempts: {exc}") from None
+                await asyncio.sleep(self.ack_deadline_s * (attempt + 1))
+        self.stats.tensors_sent += 1
+        self.stats.bytes_sent += array.nbytes
+
+    async def _write(self, header: pb.TensorHeader, array: np.ndarray) -> None:
+        """One attempt: write the tensor's chunks on the peer's stream (and wait for the ack when
+        asked). Raises `_PeerUnavailable` when the peer could not be reached at all, so nothing
+        was delivered and the tensor can go again."""
         stream = await self._stream(header.dst)
         if not stream.alive:
-            raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {stream.failure}")
+            self._raise_for(stream, header)
         waiter = None
         if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
             waiter = asyncio.get_running_loop().create_future()
@@ -276,15 +297,27 @@ class PeerClient:
                 for chunk in chunk_tensor(header, array):
                     await stream.call.write(chunk)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {stream.failure or exc}") from None
+            self._raise_for(stream, header, exc)
         except TimeoutError:
             raise TimeoutError(f"{self.name} -> {header.dst}: {header.tensor_id} not written within "
                                f"{self.deadline_s} s") from None
-        self.stats.tensors_sent += 1
-        self.stats.bytes_sent += array.nbytes
         if waiter is not None:
-            async with asyncio.timeout(self.deadline_s):
-                await waiter
+            try:
+                async with asyncio.timeout(self.deadline_s):
+                    await waiter
+            except TransferRejected:
+                self._raise_for(stream, header)
+
+    @staticmethod
+    def _raise_for(stream: _PeerStream, header: pb.TensorHeader, exc: Exception | None = None) -> None:
+        """Why a write failed: the peer unreachable (retry elsewhere) or a refusal (final)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            failure = f"{exc.code().name}: {exc.details()}"
+        else:
+            failure = stream.failure or f"stream closed ({exc})" if exc else stream.failure or "stream closed"
+        if failure.startswith("UNAVAILABLE"):
+            raise _PeerUnavailable(failure)
+        raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {failure}")
 
     async def close(self) -> None:
         for stream in self._streams.values():

@@ -167,6 +167,8 @@ def _run_overrides(args: argparse.Namespace) -> dict:
         overrides["platform_overrides"] = _parse_set(args.set)
     if args.fault:
         overrides["faults"] = list(args.fault)
+    if args.functional:
+        overrides["functional"] = True
     return overrides
 
 
@@ -266,6 +268,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--fault", action="append", metavar="SPEC",
                    help="inject a fault, e.g. kill-socket:node0/socket3@request=500, kill-node:node1@virtual_ms=2000, "
                         "drop-link:node0/socket1-node0/socket2@p=0.01 (repeatable)")
+    p.add_argument("--functional", action="store_true",
+                   help="carry functional payloads: switches copy real (small) weights, every batch really runs "
+                        "tensor-parallel and is checked against a reference (small runs: slow)")
     p.add_argument("--dashboard", action="store_true", help="show a live terminal dashboard while the run goes")
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)

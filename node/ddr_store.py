@@ -36,6 +36,10 @@ class DDRStore:
             free = self.put(model_id, nominal_bytes)
         return free
 
+    def refs(self, model_id: str) -> dict[int, list]:
+        """Every stored rank's shard ref of a model, each wrapped in a list (see `shard_ref`)."""
+        return {rank: [ref] for rank, ref in self._refs.get(model_id, {}).items()}
+
     def shard_ref(self, model_id: str, rank: int) -> list:
         """The object ref of one rank's shard, wrapped in a list so Ray hands over the ref, not the data."""
         refs = self._refs.get(model_id)

@@ -17,6 +17,7 @@ from node.platform import NodeSpec
 from scheduler.backend import GroupInfo
 from socket_actor.core import RDUSocket, RunRequest, RunResult
 from socket_actor.cost_model import Timing
+from socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
 from socket_actor.model_spec import ModelSpec
 from socket_actor.operators import shard_weight_bytes
 
@@ -28,8 +29,12 @@ _CACHE_ENTRIES = 4096
 class InlineBackend:
     name = "inline"
 
-    def __init__(self, spec: NodeSpec, nodes: int, tp: int) -> None:
+    def __init__(self, spec: NodeSpec, nodes: int, tp: int, functional: bool = False) -> None:
+        """With `functional`, every model also carries its functional payload: switches copy its
+        shards into the members' HBM buffers and every batch really generates (in-process TP)."""
         self.spec = spec
+        self.functional = functional
+        self.checks = FunctionalChecks()
         self.nodes = nodes
         self.ddr_capacity_bytes = spec.ddr_capacity_bytes
         self.ddr_tier_name = spec.ddr_tier_name
@@ -60,9 +65,17 @@ class InlineBackend:
     def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
                 members: list[str] | None = None) -> dict[str, int]:
         shard, arrivals = self.copy_arrivals(group, model, send_ns, members)
+        payloads = self._payloads(group, model_id)
         for member, arrival in arrivals.items():
-            self.sockets[member].load(model_id, shard, arrival)
+            self.sockets[member].load(model_id, shard, arrival, payloads.get(member))
         return arrivals
+
+    def _payloads(self, group: int, model_id: str) -> dict[str, object]:
+        """Each member's functional shard of `model_id` (none in timing mode)."""
+        if not self.functional:
+            return {}
+        members = self.tp_groups[group].members
+        return dict(zip(members, model_shards(model_id, len(members))))
 
     def evict(self, group: int, model_id: str) -> None:
         for member in self.tp_groups[group].members:
@@ -85,6 +98,11 @@ class InlineBackend:
         result = self.sockets[leader].run(request, self._timing(request))
         for member in followers:
             self.sockets[member].follow(request, result.busy_ns)
+        if self.functional:
+            shards = [self.sockets[m].residents[request.model_id].weights for m in self.tp_groups[group].members]
+            prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
+            ids, logits = in_process_tp(shards, prompts, new_tokens)
+            self.checks.check(request.model_id, prompts, new_tokens, ids, logits)
         return result
 
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
@@ -120,7 +138,8 @@ class InlineBackend:
         return links
 
     def finish(self) -> dict:
-        return {"backend": self.name, "sockets": len(self.sockets)}
+        return {"backend": self.name, "sockets": len(self.sockets),
+                **(self.checks.to_dict() if self.functional else {})}
 
     def socket_snapshots(self) -> list[dict]:
         return [core.snapshot() for core in self.sockets.values()]

@@ -16,11 +16,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from interconnect.topology import Topology
 from node.inline_backend import InlineBackend
 from node.platform import NodeSpec
 from node.ray_nodes import RayNodes
 from scheduler.backend import GroupInfo
 from socket_actor.core import RunRequest, RunResult
+from socket_actor.functional_payload import FunctionalChecks, batch_payload, model_shards
 from socket_actor.model_spec import ModelSpec
 
 __all__ = ["RayBackend", "ActorDivergence"]
@@ -42,11 +44,14 @@ class RayBackend:
 
     def __init__(self, spec: NodeSpec, nodes: int, tp: int, run_token: str = "", bind_host: str = "127.0.0.1",
                  flush_every: int = 512, max_in_flight: int = 64, max_restarts: int = 4,
-                 on_node_lost: Callable[[int, set[str]], None] | None = None) -> None:
+                 on_node_lost: Callable[[int, set[str]], None] | None = None, functional: bool = False) -> None:
         """`on_node_lost(node, ray_node_ids)` is called when a kill-node fault fires, after the
         emulated node's actors are gone, with the Ray nodes that hosted them (tests use it to take
         those Ray nodes away as well)."""
-        self.shadow = InlineBackend(spec, nodes, tp)
+        self.shadow = InlineBackend(spec, nodes, tp)   # timing only: the actors carry the payloads
+        self.functional = functional
+        self.checks = FunctionalChecks()
+        self._payload_refs: dict[tuple[int, str], dict[int, list]] = {}
         self.nodes = nodes
         self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
         self.ddr_tier_name = self.shadow.ddr_tier_name
@@ -108,7 +113,17 @@ class RayBackend:
 
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
         self.shadow.store(node, model_id, nominal_bytes)
-        self._ddr_pending.setdefault(node, []).append((model_id, nominal_bytes))
+        if not self.functional:
+            self._ddr_pending.setdefault(node, []).append((model_id, nominal_bytes))
+            return
+        import ray
+
+        tp = self.shadow.tp_groups[0].tp
+        ranks = {r for g in self.shadow.tp_groups for r, m in enumerate(g.members) if m.startswith(f"node{node}/")}
+        shards = model_shards(model_id, tp)
+        store = self.cluster.ddr[node]
+        ray.get(store.put.remote(model_id, nominal_bytes, {r: shards[r] for r in sorted(ranks)}))
+        self._payload_refs[(node, model_id)] = ray.get(store.refs.remote(model_id))
 
     def _flush_ddr(self) -> None:
         import ray
@@ -121,9 +136,13 @@ class RayBackend:
                 members: list[str] | None = None) -> dict[str, int]:
         self._flush_ddr()
         shard, arrivals = self.shadow.copy_arrivals(group, model, send_ns, members)
+        ranks = {m: r for r, m in enumerate(self.shadow.tp_groups[group].members)}
         for member, arrival in arrivals.items():
             self.shadow.sockets[member].load(model_id, shard, arrival)
-            self._enqueue(member, ("load", model_id, shard, arrival, None),
+            refs = None
+            if self.functional:  # a real copy out of the member's node's DDR store
+                refs = self._payload_refs[(Topology.parse(member)[0], model_id)][ranks[member]]
+            self._enqueue(member, ("load", model_id, shard, arrival, refs),
                           self.shadow.sockets[member].tiers.hbm.used_bytes)
         return arrivals
 
@@ -134,11 +153,27 @@ class RayBackend:
 
     def run(self, group: int, request: RunRequest) -> RunResult:
         result = self.shadow.run(group, request)
-        leader, *followers = self.shadow.tp_groups[group].members
+        members = self.shadow.tp_groups[group].members
+        leader, *followers = members
         self._enqueue(leader, ("run", request), result)
         for member in followers:
             self._enqueue(member, ("follow", request, result.busy_ns), result.end_ns)
+        if self.functional:
+            self._run_payload(members, request)
         return result
+
+    def _run_payload(self, members: list[str], request: RunRequest) -> None:
+        """The batch really runs on the members' functional shards, over the gRPC plane, and is
+        checked against the single-process reference."""
+        import ray
+
+        for member in members:
+            self._drain(member)   # the weights it needs are loaded
+        prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
+        outputs = ray.get([self.cluster.sockets[m].generate.remote(
+            request.model_id, tuple(members), prompts.tolist(), new_tokens, request.mode, request.orchestration, False,
+            request.job_id) for m in members])
+        self.checks.check(request.model_id, prompts, new_tokens, outputs[0]["tokens"], outputs[0]["logits"])
 
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         return self.shadow.forward(src_node, dst_node, nbytes, send_ns)
@@ -214,7 +249,8 @@ class RayBackend:
                 raise ActorDivergence(f"{snapshot['socket']}: final state {snapshot['counters']} at "
                                       f"{snapshot['clock_ns']} ns differs from the in-process core's")
         return {"backend": self.name, "sockets": len(snapshots), "commands": self.commands,
-                "verified": self.verified, "actor_restarts": self.restarts}
+                "verified": self.verified, "actor_restarts": self.restarts,
+                **(self.checks.to_dict() if self.functional else {})}
 
     def socket_snapshots(self) -> list[dict] | None:
         """The socket actors' latest statistics, without waiting: returns what the previous

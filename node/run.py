@@ -146,7 +146,7 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
     try:
         (directory.partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
         if config.backend == "inline":
-            backend = InlineBackend(spec, config.nodes, config.tp)
+            backend = InlineBackend(spec, config.nodes, config.tp, functional=config.functional)
             server = _make_server(config, backend, sinks, records)
             result = server.run()
             backend_info = backend.finish()
@@ -157,7 +157,8 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
             with ray_session(config.address, config.sockets) as session:
                 restarts = 4 if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
                 backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
-                                     bind_host=session.bind_host, max_restarts=restarts, **(ray_options or {}))
+                                     bind_host=session.bind_host, max_restarts=restarts, functional=config.functional,
+                                     **(ray_options or {}))
                 try:
                     backend.start()
                     serve_start = time.perf_counter()

@@ -23,7 +23,7 @@ __all__ = ["RunConfig", "resolve_run_config", "DEFAULTS", "BACKENDS"]
 
 BACKENDS = ("ray", "inline")
 _TOP = {"name", "platform", "platform_overrides", "nodes", "tp", "model", "router_model", "experts", "workload",
-        "scheduler", "execution", "seed", "backend", "out", "address", "faults"}
+        "scheduler", "execution", "seed", "backend", "out", "address", "faults", "functional"}
 
 DEFAULTS: dict[str, Any] = {
     "platform": "sn40l-node",
@@ -56,6 +56,7 @@ class RunConfig:
     address: str
     out: str
     resolved: dict
+    functional: bool = False
 
     @property
     def sockets(self) -> int:
@@ -124,7 +125,8 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         name=name, platform=platform, nodes=nodes, tp=tp, model=model,
         router_model=router, experts=fields.integer("experts"), workload=workload, serving=serving,
         seed=fields.integer("seed", minimum=0), backend=backend, address=fields.string("address"),
-        out=fields.string("out") if fields.has("out") else f"runs/{name}", resolved={})
+        out=fields.string("out") if fields.has("out") else f"runs/{name}", resolved={},
+        functional=fields.boolean("functional", False))
     config.resolved = {
         "name": config.name, "platform": platform_name, "platform_overrides": platform_overrides,
         "nodes": config.nodes, "tp": config.tp, "model": model.name, "router_model": router.name,
@@ -133,7 +135,7 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
                       "pinned_experts": list(serving.pinned_experts)},
         "execution": {"mode": serving.mode, "orchestration": serving.orchestration},
         "faults": [f.text for f in faults],
-        "seed": config.seed, "backend": backend, "address": config.address, "out": config.out,
+        "seed": config.seed, "backend": backend, "functional": config.functional, "address": config.address, "out": config.out,
         "platform_resolved": platform.values,
         "platform_sources": platform.sources,
     }

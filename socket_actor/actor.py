@@ -127,13 +127,17 @@ class SocketActor:
 
     # -- functional plane -----------------------------------------------------------------------
     async def generate(self, model_id: str, members: tuple[str, ...], prompts: list[list[int]], new_tokens: int,
-                       mode: str | None = None, orchestration: str | None = None) -> dict:
+                       mode: str | None = None, orchestration: str | None = None,
+                       advance_clock: bool = True, epoch: str | None = None) -> dict:
         """Greedy generation of a batch of equally long prompts with this socket's functional
         shard, all-reducing over gRPC.
 
         Virtual time: compute segments from the cost model of the functional model, collectives
         from the link model as the chunks travel. Returns the logits of every generated token,
-        shape (new_tokens, batch, vocab).
+        shape (new_tokens, batch, vocab). With `advance_clock` false (the payload of a served
+        batch, whose time the nominal model already accounts for) the socket's clock and
+        counters are left alone. `epoch` (a job id) names this generation's messages, so every
+        rank agrees on them even after one of them restarted.
         """
         resident = self.core.residents.get(model_id)
         if resident is None or resident.weights is None:
@@ -141,6 +145,8 @@ class SocketActor:
         shard: Shard = resident.weights
         cfg: TinyConfig = shard.cfg
         ring = self._ring(tuple(members))
+        if epoch is not None:
+            ring.begin(f"{epoch}#")
         cost = self.core.cost_model(cfg.model_spec(), tuple(members), mode, orchestration)
         tokens = np.asarray(prompts, dtype=np.int64)
         batch = len(tokens)
@@ -171,9 +177,10 @@ class SocketActor:
             all_logits.append(logits)
             ids.append(np.argmax(logits, axis=-1))
             tokens = ids[-1][:, None]
-        self.core.advance_to(clock)
-        self.core.counters.tokens += new_tokens * batch
-        self.core.counters.busy_ns += clock - start
+        if advance_clock:
+            self.core.advance_to(clock)
+            self.core.counters.tokens += new_tokens * batch
+            self.core.counters.busy_ns += clock - start
         return {"socket": self.name, "tokens": np.stack(ids, axis=1), "logits": np.stack(all_logits),
                 "start_ns": start, "end_ns": clock, "grpc_bytes_sent": ring.wire_bytes,
                 "messages_lost": self.client.lost_messages}
