@@ -57,30 +57,48 @@ def _parse_set(items: Sequence[str] | None) -> dict[str, object]:
 
 # -- subcommands -------------------------------------------------------------------------------
 
-def cmd_presets(args: argparse.Namespace, console: Console) -> int:
+def _preset_rows() -> tuple[list[dict], list[dict]]:
+    """Platform and model presets as plain data (what `rdu presets --json` prints)."""
     from node.platform import load_platform, platform_presets
     from socket_actor.model_spec import load_model, model_presets
 
-    if args.json:
-        print(json.dumps({"platforms": platform_presets(), "models": model_presets()}))
-        return 0
-    platforms = Table(title="platforms (rdu estimate --platform NAME, or a YAML file with base: NAME)")
-    for column in ("name", "sockets", "HBM / socket", "DDR / node", "peak TFLOPS / socket", "description"):
-        platforms.add_column(column)
+    platforms = []
     for name in platform_presets():
         spec = load_platform(name).spec
-        platforms.add_row(name, str(spec.sockets_per_node), f"{spec.socket.hbm.capacity_bytes / 1e9:.1f} GB",
-                          f"{spec.ddr_capacity_bytes / 1e12:.1f} TB", f"{spec.socket.peak_flops_per_s / 1e12:.0f}",
-                          spec.description)
-    console.print(platforms)
-    models = Table(title="models (rdu estimate --model NAME, or a path to a Hugging Face config.json)")
-    for column in ("name", "family", "params", "bf16 weights", "layers", "hidden", "heads / kv heads"):
-        models.add_column(column)
+        platforms.append({"name": name, "sockets_per_node": spec.sockets_per_node,
+                          "hbm_bytes_per_socket": spec.socket.hbm.capacity_bytes,
+                          "ddr_bytes_per_node": spec.ddr_capacity_bytes,
+                          "peak_flops_per_s_per_socket": spec.socket.peak_flops_per_s, "description": spec.description})
+    models = []
     for name in model_presets():
         m = load_model(name)
-        models.add_row(name, m.family, f"{m.params() / 1e9:.2f} B", f"{m.weight_bytes() / 1e9:.2f} GB",
-                       str(m.num_layers), str(m.hidden_size), f"{m.num_heads} / {m.num_kv_heads}")
-    console.print(models)
+        models.append({"name": name, "family": m.family, "params": m.params(), "weight_bytes": m.weight_bytes(),
+                       "layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_heads,
+                       "kv_heads": m.num_kv_heads})
+    return platforms, models
+
+
+def cmd_presets(args: argparse.Namespace, console: Console) -> int:
+    platforms, models = _preset_rows()
+    if args.json:
+        print(json.dumps({"platforms": platforms, "models": models}, sort_keys=True))
+        return 0
+    table = Table(title="platforms: --platform NAME (or a YAML file with base: NAME)", title_justify="left")
+    for column in ("name", "sockets", "HBM/socket", "DDR/node", "TFLOPS/socket"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "name" else "right")
+    for p in platforms:
+        table.add_row(p["name"], str(p["sockets_per_node"]), f"{p['hbm_bytes_per_socket'] / 1e9:.0f} GB",
+                      f"{p['ddr_bytes_per_node'] / 1e12:.1f} TB", f"{p['peak_flops_per_s_per_socket'] / 1e12:.0f}")
+    console.print(table)
+    for p in platforms:
+        console.print(f"  [bold]{p['name']}[/bold]: {p['description']}", highlight=False)
+    table = Table(title="models: --model NAME (or a path to a Hugging Face config.json)", title_justify="left")
+    for column in ("name", "params", "weights", "layers", "hidden", "heads/kv"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "name" else "right")
+    for m in models:
+        table.add_row(m["name"], f"{m['params'] / 1e9:.2f} B", f"{m['weight_bytes'] / 1e9:.1f} GB",
+                      str(m["layers"]), str(m["hidden"]), f"{m['heads']}/{m['kv_heads']}")
+    console.print(table)
     return 0
 
 
@@ -175,16 +193,22 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from node.run import execute_run
     from node.run_config import resolve_run_config
+    from node.run_progress import RunProgress
     from node.summary_view import render_summary
 
+    if args.json and args.dashboard:
+        raise UserError("--json and --dashboard both want stdout: choose one (the dashboard draws on it, "
+                        "--json prints one JSON document)")
     config = resolve_run_config(args.config, _run_overrides(args))
+    options = {"force": args.force, "trace": args.perfetto, "command": args.command_line}
     if args.dashboard:
         from node.dashboard import LiveDashboard
 
         with LiveDashboard(console) as dashboard:
-            output = execute_run(config, [dashboard])
+            output = execute_run(config, [dashboard], **options)
     else:
-        output = execute_run(config)
+        with RunProgress() as progress:
+            output = execute_run(config, [progress], **options)
     if args.json:
         print(json.dumps({"summary": output.result.summary, "run": output.run_info, "out": str(output.out_dir)},
                          sort_keys=True))
@@ -195,9 +219,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 
+_ORCHESTRATION_HELP = ("who launches the kernels: SO = software orchestration (the host launches each kernel), "
+                       "HO = hardware orchestration (the chip launches them itself); default: the platform's")
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="rdu", description="Emulator of multi-socket AI dataflow accelerator nodes "
                                                    "(SambaNova SN40L-style) serving a Composition of Experts.")
+    from node.provenance import version_line
+
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
 
@@ -213,7 +243,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--prompt", type=_positive_int, default=128, help="prompt tokens per sequence (default 128)")
     p.add_argument("--output", type=_positive_int, default=20, help="output tokens per sequence (default 20)")
     p.add_argument("--mode", choices=("fused", "unfused"), help="execution mode (default: the platform's)")
-    p.add_argument("--orchestration", choices=("SO", "HO"), help="kernel launch orchestration (default: the platform's)")
+    p.add_argument("--orchestration", choices=("SO", "HO"), help=_ORCHESTRATION_HELP)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a platform field, e.g. socket.hbm.bandwidth_bytes_per_s=2e12 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ns, bytes)")
@@ -254,17 +284,23 @@ def build_parser() -> OneLineParser:
     p.add_argument("--prompt", type=_positive_int, help="synthetic / paper-coe: prompt tokens")
     p.add_argument("--output", type=_positive_int, help="synthetic / paper-coe: output tokens")
     p.add_argument("--router-output-tokens", type=_positive_int, help="tokens the router generates per prompt")
-    p.add_argument("--zipf", type=float, help="expert popularity: Zipf exponent (default 1.0)")
-    p.add_argument("--uniform", action="store_true", help="expert popularity: uniform")
+    popularity = p.add_mutually_exclusive_group()
+    popularity.add_argument("--zipf", type=float, help="expert popularity: Zipf exponent (default 1.0)")
+    popularity.add_argument("--uniform", action="store_true", help="expert popularity: uniform")
     p.add_argument("--policy", help="residency policy: lru, lfu, belady, prefetch (default lru)")
     p.add_argument("--max-batch", type=_positive_int, help="requests per router batch (default 8)")
     p.add_argument("--dispatch", help="expert-affinity or least-loaded (default expert-affinity)")
     p.add_argument("--mode", choices=("fused", "unfused"), help="execution mode (default: the platform's)")
-    p.add_argument("--orchestration", choices=("SO", "HO"), help="launch orchestration (default: the platform's)")
+    p.add_argument("--orchestration", choices=("SO", "HO"), help=_ORCHESTRATION_HELP)
     p.add_argument("--seed", type=int, help="seed of the workload (default 0)")
     p.add_argument("--backend", choices=("ray", "inline"), help="ray socket actors (default) or in-process")
     p.add_argument("--address", help="Ray: local (default), auto or host:port")
-    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--out", help="run directory (default runs/<name>); an existing run there is refused unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing run directory at --out (only one this tool wrote; nothing else is "
+                        "ever replaced)")
+    p.add_argument("--perfetto", action="store_true",
+                   help="also write trace.json for Perfetto (large for big runs; `rdu trace RUN_DIR` makes it later)")
     p.add_argument("--fault", action="append", metavar="SPEC",
                    help="inject a fault, e.g. kill-socket:node0/socket3@request=500, kill-node:node1@virtual_ms=2000, "
                         "drop-link:node0/socket1-node0/socket2@p=0.01 (repeatable)")
@@ -288,16 +324,27 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    console = Console()
+    from node.signals import exit_code_for_stop, install_stop_handlers
+    from node.std_streams import protect_std_streams
+
+    if argv is None:  # the console script: this process is ours to set up
+        protect_std_streams()
+        install_stop_handlers()
+    console = Console(file=sys.stdout)  # bound now: Ray's session later points sys.stdout at its log
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = ["rdu", *(sys.argv[1:] if argv is None else argv)]
         return args.handler(args, console)
     except UserError as exc:
         print(f"rdu: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        print(f"rdu: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        message = str(exc) if str(exc) not in ("", "SIGINT", "SIGTERM") else "interrupted"
+        print(f"rdu: {message}", file=sys.stderr)
+        return exit_code_for_stop()
+    except BrokenPipeError:
+        _silence_stdout()  # the reader went away (`rdu ... | head`): not an error
+        return 0
     except RuntimeError as exc:
         from node.run import RunStopped
 
@@ -305,6 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rdu: {exc}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

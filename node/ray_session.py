@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +49,32 @@ def socket_capacity() -> int:
     return int(ray.cluster_resources().get(SOCKET_RESOURCE, 0))
 
 
+def _signal_handlers() -> dict:
+    """The SIGINT/SIGTERM handlers in force (Ray's start-up replaces them with its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` that nobody answers on is a one-line error within `timeout_s`, not an
+    endless retry inside Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or address.startswith("ray://") or address == "auto" or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
 @contextmanager
 def ray_session(address: str | None, sockets_needed: int, object_store_bytes: int = 1 << 30) -> Iterator[RaySessionInfo]:
     """Ray for a run of `sockets_needed` socket actors; shuts down only what it started.
@@ -54,16 +83,25 @@ def ray_session(address: str | None, sockets_needed: int, object_store_bytes: in
 
     started = False
     if not ray.is_initialized():
-        if address in (None, "", "local"):
-            ray.init(num_cpus=os.cpu_count() or 2, resources={SOCKET_RESOURCE: sockets_needed},
-                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     object_store_memory=object_store_bytes)
-        else:
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"--address {address}: cannot join a Ray cluster ({exc})") from exc
-        started = True
+        handlers = _signal_handlers()
+        try:
+            if address in (None, "", "local"):
+                ray.init(num_cpus=os.cpu_count() or 2, resources={SOCKET_RESOURCE: sockets_needed},
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                         object_store_memory=object_store_bytes)
+            else:
+                _check_reachable(address)
+                try:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise UserError(f"--address {address}: cannot join a Ray cluster ({exc})") from exc
+            started = True
+        except BaseException:
+            if ray.is_initialized():  # interrupted half-way through start-up: stop what started
+                ray.shutdown()
+            raise
+        finally:
+            _restore_signal_handlers(handlers)
     try:
         capacity = socket_capacity()
         if capacity < sockets_needed:

@@ -5,11 +5,13 @@
     runs/<name>/requests.csv           one row per request (in the order served), times in ns
     runs/<name>/summary.json           emulated results only: byte-identical across runs, backends, layouts
     runs/<name>/run.json               the emulator's own measurements (wall time, backend, host)
-    runs/<name>/trace.json             Chrome/Perfetto trace built from the events
+    runs/<name>/trace.json             Chrome/Perfetto trace, only when asked (`--trace`, or `rdu trace` later)
+    runs/<name>/ray.log                what Ray's processes printed (Ray backend, from the CLI)
 
 The directory is built under a hidden temporary name and renamed only when complete, so a
-failed run never leaves a directory that looks finished. A bad input found before serving
-starts removes it; a crash keeps it (with the events up to the crash) for `rdu trace`.
+failed run never leaves a directory that looks finished, and it never replaces anything it did
+not make (node/run_directory.py). A bad input found before serving starts removes it; a crash
+keeps it (with the events up to the crash) for `rdu trace`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform as host_platform
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,11 @@ from pathlib import Path
 from interconnect.spec_fields import UserError
 from node.events_log import EVENTS_FILE, EventsWriter
 from node.inline_backend import InlineBackend
+from node.provenance import git_commit, tool_version
 from node.run_config import RunConfig
+from node.run_directory import TOOL_NAME, RunDirectory
+from node.signals import deferred_interrupts
+from node.std_streams import native_output_to
 from node.trace_export import write_trace
 from node.yaml_io import dump_yaml
 from scheduler.metrics import RecordsCsvWriter
@@ -48,7 +53,10 @@ class RunOutput:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write `data` atomically: a reader (or a Ctrl-C) never sees half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def setup_event(config: RunConfig, backend, requests: int, placement: dict[str, list[int]]) -> dict:
@@ -70,26 +78,6 @@ def setup_event(config: RunConfig, backend, requests: int, placement: dict[str, 
         "ddr_used_bytes": [len(placement[f"node{n}"]) * config.model.weight_bytes() + router_bytes
                            for n in range(config.nodes)],
     }
-
-
-class _RunDirectory:
-    """The hidden directory a run writes into, renamed to its final name when complete."""
-
-    def __init__(self, out: str) -> None:
-        self.final = Path(out)
-        self.partial = self.final.with_name(f".{self.final.name}.partial-{os.getpid()}")
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-
-    def complete(self) -> Path:
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        self.partial.rename(self.final)
-        return self.final
-
-    def discard(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 class RunStopped(RuntimeError):
@@ -126,66 +114,107 @@ def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records
     return server
 
 
-def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options: dict | None = None) -> RunOutput:
-    """Run the emulation on the configured backend and write the run directory. Every event
-    also goes to each of `sinks` (a live dashboard, say). A run that the emulated cluster cannot
-    finish raises `RunStopped`, Ctrl-C `RunInterrupted`; both after writing the results so far."""
-    started_at = time.time()
-    wall_start = time.perf_counter()
+def _detach(sinks: Sequence[EventSink]) -> None:
+    """Tell every observer that the backend is about to go: after this it must not be touched."""
+    for sink in sinks:
+        if hasattr(sink, "detach"):
+            sink.detach()
+
+
+class _Phases:
+    """Wall-clock time of each phase of a run, in seconds (the emulator's own measurement)."""
+
+    def __init__(self) -> None:
+        self._start = self._mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def end(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._mark, 3)
+        self._mark = now
+
+    def total_s(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def _serve_inline(config: RunConfig, sinks, records, phases: _Phases, state: dict) -> None:
+    backend = InlineBackend(config.platform.spec, config.nodes, config.tp, functional=config.functional)
+    state["server"] = server = _make_server(config, backend, sinks, records)
+    phases.end("setup")
+    state["result"] = server.run()
+    state["backend_info"] = backend.finish()
+    phases.end("serving")
+    _detach(sinks)
+
+
+def _serve_ray(config: RunConfig, sinks, records, phases: _Phases, state: dict, log_path: Path,
+               ray_options: dict | None) -> None:
+    from node.ray_backend import RayBackend
+    from node.ray_session import ray_session
+
     spec = config.platform.spec
-    directory = _RunDirectory(config.out)
+    with native_output_to(log_path), ray_session(config.address, config.sockets) as session:
+        restarts = 4 if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
+        backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
+                             bind_host=session.bind_host, max_restarts=restarts, functional=config.functional,
+                             **(ray_options or {}))
+        try:
+            backend.start()
+            state["server"] = server = _make_server(config, backend, sinks, records)
+            phases.end("setup")
+            state["result"] = server.run()
+            state["backend_info"] = backend.finish()
+            phases.end("serving")
+        finally:
+            _detach(sinks)  # observers sample the actors for the last time, before they go
+            backend.shutdown()
+        state["ray_info"] = {
+            "ray_nodes": session.ray_nodes, "interconnect_token": session.ray_nodes > 1,
+            "grpc_bind": session.bind_host,
+            "ray_session": "started here" if session.started_here else f"joined {session.address}"}
+    if log_path.exists() and log_path.stat().st_size == 0:
+        log_path.unlink()  # Ray said nothing: no empty file in the run directory
+    phases.end("teardown")
+
+
+def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options: dict | None = None, *,
+                force: bool = False, trace: bool = False, command: Sequence[str] | None = None) -> RunOutput:
+    """Run the emulation on the configured backend and write the run directory. Every event
+    also goes to each of `sinks` (a live dashboard, say). An existing run directory at
+    `config.out` is refused unless `force` (and anything else there always is); `trace` also
+    writes the Perfetto trace. A run that the emulated cluster cannot finish raises
+    `RunStopped`, Ctrl-C `RunInterrupted`; both after writing the results so far."""
+    started_at = time.time()
+    phases = _Phases()
+    directory = RunDirectory(config.out, force=force)
     events = EventsWriter(directory.partial / EVENTS_FILE)
     records = RecordsCsvWriter(directory.partial / "requests.csv")
     sinks = [events, *sinks]
-    server: CoEServer | None = None
-    result: ServingResult | None = None
-    backend_info: dict = {}
-    ray_info: dict = {}
+    state: dict = {"server": None, "result": None, "backend_info": {}, "ray_info": {}}
     stopped = ""
     interrupted = False
     try:
         (directory.partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
         if config.backend == "inline":
-            backend = InlineBackend(spec, config.nodes, config.tp, functional=config.functional)
-            server = _make_server(config, backend, sinks, records)
-            result = server.run()
-            backend_info = backend.finish()
+            _serve_inline(config, sinks, records, phases, state)
         else:
-            from node.ray_backend import RayBackend
-            from node.ray_session import ray_session
-
-            with ray_session(config.address, config.sockets) as session:
-                restarts = 4 if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
-                backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
-                                     bind_host=session.bind_host, max_restarts=restarts, functional=config.functional,
-                                     **(ray_options or {}))
-                try:
-                    backend.start()
-                    serve_start = time.perf_counter()
-                    server = _make_server(config, backend, sinks, records)
-                    result = server.run()
-                    backend_info = backend.finish()
-                    ray_info["serve_wall_s"] = round(time.perf_counter() - serve_start, 3)
-                finally:
-                    backend.shutdown()
-                ray_info.update(ray_nodes=session.ray_nodes, ray_session="started here" if session.started_here
-                                else f"joined {session.address}", interconnect_token=session.ray_nodes > 1,
-                                grpc_bind=session.bind_host)
+            _serve_ray(config, sinks, records, phases, state, directory.partial / "ray.log", ray_options)
     except UserError:
         events.close()
         records.close()
         directory.discard()
         raise
     except ServingStopped as exc:
-        result, stopped = exc.result, str(exc)
+        state["result"], stopped = exc.result, str(exc)
     except KeyboardInterrupt:
-        if server is None:
+        if state["server"] is None:
             events.close()
             records.close()
             directory.discard()
             raise
-        result, interrupted = server.result(), True
+        state["result"], interrupted = state["server"].result(), True
     except Exception:
+        state["crashed"] = True
         events.close()
         try:  # a crashed run keeps its hidden directory: make its trace too
             write_trace(directory.partial)
@@ -193,32 +222,52 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
             pass  # nothing traceable yet; keep the original error
         raise
     finally:
-        if result is not None:
+        result = state["result"]
+        if result is not None and not state.get("crashed"):
             end = {"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
                    "interrupted": interrupted, "stopped": stopped, "summary": result.summary}
             for sink in sinks:
                 sink(end)
         events.close()
         records.close()
+    if stopped or interrupted:
+        phases.end("serving" if "serving" not in phases.seconds else "teardown")
+    return _finish(config, directory, phases, state, events.count, stopped, interrupted, started_at, trace,
+                   command)
+
+
+def _finish(config: RunConfig, directory: RunDirectory, phases: _Phases, state: dict, event_count: int,
+            stopped: str, interrupted: bool, started_at: float, trace: bool,
+            command: Sequence[str] | None) -> RunOutput:
+    """Write summary.json, the trace if asked, then run.json (with every phase's wall time), and
+    rename the directory into place. A second Ctrl-C while writing is held back until the
+    directory is complete, so what was computed is never stranded in the hidden folder."""
+    result = state["result"]
     summary = dict(result.summary)
     if stopped or interrupted:
         summary.update(stopped=stopped, interrupted=interrupted)
-    wall_s = time.perf_counter() - wall_start
-    if "serve_wall_s" in ray_info:
-        ray_info["setup_and_teardown_wall_s"] = round(wall_s - ray_info["serve_wall_s"], 3)
-    completed = summary["requests_completed"]
-    run_info = {
-        "name": config.name, "backend": config.backend, "wall_s": round(wall_s, 3),
-        "emulated_requests_per_wall_s": round(completed / wall_s, 2) if wall_s > 0 else None,
-        "virtual_to_wall": round(summary["virtual_ns"] / 1e9 / wall_s, 2) if wall_s > 0 else None,
-        "started_at_unix_s": round(started_at, 3), "host": host_platform.node(), "cpus": os.cpu_count(),
-        "python": host_platform.python_version(), "events": events.count, "interrupted": interrupted,
-        "stopped": stopped, **ray_info, "backend_checks": backend_info,
-    }
-    write_json(directory.partial / "summary.json", summary)
-    write_json(directory.partial / "run.json", run_info)
-    write_trace(directory.partial)
-    out_dir = directory.complete()
+    with deferred_interrupts() as pending:
+        write_json(directory.partial / "summary.json", summary)
+        if trace:
+            write_trace(directory.partial)
+        phases.end("writing_outputs")
+        wall_s = phases.total_s()
+        completed = summary["requests_completed"]
+        run_info = {
+            "tool": TOOL_NAME, "version": tool_version(), "git_commit": git_commit(),
+            "command": list(command) if command is not None else None,
+            "name": config.name, "backend": config.backend, "wall_s": round(wall_s, 3),
+            "phases_wall_s": dict(phases.seconds),
+            "emulated_requests_per_wall_s": round(completed / wall_s, 2) if wall_s > 0 else None,
+            "virtual_to_wall": round(summary["virtual_ns"] / 1e9 / wall_s, 2) if wall_s > 0 else None,
+            "started_at_unix_s": round(started_at, 3), "host": host_platform.node(), "cpus": os.cpu_count(),
+            "python": host_platform.python_version(), "events": event_count, "interrupted": interrupted,
+            "stopped": stopped, "trace_written": trace, **state["ray_info"], "backend_checks": state["backend_info"],
+        }
+        write_json(directory.partial / "run.json", run_info)
+        out_dir = directory.complete(finished=not (stopped or interrupted))
+    if pending:
+        interrupted = True
     if stopped:
         raise RunStopped(stopped, out_dir)
     if interrupted:

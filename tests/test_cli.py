@@ -41,7 +41,38 @@ def test_estimate_table(capsys):
 def test_presets(capsys):
     code, out, _ = run(capsys, "presets", "--json")
     data = json.loads(out)
-    assert "sn40l-node" in data["platforms"] and "bloom-176b" in data["models"]
+    platforms = {p["name"]: p for p in data["platforms"]}
+    models = {m["name"]: m for m in data["models"]}
+    assert platforms["sn40l-node"]["sockets_per_node"] == 8 and models["llama-2-7b"]["layers"] == 32
+    assert models["bloom-176b"]["params"] > 170e9
+
+
+def test_presets_table_fits_80_columns_with_every_model_name_whole():
+    from rich.console import Console
+
+    from node.cli import cmd_presets
+
+    console = Console(width=80, record=True, force_terminal=False)
+    cmd_presets(type("Args", (), {"json": False})(), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for name in ("llama-3.1-405b", "llama-3.1-70b", "mistral-7b", "sn40l-node", "dgx-h100"):
+        assert any(line.split("│")[1].strip() == name for line in text.splitlines() if line.count("│") > 2), name
+
+
+def test_version_names_the_tool(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("rdu 0.")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--zipf", "1.2", "--uniform"], "not allowed with argument"),
+    (["run", "--json", "--dashboard"], "choose one"),
+])
+def test_conflicting_flags_are_one_line_errors(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -20,7 +20,7 @@ def test_run_writes_a_complete_directory(tmp_path, capsys):
     assert code == 0
     data = json.loads(stdout)
     assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "events.msgpack", "requests.csv",
-                                                      "run.json", "summary.json", "trace.json"]
+                                                      "run.json", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert data["summary"] == summary and data["run"]["backend"] == "inline"
     for key in ("requests_in", "requests_completed", "throughput_tokens_per_s", "switches", "switch_time_share",
