@@ -149,7 +149,7 @@ def cmd_validate_cluster(args: argparse.Namespace, console: Console) -> int:
         for line in report.warnings:
             print(f"warning: {line}", file=sys.stderr)
         if report.ok:
-            console.print(f"ok: {args.config}: {report.summary()}")
+            print(f"ok: {args.config}: {report.summary()}")
     return 0 if report.ok else EXIT_USER_ERROR
 
 
