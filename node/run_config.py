@@ -4,40 +4,38 @@ run's results as `config.resolved.yaml`."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from interconnect.spec_fields import Fields, UserError, deep_merge
+from node.config_fields import BACKENDS, EXECUTION, SCHEDULER, TOP
 from node.layout import nodes_for_tp
 from node.platform import Platform, load_platform
 from node.yaml_io import read_yaml
 from scheduler.faults import parse_faults
-from scheduler.policies import POLICIES
-from scheduler.serving import DISPATCH, ServingConfig
-from scheduler.workloads import WorkloadSpec
+from scheduler.serving import ServingConfig
+from scheduler.workloads import WORKLOAD, WorkloadSpec
 from socket_actor.model_spec import ModelSpec, load_model
-from socket_actor.spec import MODES, ORCHESTRATIONS
 
-__all__ = ["RunConfig", "resolve_run_config", "DEFAULTS", "BACKENDS"]
+__all__ = ["RunConfig", "resolve_run_config", "config_hash", "default_name", "DEFAULTS", "BACKENDS",
+           "HASH_EXCLUDED"]
 
-BACKENDS = ("ray", "inline")
-_TOP = {"name", "platform", "platform_overrides", "nodes", "tp", "model", "router_model", "experts", "workload",
-        "scheduler", "execution", "seed", "backend", "out", "address", "faults", "functional"}
-
+# What the defaults tree starts from: every field with a plain default, from the field tables.
 DEFAULTS: dict[str, Any] = {
-    "platform": "sn40l-node",
-    "nodes": 1,
-    "tp": 8,
-    "model": "llama-2-7b",
-    "experts": 150,
-    "workload": {"kind": "trace"},
-    "scheduler": {"policy": "lru", "max_batch": 8, "dispatch": "expert-affinity", "pinned_experts": []},
+    **TOP.defaults(),
+    "workload": {"kind": WORKLOAD.field("kind").default},
+    "scheduler": {key: list(v) if isinstance(v, tuple) else v for key, v in SCHEDULER.defaults().items()},
     "execution": {},
-    "seed": 0,
-    "backend": "ray",
-    "address": "local",
 }
+
+# Resolved fields that do not change what a run computes: where it is written and which Ray it
+# uses, and the provenance notes of the platform's numbers.
+HASH_EXCLUDED = ("name", "out", "address", "platform_sources")
 
 
 @dataclass
@@ -63,16 +61,50 @@ class RunConfig:
         return self.nodes * self.platform.spec.sockets_per_node
 
 
-def _default_name(tree: dict) -> str:
-    workload = tree.get("workload", {}) or {}
-    parts = [str(tree.get("platform", "platform")).split("/")[-1].removesuffix(".yaml"), str(workload.get("kind")),
-             str((tree.get("scheduler") or {}).get("policy", "lru")), f"seed{tree.get('seed', 0)}"]
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The digest of a file's content (cached by path, size and time, since a sweep hashes many points)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _identity(resolved: dict) -> dict:
+    """The resolved config as the hash sees it: without HASH_EXCLUDED, a trace file by its content
+    (so the same trace in another clone hashes the same, and an edited one does not)."""
+    tree = {key: value for key, value in resolved.items() if key not in HASH_EXCLUDED}
+    workload = tree.get("workload")
+    if isinstance(workload, dict) and isinstance(workload.get("trace"), str) and Path(workload["trace"]).is_file():
+        stat = Path(workload["trace"]).stat()
+        tree["workload"] = {**workload, "trace": {"sha256": _file_sha256(workload["trace"], stat.st_size,
+                                                                           stat.st_mtime_ns)}}
+    return tree
+
+
+def config_hash(resolved: dict) -> str:
+    """8 hex digits of the SHA-256 of the canonical JSON of a resolved config (`RunConfig.resolved`),
+    without `name`, `out`, `address` and the platform's source notes: equal for two runs that compute
+    the same thing, different when any field that changes the run differs (nodes, experts, limit, a
+    fault, a platform number, ...). Sweeps key their points by it."""
+    text = json.dumps(_identity(resolved), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def default_name(resolved: dict) -> str:
+    """`<platform>-n<nodes>-tp<tp>-e<experts>-<workload>-<policy>-seed<seed>-<hash>`: readable at a
+    glance in `runs/`, and unique per resolved config thanks to the hash."""
+    platform = re.sub(r"\.ya?ml$", "", Path(str(resolved["platform"])).name)
+    parts = [platform, f"n{resolved['nodes']}", f"tp{resolved['tp']}", f"e{resolved['experts']}",
+             str(resolved["workload"]["kind"]), str(resolved["scheduler"]["policy"]), f"seed{resolved['seed']}",
+             config_hash(resolved)]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts))
 
 
-def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Defaults <- the YAML file at `path` <- `overrides` (nested like the file)."""
-    origin = path or "command line"
+def _tree(path: str | None, overrides: dict[str, Any]) -> dict:
+    """Defaults <- the YAML file <- overrides; a workload of another kind replaces the default one
+    instead of merging with it (the trace's fields do not apply to a synthetic workload)."""
     tree: dict = dict(DEFAULTS)
     if path is not None:
         raw = read_yaml(path)
@@ -81,62 +113,71 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         tree = deep_merge(tree, raw)
         if "workload" in raw and isinstance(raw["workload"], dict) and "kind" in raw["workload"] \
                 and raw["workload"]["kind"] != DEFAULTS["workload"]["kind"]:
-            tree["workload"] = raw["workload"]  # another kind: the default trace fields do not apply
+            tree["workload"] = raw["workload"]
     if overrides.get("workload", {}).get("kind") not in (None, tree["workload"].get("kind")):
         tree["workload"] = {}
-    tree = deep_merge(tree, overrides)
-    fields = Fields(tree, origin)
-    fields.check_known(_TOP)
-    platform_name = fields.string("platform")
-    platform_overrides = tree.get("platform_overrides") or {}
-    if not isinstance(platform_overrides, dict):
-        fields.fail("expected a mapping of dotted platform fields to values", "platform_overrides")
-    platform = load_platform(platform_name, platform_overrides, f"{origin}: platform_overrides")
-    model = load_model(fields.string("model"))
-    router = load_model(fields.string("router_model")) if fields.has("router_model") else model
+    return deep_merge(tree, overrides)
+
+
+def _serving(fields: Fields, faults: tuple) -> ServingConfig:
+    """The `scheduler` and `execution` sections, read through their field tables."""
     scheduler = fields.sub("scheduler")
-    scheduler.check_known({"policy", "max_batch", "dispatch", "pinned_experts"})
-    policy = scheduler.string("policy", choices=tuple(POLICIES))
-    pinned = scheduler.data.get("pinned_experts") or []
-    if not isinstance(pinned, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in pinned):
-        scheduler.fail(f"expected a list of expert numbers, got {pinned!r}", "pinned_experts")
+    SCHEDULER.check(scheduler)
     execution = fields.sub("execution")
-    execution.check_known({"mode", "orchestration"})
-    faults = parse_faults(tree.get("faults"), f"{origin}: faults")
-    serving = ServingConfig(
+    EXECUTION.check(execution)
+    return ServingConfig(
         faults=faults,
-        policy=policy,
-        max_batch=scheduler.integer("max_batch"),
-        dispatch=scheduler.string("dispatch", choices=DISPATCH),
-        pinned_experts=tuple(pinned),
-        mode=execution.string("mode", choices=MODES) if execution.has("mode") else None,
-        orchestration=execution.string("orchestration", choices=ORCHESTRATIONS) if execution.has("orchestration")
-        else None,
+        policy=SCHEDULER.read(scheduler, "policy"),
+        max_batch=SCHEDULER.read(scheduler, "max_batch"),
+        dispatch=SCHEDULER.read(scheduler, "dispatch"),
+        pinned_experts=tuple(SCHEDULER.read(scheduler, "pinned_experts")),
+        mode=EXECUTION.read(execution, "mode"),
+        orchestration=EXECUTION.read(execution, "orchestration"),
     )
+
+
+def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults <- the YAML file at `path` <- `overrides` (nested like the file), every field read
+    through the tables of node.config_fields and scheduler.workloads."""
+    origin = path or "command line"
+    tree = _tree(path, overrides)
+    fields = Fields(tree, origin)
+    TOP.check(fields)
+
+    def top(key: str) -> Any:
+        return TOP.read(fields, key)
+
+    platform_name = top("platform")
+    platform_overrides = top("platform_overrides") or {}
+    platform = load_platform(platform_name, platform_overrides, f"{origin}: platform_overrides")
+    model = load_model(top("model"))
+    router_name = top("router_model")
+    router = load_model(router_name) if router_name is not None else model
+    faults = parse_faults(tree.get("faults"), f"{origin}: faults")
+    serving = _serving(fields, faults)
     workload = WorkloadSpec.from_fields(fields.sub("workload"))
-    tp = fields.integer("tp")
-    if tree.get("nodes") == "auto":  # as many nodes as one tensor-parallel group needs
+    tp = top("tp")
+    nodes = top("nodes")
+    if nodes == "auto":  # as many nodes as one tensor-parallel group needs
         nodes = nodes_for_tp(platform.spec, tp)
-    else:
-        nodes = fields.integer("nodes")
-    name = fields.string("name") if fields.has("name") else _default_name(tree)
-    backend = fields.string("backend", choices=BACKENDS)
+    given_name, given_out = top("name"), top("out")
     config = RunConfig(
-        name=name, platform=platform, nodes=nodes, tp=tp, model=model,
-        router_model=router, experts=fields.integer("experts"), workload=workload, serving=serving,
-        seed=fields.integer("seed", minimum=0), backend=backend, address=fields.string("address"),
-        out=fields.string("out") if fields.has("out") else f"runs/{name}", resolved={},
-        functional=fields.boolean("functional", False))
-    config.resolved = {
-        "name": config.name, "platform": platform_name, "platform_overrides": platform_overrides,
+        name="", platform=platform, nodes=nodes, tp=tp, model=model, router_model=router,
+        experts=top("experts"), workload=workload, serving=serving, seed=top("seed"), backend=top("backend"),
+        address=top("address"), out="", resolved={}, functional=top("functional"))
+    resolved = {
+        "platform": platform_name, "platform_overrides": platform_overrides,
         "nodes": config.nodes, "tp": config.tp, "model": model.name, "router_model": router.name,
         "experts": config.experts, "workload": workload.to_dict(),
-        "scheduler": {"policy": policy, "max_batch": serving.max_batch, "dispatch": serving.dispatch,
+        "scheduler": {"policy": serving.policy, "max_batch": serving.max_batch, "dispatch": serving.dispatch,
                       "pinned_experts": list(serving.pinned_experts)},
         "execution": {"mode": serving.mode, "orchestration": serving.orchestration},
         "faults": [f.text for f in faults],
-        "seed": config.seed, "backend": backend, "functional": config.functional, "address": config.address, "out": config.out,
-        "platform_resolved": platform.values,
-        "platform_sources": platform.sources,
+        "seed": config.seed, "backend": config.backend, "functional": config.functional,
+        "address": config.address,
     }
+    platform_part = {"platform_resolved": platform.values, "platform_sources": platform.sources}
+    config.name = given_name if given_name is not None else default_name({**resolved, **platform_part})
+    config.out = given_out if given_out is not None else f"runs/{config.name}"
+    config.resolved = {"name": config.name, **resolved, "out": config.out, **platform_part}
     return config

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from interconnect.spec_fields import Fields, UserError
+from scheduler.config_table import REQUIRED, ConfigField, Section
 
 __all__ = ["Request", "Workload", "WorkloadSpec", "build_workload", "read_trace", "default_trace_path",
-           "WORKLOAD_KINDS"]
+           "WORKLOAD_KINDS", "WORKLOAD_SECTIONS"]
 
 WORKLOAD_KINDS = ("trace", "synthetic", "paper-coe")
 _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?$")
@@ -54,6 +55,73 @@ class Workload:
     description: str
 
 
+_TRACE, _SYNTHETIC, _PAPER = WORKLOAD_KINDS
+LENGTH_KINDS = ("fixed", "uniform", "lognormal")
+POPULARITY_KINDS = ("uniform", "zipf")
+
+WORKLOAD = Section("workload", "Workload", selector="kind", variants=WORKLOAD_KINDS, fields=(
+    ConfigField("kind", "choice", "what generates the requests", "trace", choices=WORKLOAD_KINDS, example="trace"),
+    ConfigField("popularity", "section", "which expert each request goes to (see `workload.popularity`)",
+                default_text="Zipf, exponent 1", example={"kind": "uniform"}),
+    ConfigField("router_output_tokens", "integer", "tokens the router generates per batch (1 = a classifier)",
+                1, unit="tokens", kinds=(_TRACE, _SYNTHETIC), example=3),
+    ConfigField("router_output_tokens", "integer", "tokens the router generates per batch (the paper times the "
+                "router like an expert run)", unit="tokens", kinds=(_PAPER,), default_text="= `output_tokens`",
+                example=3),
+    ConfigField("trace", "text", "CSV file in the Azure LLM inference trace format "
+                "(`TIMESTAMP,ContextTokens,GeneratedTokens`)", kinds=(_TRACE,),
+                default_text="the shipped Azure 2023 code trace", allowed_text="an existing file", example="{trace}"),
+    ConfigField("limit", "integer", "serve only the first N requests of the trace", unit="requests",
+                kinds=(_TRACE,), default_text="unset (all)", example=7),
+    ConfigField("time_scale", "number", "multiplies the trace's arrival times (0.5 = twice the rate)", 1.0,
+                kinds=(_TRACE,), example=0.5),
+    ConfigField("requests", "integer", "number of requests generated", REQUIRED, unit="requests",
+                kinds=(_SYNTHETIC,), example=9),
+    ConfigField("arrival", "choice", "arrival process", "poisson", choices=("poisson", "gamma"),
+                kinds=(_SYNTHETIC,), example="gamma"),
+    ConfigField("rate_per_s", "number", "mean arrival rate", 1.0, unit="requests/s", kinds=(_SYNTHETIC,),
+                example=4.0),
+    ConfigField("cv", "number", "coefficient of variation of the gaps between arrivals (gamma arrivals only)",
+                1.0, kinds=(_SYNTHETIC,), example=2.0),
+    ConfigField("prompt_tokens", "length", "prompt length per request: a number, or a distribution "
+                "(see `workload.*_tokens`)", 512, unit="tokens", kinds=(_SYNTHETIC,),
+                example={"kind": "uniform", "min": 10, "max": 20}),
+    ConfigField("output_tokens", "length", "output length per request: a number, or a distribution "
+                "(see `workload.*_tokens`)", 64, unit="tokens", kinds=(_SYNTHETIC,), example=7),
+    ConfigField("batch", "integer", "prompts sent at once, each to a distinct cold expert", 8, unit="prompts",
+                kinds=(_PAPER,), example=4),
+    ConfigField("prompt_tokens", "integer", "prompt length of every prompt", 128, unit="tokens",
+                kinds=(_PAPER,), example=64),
+    ConfigField("output_tokens", "integer", "output length of every prompt", 20, unit="tokens",
+                kinds=(_PAPER,), example=5),
+))
+
+POPULARITY = Section("workload.popularity", "Expert popularity", fields=(
+    ConfigField("kind", "choice", "uniform over the experts, or Zipf over a seeded ranking of them", "zipf",
+                choices=POPULARITY_KINDS, example="uniform"),
+    ConfigField("exponent", "number", "Zipf exponent (0 = uniform); ignored when kind is uniform", 1.0,
+                minimum=0.0, inclusive=True, example=1.2),
+))
+
+LENGTH = Section("workload.*_tokens", "Length distributions (`prompt_tokens`, `output_tokens` of a synthetic "
+                 "workload)", selector="kind", variants=LENGTH_KINDS,
+                 note="A bare number N is the same as `{kind: fixed, value: N}`.", fields=(
+    ConfigField("kind", "choice", "fixed, uniform over [min, max], or lognormal clipped to [1, max]", REQUIRED,
+                choices=LENGTH_KINDS, example="fixed"),
+    ConfigField("value", "integer", "the length", REQUIRED, unit="tokens", kinds=("fixed",), example=11),
+    ConfigField("min", "integer", "shortest length", REQUIRED, unit="tokens", kinds=("uniform",), example=10),
+    ConfigField("max", "integer", "longest length (>= min)", REQUIRED, unit="tokens", kinds=("uniform",),
+                example=30),
+    ConfigField("median", "number", "median length", REQUIRED, unit="tokens", kinds=("lognormal",), example=100.0),
+    ConfigField("sigma", "number", "standard deviation of the length's logarithm", REQUIRED, minimum=0.0,
+                inclusive=True, kinds=("lognormal",), example=0.5),
+    ConfigField("max", "integer", "longest length (longer samples are clipped)", 1 << 20, unit="tokens",
+                kinds=("lognormal",), example=400),
+))
+
+WORKLOAD_SECTIONS = (WORKLOAD, POPULARITY, LENGTH)
+
+
 @dataclass(frozen=True)
 class Distribution:
     """Token lengths: fixed, uniform [min, max], or lognormal (median, sigma) clipped to [1, max]."""
@@ -65,24 +133,30 @@ class Distribution:
 
     @classmethod
     def from_raw(cls, raw, fields: Fields, key: str) -> "Distribution":
+        """A bare length or a distribution mapping, read through the `LENGTH` table."""
         if isinstance(raw, int) and not isinstance(raw, bool):
             if raw < 1:
                 fields.fail(f"expected a length >= 1, got {raw}", key)
             return cls("fixed", raw)
         sub = fields.sub(key)
-        kind = sub.string("kind", choices=("fixed", "uniform", "lognormal"))
+        kind = LENGTH.read(sub, "kind")
+        LENGTH.check(sub, kind)
+        value = {f.key: f.read(sub) for f in LENGTH.applicable(kind) if f.key != "kind"}
         if kind == "fixed":
-            sub.check_known({"kind", "value"})
-            return cls("fixed", sub.integer("value"))
+            return cls("fixed", value["value"])
         if kind == "uniform":
-            sub.check_known({"kind", "min", "max"})
-            low, high = sub.integer("min"), sub.integer("max")
-            if high < low:
-                sub.fail(f"max {high} is below min {low}", "max")
-            return cls("uniform", low, high)
-        sub.check_known({"kind", "median", "sigma", "max"})
-        return cls("lognormal", sub.number("median"), sub.number("sigma", minimum=0.0, inclusive=True),
-                   sub.integer("max", 1 << 20))
+            if value["max"] < value["min"]:
+                sub.fail(f"max {value['max']} is below min {value['min']}", "max")
+            return cls("uniform", value["min"], value["max"])
+        return cls("lognormal", value["median"], value["sigma"], value["max"])
+
+    def to_dict(self) -> dict:
+        """The distribution in the run-config's own field names (so a resolved config reads back)."""
+        if self.kind == "fixed":
+            return {"kind": "fixed", "value": int(self.a)}
+        if self.kind == "uniform":
+            return {"kind": "uniform", "min": int(self.a), "max": int(self.b)}
+        return {"kind": "lognormal", "median": self.a, "sigma": self.b, "max": self.maximum}
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self.kind == "fixed":
@@ -97,14 +171,14 @@ class Distribution:
 class Popularity:
     """Which expert a request goes to: uniform, or Zipf over a seeded ranking of the experts."""
 
-    kind: str = "zipf"
-    exponent: float = 1.0
+    kind: str = POPULARITY.field("kind").default
+    exponent: float = POPULARITY.field("exponent").default
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "Popularity":
-        fields.check_known({"kind", "exponent"})
-        kind = fields.string("kind", "zipf", choices=("uniform", "zipf"))
-        return cls(kind, fields.number("exponent", 1.0, minimum=0.0, inclusive=True) if kind == "zipf" else 0.0)
+        POPULARITY.check(fields)
+        kind = POPULARITY.read(fields, "kind")
+        return cls(kind, POPULARITY.read(fields, "exponent") if kind == "zipf" else 0.0)
 
     def sample(self, rng: np.random.Generator, n: int, experts: int) -> np.ndarray:
         if self.kind == "uniform" or self.exponent == 0:
@@ -132,38 +206,36 @@ class WorkloadSpec:
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "WorkloadSpec":
-        kind = fields.string("kind", choices=WORKLOAD_KINDS)
-        common = {"kind", "popularity", "router_output_tokens"}
+        """The workload section, every field read through the `WORKLOAD` table of its kind."""
+        kind = WORKLOAD.read(fields, "kind")
+        WORKLOAD.check(fields, kind)
         popularity = Popularity.from_fields(fields.sub("popularity")) if fields.has("popularity") else Popularity()
-        if kind == "trace":
-            fields.check_known(common | {"trace", "limit", "time_scale"})
-            return cls(kind, popularity, trace=fields.string("trace", None) if fields.has("trace") else None,
-                       limit=fields.integer("limit") if fields.has("limit") else None,
-                       time_scale=fields.number("time_scale", 1.0),
-                       router_output_tokens=fields.integer("router_output_tokens", 1))
-        if kind == "synthetic":
-            fields.check_known(common | {"requests", "arrival", "rate_per_s", "cv", "prompt_tokens", "output_tokens"})
-            return cls(kind, popularity, requests=fields.integer("requests"),
-                       arrival=fields.string("arrival", "poisson", choices=("poisson", "gamma")),
-                       rate_per_s=fields.number("rate_per_s", 1.0), cv=fields.number("cv", 1.0),
-                       prompt=Distribution.from_raw(fields.data.get("prompt_tokens", 512), fields, "prompt_tokens"),
-                       output=Distribution.from_raw(fields.data.get("output_tokens", 64), fields, "output_tokens"),
-                       router_output_tokens=fields.integer("router_output_tokens", 1))
-        fields.check_known(common | {"batch", "prompt_tokens", "output_tokens"})
-        output = fields.integer("output_tokens", 20)
-        return cls(kind, popularity, batch=fields.integer("batch", 8),
-                   prompt=Distribution("fixed", fields.integer("prompt_tokens", 128)),
-                   output=Distribution("fixed", output),
-                   router_output_tokens=fields.integer("router_output_tokens", output))
+
+        def read(key: str):
+            return WORKLOAD.read(fields, key, kind)
+
+        if kind == _TRACE:
+            return cls(kind, popularity, trace=read("trace"), limit=read("limit"), time_scale=read("time_scale"),
+                       router_output_tokens=read("router_output_tokens"))
+        if kind == _SYNTHETIC:
+            lengths = {key: Distribution.from_raw(fields.data.get(key, WORKLOAD.field(key, kind).default), fields, key)
+                       for key in ("prompt_tokens", "output_tokens")}
+            return cls(kind, popularity, requests=read("requests"), arrival=read("arrival"),
+                       rate_per_s=read("rate_per_s"), cv=read("cv"), prompt=lengths["prompt_tokens"],
+                       output=lengths["output_tokens"], router_output_tokens=read("router_output_tokens"))
+        output = read("output_tokens")
+        router = read("router_output_tokens")
+        return cls(kind, popularity, batch=read("batch"), prompt=Distribution("fixed", read("prompt_tokens")),
+                   output=Distribution("fixed", output), router_output_tokens=output if router is None else router)
 
     def to_dict(self) -> dict:
         data = {"kind": self.kind, "router_output_tokens": self.router_output_tokens,
                 "popularity": {"kind": self.popularity.kind, "exponent": self.popularity.exponent}}
-        if self.kind == "trace":
+        if self.kind == _TRACE:
             data.update(trace=self.trace or str(default_trace_path()), limit=self.limit, time_scale=self.time_scale)
-        elif self.kind == "synthetic":
+        elif self.kind == _SYNTHETIC:
             data.update(requests=self.requests, arrival=self.arrival, rate_per_s=self.rate_per_s, cv=self.cv,
-                        prompt_tokens=vars(self.prompt), output_tokens=vars(self.output))
+                        prompt_tokens=self.prompt.to_dict(), output_tokens=self.output.to_dict())
         else:
             data.update(batch=self.batch, prompt_tokens=int(self.prompt.a), output_tokens=int(self.output.a))
         return data
