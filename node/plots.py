@@ -4,8 +4,9 @@
     hbm_and_switches.png    HBM occupancy per socket over virtual time, and switches per interval
     socket_utilisation.png  what each socket spent virtual time on, and busy share over time
 
-Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend
-state), so plotting works without a display and does not disturb other matplotlib users.
+Figures are drawn in the shared style of `node.plot_style`: matplotlib's object API on the Agg canvas
+(no pyplot, no global backend state), so plotting works without a display and does not disturb other
+matplotlib users; latency axes that span a decade are log scale; legends sit outside the data.
 """
 
 from __future__ import annotations
@@ -15,22 +16,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import ticker
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from interconnect.spec_fields import UserError
 from node.events_log import EVENTS_FILE, read_events
 from node.live_stats import Residency
+from node.plot_style import legend_outside, log_axis, new_figure, save_figure, spans_decades, style_axes
 from scheduler.serving import ROUTER_ID
 
-__all__ = ["write_plots", "PLOT_FILES"]
+__all__ = ["write_plots", "run_figures", "PLOT_FILES"]
 
 PLOT_FILES = ("latency_cdf.png", "hbm_and_switches.png", "socket_utilisation.png")
 _GIB = float(1 << 30)
 _ACTIVITIES = ("router", "expert prefill", "expert decode", "switch wait")
 _COLOURS = {"router": "tab:purple", "expert prefill": "tab:blue", "expert decode": "tab:cyan",
             "switch wait": "tab:red"}
-_MAX_SOCKET_BARS = 32
+_MAX_SOCKET_BARS = 16   # more sockets than this: one bar per TP group
+_MAX_GROUP_BARS = 16    # more TP groups than this: the mean, busiest and least busy group only
+_MAX_GROUP_LINES = 10   # more TP groups than this: their mean and min-max band instead of one line each
+# Group lines avoid red, the colour of fault markers (tab10 without tab:red).
+_GROUP_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+                  "tab:olive", "tab:cyan", "navy")
 
 
 @dataclass
@@ -48,6 +57,7 @@ class _RunData:
 
 
 def _gather(events_path: Path) -> _RunData:
+    """One pass over the event stream: residency, spans, switches, faults (a crashed run's stream too)."""
     data: _RunData | None = None
     residency: dict[str, Residency] = {}
     latest_run: dict[str, list[tuple[str, int]]] = {}   # group -> (activity, index) of its latest run's spans
@@ -105,6 +115,7 @@ def _gather(events_path: Path) -> _RunData:
 
 
 def _latencies_from_csv(path: Path) -> dict[str, list[int]]:
+    """Latencies of a finished run from requests.csv (the per-request table the run wrote)."""
     out: dict[str, list[int]] = {"ttft_ns": [], "tpot_ns": [], "e2e_ns": []}
     try:
         with path.open(newline="", encoding="utf-8") as handle:
@@ -118,64 +129,76 @@ def _latencies_from_csv(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110)
-    return path
-
-
 def _title(data: _RunData) -> str:
+    """The run's identity, under every figure title, so a PNG read alone says what it shows."""
     s = data.setup
     partial = "" if data.complete else " [incomplete run]"
     return f"{s.get('name', '?')}: {s.get('experts', '?')} x {s.get('model', '?')} on {s.get('nodes', '?')} x " \
            f"{s.get('platform', '?')}, TP{s.get('tp', '?')}, {s.get('policy', '?')}{partial}"
 
 
-def _latency_cdf(data: _RunData, latencies: dict[str, list[int]], source: str, path: Path) -> Path:
-    figure = Figure(figsize=(15, 4.8), layout="constrained")
+_LATENCIES = (("ttft_ns", "time to first token"), ("tpot_ns", "time per output token"),
+              ("e2e_ns", "end-to-end latency"))
+_PERCENTILES = ((50, "--", "p50 (median)"), (99, ":", "p99"))
+
+
+def _cdf_panel(axes: Axes, label: str, values_ms: np.ndarray) -> None:
+    """One latency CDF with its p50 and p99 marked; log x when the latencies span a decade or more."""
+    if len(values_ms) == 0:
+        style_axes(axes, f"{label} (no requests)", f"{label} (ms)", "fraction of requests")
+        axes.text(0.5, 0.5, "no requests", ha="center", va="center", transform=axes.transAxes)
+        return
+    fractions = np.arange(1, len(values_ms) + 1) / len(values_ms)
+    axes.step(values_ms, fractions, where="post", color="tab:blue")
+    quantiles = []
+    for q, style, _name in _PERCENTILES:
+        value = float(np.percentile(values_ms, q))
+        axes.axvline(value, color="grey", linestyle=style)
+        quantiles.append(f"p{q} {value:,.2f} ms")
+    if spans_decades(values_ms):
+        log_axis(axes, "x", float(values_ms[0]), float(values_ms[-1]))
+    axes.set_ylim(0, 1.02)
+    style_axes(axes, f"{label} ({len(values_ms):,} requests)\n{', '.join(quantiles)}", f"{label} (ms)",
+               "fraction of requests")
+
+
+def latency_figure(data: _RunData, latencies: dict[str, list[int]], source: str) -> Figure:
+    """TTFT, TPOT and end-to-end CDFs side by side; one legend for the line styles, under the panels."""
+    figure = new_figure(15, 5.2)
     figure.suptitle(f"Latency CDFs ({source})\n{_title(data)}")
-    for axes, (key, label) in zip(figure.subplots(1, 3),
-                                  (("ttft_ns", "time to first token"), ("tpot_ns", "time per output token"),
-                                   ("e2e_ns", "end-to-end latency"))):
-        values_ms = np.sort(np.asarray(latencies[key], dtype=float)) / 1e6
-        axes.set_title(f"{label} ({len(values_ms):,} requests)")
-        axes.set_xlabel(f"{label} (ms)")
-        axes.set_ylabel("fraction of requests")
-        axes.grid(True, alpha=0.3)
-        if len(values_ms) == 0:
-            axes.text(0.5, 0.5, "no requests", ha="center", va="center", transform=axes.transAxes)
-            continue
-        fractions = np.arange(1, len(values_ms) + 1) / len(values_ms)
-        axes.step(values_ms, fractions, where="post", label="CDF")
-        for q, style in ((50, "--"), (99, ":")):
-            value = float(np.percentile(values_ms, q))
-            axes.axvline(value, color="grey", linestyle=style, label=f"p{q} = {value:,.2f} ms")
-        if values_ms[0] > 0 and values_ms[-1] / values_ms[0] > 100:
-            axes.set_xscale("log")
-        axes.set_ylim(0, 1.02)
-        axes.legend(loc="lower right")
-    return _save(figure, path)
+    for axes, (key, label) in zip(figure.subplots(1, 3), _LATENCIES):
+        _cdf_panel(axes, label, np.sort(np.asarray(latencies[key], dtype=float)) / 1e6)
+    handles = [Line2D([], [], color="tab:blue", label="CDF")] + \
+        [Line2D([], [], color="grey", linestyle=style, label=name) for _q, style, name in _PERCENTILES]
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    return figure
 
 
-def _hbm_and_switches(data: _RunData, path: Path) -> Path:
-    figure = Figure(figsize=(12, 7.5), layout="constrained")
-    figure.suptitle(f"HBM occupancy and expert switches over virtual time\n{_title(data)}")
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+def _hbm_panel(axes: Axes, data: _RunData) -> None:
+    """HBM used by weights per socket of each TP group, as a step over virtual time."""
     end_s = max(data.end_ns, 1) / 1e9
     sizes = {g["name"]: len(g["members"]) for g in data.setup["groups"]}
-    for group, points in data.hbm.items():
+    if len(data.hbm) > _MAX_GROUP_LINES:
+        grid_s = np.linspace(0, end_s, 400)
+        _band(axes, grid_s, [_step_at(points, grid_s) for points in data.hbm.values()], "TP groups", step=True)
+    for i, (group, points) in enumerate(data.hbm.items() if len(data.hbm) <= _MAX_GROUP_LINES else ()):
         times_s = [t / 1e9 for t, _ in points] + [end_s]
         used_gib = [b / _GIB for _, b in points] + [points[-1][1] / _GIB]
-        top.step(times_s, used_gib, where="post", label=f"{group} (each of its {sizes.get(group, '?')} sockets)")
+        axes.step(times_s, used_gib, where="post", color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
+                  label=f"{group} (each of its {sizes.get(group, '?')} sockets)")
     capacity = data.setup.get("hbm_usable_bytes")
     if capacity:
-        top.axhline(capacity / _GIB, color="black", linestyle="--", label="usable HBM per socket")
-    _mark_faults(top, data)
-    _mark_faults(bottom, data)
-    top.set_ylabel("HBM used by model weights (GiB per socket)")
-    top.set_title("HBM occupancy per socket (members of a TP group hold the same shards)")
-    top.grid(True, alpha=0.3)
-    top.legend(loc="lower right", fontsize="small")
+        axes.axhline(capacity / _GIB, color="black", linestyle="--", label="usable HBM per socket")
+    axes.set_ylim(bottom=0)
+    _mark_faults(axes, data)
+    style_axes(axes, "HBM occupancy per socket (members of a TP group hold the same shards)", "",
+               "HBM used by model weights (GiB per socket)")
+    legend_outside(axes)
+
+
+def _switches_panel(axes: Axes, data: _RunData) -> None:
+    """Demand switches and prefetches per time bin (stacked bars) and evictions (a step line)."""
+    end_s = max(data.end_ns, 1) / 1e9
     bins = np.linspace(0, end_s, 61)
     times = np.asarray([t / 1e9 for t, _, _ in data.switches])
     prefetch = np.asarray([p for _, p, _ in data.switches], dtype=bool)
@@ -184,25 +207,53 @@ def _hbm_and_switches(data: _RunData, path: Path) -> Path:
     evictions, _ = np.histogram(times if len(times) else [], bins=bins,
                                 weights=[v for _, _, v in data.switches] if len(times) else None)
     width = bins[1] - bins[0]
-    bottom.bar(bins[:-1], demand_counts, width=width, align="edge", label="switches on demand", color="tab:red")
-    bottom.bar(bins[:-1], prefetch_counts, width=width, align="edge", bottom=demand_counts,
-               label="prefetches", color="tab:orange")
-    bottom.step(bins[:-1], evictions, where="post", color="black", label="evictions")
-    bottom.set_xlabel("virtual time (s)")
-    bottom.set_ylabel(f"count per {width:,.2f} s")
-    bottom.set_title(f"DDR -> HBM expert switches ({len(data.switches):,} in total)")
-    bottom.grid(True, alpha=0.3)
-    bottom.legend(loc="upper right", fontsize="small")
-    return _save(figure, path)
+    axes.bar(bins[:-1], demand_counts, width=width, align="edge", label="switches on demand", color="tab:red")
+    axes.bar(bins[:-1], prefetch_counts, width=width, align="edge", bottom=demand_counts,
+             label="prefetches", color="tab:orange")
+    axes.step(bins[:-1], evictions, where="post", color="black", label="evictions")
+    axes.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # counts: 0, 2, 4, never 2.5
+    _mark_faults(axes, data)
+    style_axes(axes, f"DDR -> HBM expert switches ({len(data.switches):,} in total)", "virtual time (s)",
+               f"count per {width:,.2f} s")
+    legend_outside(axes)
 
 
-def _mark_faults(axes, data: _RunData) -> None:
-    """A vertical line at each injected fault, in a time axis of seconds."""
+def _step_at(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
+    """GiB of a (t_ns, bytes) step function sampled at `grid_s`, so many groups share one time grid."""
+    times_s = np.asarray([t / 1e9 for t, _ in points])
+    used_gib = np.asarray([b / _GIB for _, b in points])
+    return used_gib[np.clip(np.searchsorted(times_s, grid_s, side="right") - 1, 0, len(used_gib) - 1)]
+
+
+def _band(axes: Axes, x: np.ndarray, series: list[np.ndarray], what: str, step: bool = False) -> None:
+    """Mean line and min-max band of many series: readable where one line per group is spaghetti."""
+    stack = np.vstack(series)
+    kwargs = {"step": "post"} if step else {}
+    axes.fill_between(x, stack.min(axis=0), stack.max(axis=0), color="tab:blue", alpha=0.25,
+                      label=f"min-max over {len(series)} {what}", **kwargs)
+    draw = axes.step if step else axes.plot
+    draw(x, stack.mean(axis=0), color="tab:blue", label=f"mean of {len(series)} {what}",
+         **({"where": "post"} if step else {}))
+
+
+def hbm_figure(data: _RunData) -> Figure:
+    """HBM occupancy over virtual time above the expert switches per interval, on one time axis."""
+    figure = new_figure(13, 7.5)
+    figure.suptitle(f"HBM occupancy and expert switches over virtual time\n{_title(data)}")
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    _hbm_panel(top, data)
+    _switches_panel(bottom, data)
+    return figure
+
+
+_FAULT_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1)))
+
+
+def _mark_faults(axes: Axes, data: _RunData) -> None:
+    """A red vertical line at each injected fault, named in the legend (no text over the data)."""
     for i, (t_ns, label) in enumerate(data.faults):
-        axes.axvline(t_ns / 1e9, color="red", linestyle="--", linewidth=1,
-                     label="faults" if i == 0 else None)
-        axes.annotate(label, (t_ns / 1e9, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
-                      ha="right", fontsize="x-small", color="red")
+        axes.axvline(t_ns / 1e9, color="red", linestyle=_FAULT_STYLES[i % len(_FAULT_STYLES)], linewidth=1.2,
+                     label=f"fault at {t_ns / 1e9:,.2f} s: {label}")
 
 
 def _busy_ns(spans: list[tuple[int, int]], edges_ns: np.ndarray) -> np.ndarray:
@@ -215,14 +266,11 @@ def _busy_ns(spans: list[tuple[int, int]], edges_ns: np.ndarray) -> np.ndarray:
     return np.clip(overlap, 0, None).sum(axis=0)
 
 
-def _socket_utilisation(data: _RunData, path: Path) -> Path:
-    figure = Figure(figsize=(12, 8.5), layout="constrained")
-    figure.suptitle(f"Socket utilisation over virtual time\n{_title(data)}")
-    top, bottom = figure.subplots(2, 1, height_ratios=(3, 2))
+def _share_bars(axes: Axes, data: _RunData) -> None:
+    """Stacked horizontal bars: the share of the run each socket (or TP group) spent on each activity."""
     total_ns = max(data.end_ns, 1)
     groups = data.setup["groups"]
-    members = sum(len(g["members"]) for g in groups)
-    per_socket = members <= _MAX_SOCKET_BARS
+    per_socket = sum(len(g["members"]) for g in groups) <= _MAX_SOCKET_BARS
     labels, shares = [], {a: [] for a in _ACTIVITIES}
     for group in groups:
         rows = group["members"] if per_socket else [f"{group['name']} ({len(group['members'])} sockets)"]
@@ -231,37 +279,67 @@ def _socket_utilisation(data: _RunData, path: Path) -> Path:
             for activity in _ACTIVITIES:
                 busy = sum(end - start for start, end in data.intervals[group["name"]][activity])
                 shares[activity].append(100.0 * busy / total_ns)
+    if len(labels) > _MAX_GROUP_BARS:
+        labels, shares = _summary_rows(labels, shares)
     positions = np.arange(len(labels))
     left = np.zeros(len(labels))
     for activity in _ACTIVITIES:
-        top.barh(positions, shares[activity], left=left, label=activity, color=_COLOURS[activity])
+        axes.barh(positions, shares[activity], left=left, label=activity, color=_COLOURS[activity])
         left += np.asarray(shares[activity])
-    top.set_yticks(positions, labels, fontsize="small" if len(labels) > 12 else "medium")
-    top.invert_yaxis()
-    top.set_xlim(0, min(100.0, max(10.0, 1.15 * float(left.max(initial=0.0)))))
-    top.set_xlabel(f"share of the run's virtual time, {total_ns / 1e9:,.2f} s (%)")
-    top.set_title("what each socket spent its time on" + ("" if per_socket else " (one bar per TP group)"))
-    top.grid(True, axis="x", alpha=0.3)
-    top.legend(loc="lower right", fontsize="small")
-    edges_ns = np.linspace(0, total_ns, 61)
+    for position, total in zip(positions, left):  # the busy total at each bar's end: no need to add segments
+        axes.annotate(f"{total:.1f} %", (total, position), xytext=(3, 0), textcoords="offset points",
+                      va="center", fontsize="x-small")
+    axes.set_yticks(positions, labels, fontsize="small" if len(labels) > 12 else "medium")
+    axes.invert_yaxis()
+    axes.set_xlim(0, min(100.0, max(10.0, 1.15 * float(left.max(initial=0.0)))))
+    style_axes(axes, "what each socket spent its time on" + ("" if per_socket else
+               f" (one bar per TP group of {len(groups)})" if len(groups) <= _MAX_GROUP_BARS else
+               f" (summary of {len(groups)} TP groups)"),
+               f"share of the run's virtual time, {total_ns / 1e9:,.2f} s (%)", "")
+    axes.grid(False, axis="y")
+    legend_outside(axes)
+
+
+def _summary_rows(labels: list[str], shares: dict[str, list[float]]) -> tuple[list[str], dict[str, list[float]]]:
+    """Mean, busiest and least busy TP group: three readable bars instead of hundreds of thin ones."""
+    busy = np.sum([shares[a] for a in _ACTIVITIES], axis=0)
+    high, low = int(np.argmax(busy)), int(np.argmin(busy))
+    rows = [f"mean of {len(labels)} TP groups", f"busiest: {labels[high]}", f"least busy: {labels[low]}"]
+    return rows, {a: [float(np.mean(v)), v[high], v[low]] for a, v in shares.items()}
+
+
+def _busy_lines(axes: Axes, data: _RunData) -> None:
+    """Busy share of each TP group per time interval: when the sockets worked, not only how much."""
+    edges_ns = np.linspace(0, max(data.end_ns, 1), 61)
     centres_s = (edges_ns[:-1] + edges_ns[1:]) / 2 / 1e9
-    for group in groups:
-        spans = [span for activity in ("router", "expert prefill", "expert decode")
-                 for span in data.intervals[group["name"]][activity]]
-        busy = _busy_ns(spans, edges_ns) / np.diff(edges_ns) * 100
-        bottom.plot(centres_s, busy, label=f"{group['name']} ({len(group['members'])} sockets)")
-    _mark_faults(bottom, data)
-    bottom.set_ylim(0, 105)
-    bottom.set_xlabel("virtual time (s)")
-    bottom.set_ylabel("busy computing (% of interval)")
-    bottom.set_title(f"busy share per TP group over time ({(edges_ns[1] - edges_ns[0]) / 1e9:,.2f} s intervals)")
-    bottom.grid(True, alpha=0.3)
-    bottom.legend(loc="best", fontsize="small")
-    return _save(figure, path)
+    groups = data.setup["groups"]
+    busy = [_busy_ns([span for activity in ("router", "expert prefill", "expert decode")
+                      for span in data.intervals[group["name"]][activity]], edges_ns) / np.diff(edges_ns) * 100
+            for group in groups]
+    if len(groups) > _MAX_GROUP_LINES:
+        _band(axes, centres_s, busy, "TP groups")
+    for i, group in enumerate(groups if len(groups) <= _MAX_GROUP_LINES else ()):
+        axes.plot(centres_s, busy[i], color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
+                  label=f"{group['name']} ({len(group['members'])} sockets)")
+    _mark_faults(axes, data)
+    axes.set_ylim(0, 105)
+    style_axes(axes, f"busy share per TP group over time ({(edges_ns[1] - edges_ns[0]) / 1e9:,.2f} s intervals)",
+               "virtual time (s)", "busy computing (% of interval)")
+    legend_outside(axes)
 
 
-def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNGs of `run_dir` into `out_dir` (default run_dir/plots); returns their paths."""
+def utilisation_figure(data: _RunData) -> Figure:
+    """Per-socket activity shares above the busy share of each TP group over virtual time."""
+    figure = new_figure(13, 8.5)
+    figure.suptitle(f"Socket utilisation over virtual time\n{_title(data)}")
+    top, bottom = figure.subplots(2, 1, height_ratios=(3, 2))
+    _share_bars(top, data)
+    _busy_lines(bottom, data)
+    return figure
+
+
+def run_figures(run_dir: str | Path) -> dict[str, Figure]:
+    """The figures of `run_dir` by file name, unsaved (tests and notebooks inspect their axes)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -271,7 +349,13 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
         latencies, source = _latencies_from_csv(requests_csv), "requests.csv"
     else:
         latencies, source = data.latencies, "done events: the run has no requests.csv"
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    return {PLOT_FILES[0]: latency_figure(data, latencies, source), PLOT_FILES[1]: hbm_figure(data),
+            PLOT_FILES[2]: utilisation_figure(data)}
+
+
+def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the PNGs of `run_dir` into `out_dir` (default run_dir/plots); returns their paths."""
+    figures = run_figures(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    return [_latency_cdf(data, latencies, source, out / PLOT_FILES[0]), _hbm_and_switches(data, out / PLOT_FILES[1]),
-            _socket_utilisation(data, out / PLOT_FILES[2])]
+    return [save_figure(figure, out / name) for name, figure in figures.items()]
