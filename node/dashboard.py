@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -22,6 +24,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from interconnect.spec_fields import UserError, format_bytes
+from interconnect.topology import Topology
 from node.events_log import read_events
 from node.live_stats import LiveStats, SocketView, StatsSnapshot, format_virtual_s
 
@@ -58,29 +61,54 @@ def _short(model: str) -> str:
     return f"e{int(model[6:])}" if model.startswith("expert") and model[6:].isdigit() else model
 
 
-def _header(s: StatsSnapshot) -> RenderableType:
+def _state(s: StatsSnapshot) -> str:
+    return ("stopped: " + s.stopped if s.stopped else "interrupted" if s.interrupted
+            else "finished" if s.finished else "running")
+
+
+def _pack(parts: Sequence[Text], width: int, gap: int = 3) -> list[Text]:
+    """Short phrases laid left to right, wrapped between phrases (never inside one), so that a
+    wide terminal spends fewer lines on the header than a narrow one."""
+    lines: list[Text] = []
+    for part in parts:
+        if lines and lines[-1].cell_len + gap + part.cell_len <= width:
+            lines[-1].append(" " * gap).append_text(part)
+        else:
+            lines.append(Text(no_wrap=True, overflow="ellipsis").append_text(part))
+    return lines
+
+
+def _header_lines(s: StatsSnapshot, width: int) -> list[Text]:
+    """The lines inside the header panel, for a panel `width` columns wide inside."""
     hit = f"{s.hit_rate:.0%}" if s.hit_rate is not None else "-"
-    ratio = f"{s.clock_ns / 1e9 / s.wall_s:,.1f} virtual s per wall s" if s.wall_s > 0 else ""
-    state = ("stopped: " + s.stopped if s.stopped else "interrupted" if s.interrupted
-             else "finished" if s.finished else "running")
-    lines = [
-        Text.assemble((f"{s.name}", "bold"), f": {s.experts} x {s.model} on {s.nodes} x {s.platform}, "
-                      f"TP{s.tp}, {s.policy}  [{state}]"),
-        Text(f"virtual time {format_virtual_s(s.clock_ns)}   wall time {s.wall_s:,.1f} s   {ratio}"),
-        Text(f"throughput {s.tokens_per_s:,.0f} tokens/s   switches {s.switches:,} (prefetched {s.prefetches:,})   "
-             f"evictions {s.evictions:,}   HBM hits {hit} of expert runs"),
-        *([Text(f"faults {len(s.faults)}, latest: {s.faults[-1].strip()}", style="bold red")] if s.faults else []),
-        Text("requests ") + _bar(s.progress, 30) + Text(f"  {s.completed:,} done / {s.requests_total:,}"
-                                                        f"  (arrived {s.arrived:,})"),
-    ]
-    for node in s.nodes_view[:4]:
-        lines.append(Text(f"node{node.index} {node.ddr_tier} ") + _tier(node.ddr_used_bytes, node.ddr_capacity_bytes)
-                     + Text(f"  of {format_bytes(node.ddr_capacity_bytes)}"
-                            + ("" if node.ddr_used_bytes is not None else " (occupancy not in the events)"),
-                            style="dim"))
+    figures = [Text(f"virtual time {format_virtual_s(s.clock_ns)}"), Text(f"wall time {s.wall_s:,.1f} s"),
+               *([Text(f"{s.clock_ns / 1e9 / s.wall_s:,.1f} virtual s per wall s")] if s.wall_s > 0 else []),
+               Text(f"throughput {s.tokens_per_s:,.0f} tokens/s"),
+               Text(f"switches {s.switches:,} (prefetched {s.prefetches:,})"), Text(f"evictions {s.evictions:,}"),
+               Text(f"HBM hits {hit} of expert runs")]
+    nodes = [Text(f"node{node.index} {node.ddr_tier} ") + _tier(node.ddr_used_bytes, node.ddr_capacity_bytes, 6)
+             + Text(f" of {format_bytes(node.ddr_capacity_bytes)}"
+                    + ("" if node.ddr_used_bytes is not None else " (not in the events)"), style="dim")
+             for node in s.nodes_view[:4]]
     if len(s.nodes_view) > 4:
-        lines.append(Text(f"... {len(s.nodes_view) - 4} more nodes", style="dim"))
-    return Panel(Group(*lines), title="rdu dashboard", title_align="left")
+        nodes.append(Text(f"... {len(s.nodes_view) - 4} more nodes", style="dim"))
+    return [
+        Text.assemble((f"{s.experts} x {s.model} on {s.nodes} x {s.platform}, TP{s.tp}, {s.policy}", "bold"),
+                      ("   " + s.name, "dim"), no_wrap=True, overflow="ellipsis"),  # the name repeats the rest
+        *_pack(figures, width),
+        *([Text(f"faults {len(s.faults)}, latest: {s.faults[-1].strip()}", style="bold red", no_wrap=True,
+                overflow="ellipsis")] if s.faults else []),
+        Text("requests ", no_wrap=True, overflow="ellipsis") + _bar(s.progress, min(30, max(10, width - 50)))
+        + Text(f"  {s.completed:,} done / {s.requests_total:,}  (arrived {s.arrived:,})"),
+        *_pack(nodes, width),
+    ]
+
+
+def _header(s: StatsSnapshot, lines: list[Text]) -> RenderableType:
+    """The panel; its title says how the run stands, so the last frame says how it ended."""
+    style = "bold red" if s.stopped or s.interrupted else "bold green" if s.finished else "bold"
+    return Panel(Group(*lines), title=Text.assemble("rdu dashboard ", (f"[{_state(s)}]", style)),
+                 title_align="left")
 
 
 def _row(*cells: tuple[Text | str, int]) -> Text:
@@ -100,79 +128,155 @@ def _title(text: str) -> Text:
     return Text(text, style="bold")
 
 
-def _socket_rows(s: StatsSnapshot, max_rows: int) -> list[tuple[str, SocketView]]:
-    """(label, view) per socket; when they do not fit, one row per TP group (its members hold
-    the same experts and run in lockstep), labelled with its first member and how many more."""
-    if len(s.sockets) <= max_rows:
-        return [(view.name, view) for view in s.sockets]
-    by_group: dict[str, list[SocketView]] = {}
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 4, 5] -> `0-2,4-5`."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def _members_label(views: Sequence[SocketView]) -> str:
+    """`node0 s0-7 x8` for eight sockets that look the same; the socket's own name for one."""
+    if len(views) == 1:
+        return views[0].name
+    by_node: dict[int, list[int]] = {}
+    for view in views:
+        node, socket = Topology.parse(view.name)
+        by_node.setdefault(node, []).append(socket)
+    return " ".join(f"node{node} s{_ranges(sockets)}" for node, sockets in by_node.items()) + f" x{len(views)}"
+
+
+def _looks(view: SocketView) -> tuple:
+    """Everything a socket row shows except the socket's name: members that agree share a row."""
+    return (view.group, view.hbm_used_bytes, view.hbm_capacity_bytes, view.sram_used_bytes, view.resident,
+            view.loading, round(view.busy_fraction, 3), view.state)
+
+
+def _socket_rows(s: StatsSnapshot, max_rows: int | None = None) -> list[tuple[str, SocketView]]:
+    """(label, view) per row: the members of a TP group hold the same experts and run in
+    lockstep, so they share one row, unless something (a fault, a ledger sample) sets some of
+    them apart; then each distinct look gets its own row. If those are more than `max_rows`,
+    one row per group, which names the members that differ."""
+    looks: dict[tuple, list[SocketView]] = {}
+    groups: dict[str, list[SocketView]] = {}
     for view in s.sockets:
-        by_group.setdefault(view.group, []).append(view)
-    return [(f"{views[0].name} +{len(views) - 1}" if len(views) > 1 else views[0].name, views[0])
-            for views in by_group.values()]
+        looks.setdefault(_looks(view), []).append(view)
+        groups.setdefault(view.group, []).append(view)
+    if max_rows is not None and len(looks) > max_rows:
+        return [(_members_label(views), _group_view(views)) for views in groups.values()]
+    rows = [(_members_label(views), views[0]) for views in looks.values()]
+    order = {name: i for i, name in enumerate(groups)}
+    return sorted(rows, key=lambda row: order[row[1].group])   # stable: a group's rows stay together
 
 
-def _sockets(s: StatsSnapshot, max_rows: int, width: int) -> list[Text]:
+def _group_view(views: Sequence[SocketView]) -> SocketView:
+    """One view for a whole group: its first member's, with the states of those that differ."""
+    one_node = len({view.node for view in views}) == 1   # then the row's label names the node
+    marks = [f"{'s' + str(Topology.parse(view.name)[1]) if one_node else view.name} {view.state}"
+             for view in views if view.state and view.state != "down"]
+    state = "down" if all(view.state == "down" for view in views) else ", ".join(marks)
+    return replace(views[0], state=state)
+
+
+def _show_sram(s: StatsSnapshot) -> bool:
+    """The SRAM column only carries information once some sampled ledger says a byte is used."""
+    return any(view.sram_used_bytes for view in s.sockets)
+
+
+def _sockets(s: StatsSnapshot, max_rows: int, width: int, title: bool = True) -> list[Text]:
     rows = _socket_rows(s, max_rows)
-    name_w = max([len("socket"), *(len(label) for label, _ in rows)])
+    sram = _show_sram(s)
+    bar_w = 10 if width >= 110 else 6
+    name_w = max([len("sockets"), *(len(label) for label, _ in rows)])
     group_w = max([len("group"), *(len(v.group) for v in s.sockets)])
-    fixed = name_w + group_w + 12 + 27 + 12 + 5
-    rest = max(10, width - fixed)
-    sram_note = "" if s.backend_sampled else " (SRAM comes from the sockets' ledgers: not in recorded events)"
-    lines = [_title(f"sockets: memory tiers, busy share, experts resident in HBM{sram_note}"),
-             _row(("socket", name_w), ("group", group_w), ("SRAM", 12), ("HBM", 27), ("busy", 12),
-                  ("in HBM (most recently used first)", rest))]
-    for label, view in rows[:max_rows]:
-        experts = [m for m in view.resident if m.startswith("expert")]
-        others = [m for m in view.resident if not m.startswith("expert")]
-        loading = f" loading {' '.join(_short(m) for m in view.loading)};" if view.loading else ""
-        resident = f"{len(experts)} experts{' + ' + ', '.join(others) if others else ''}:{loading} " + \
-            " ".join(_short(m) for m in reversed(experts))
-        hbm = _tier(view.hbm_used_bytes, view.hbm_capacity_bytes) + Text(f" {format_bytes(view.hbm_used_bytes)}")
-        lines.append(_row((label, name_w), (view.group, group_w),
-                          (_tier(view.sram_used_bytes, view.sram_capacity_bytes, 6), 12), (hbm, 27),
-                          (_bar(view.busy_fraction, 6), 12), (resident, rest)))
-    if len(rows) > max_rows:
-        lines.append(Text(f"... {len(rows) - max_rows} more rows (a taller terminal shows them)", style="dim"))
+    hbm_w, busy_w, sram_w = bar_w + 17, bar_w + 6, 12
+    fixed = name_w + group_w + hbm_w + busy_w + 4 + (sram_w + 1 if sram else 0)
+    rest = max(10, width - fixed - 1)
+    lines = [_title("sockets: memory tiers, busy share, experts resident in HBM")] if title else []
+    lines.append(_row(("sockets", name_w), ("group", group_w), *([("SRAM", sram_w)] if sram else []),
+                      ("HBM", hbm_w), ("busy", busy_w), ("in HBM (most recently used first)", rest)))
+    shown = rows if len(rows) <= max_rows else rows[:max(0, max_rows - 1)]
+    for label, view in shown:
+        lines.append(_socket_line(view, label, sram, bar_w, (name_w, group_w, sram_w, hbm_w, busy_w, rest)))
+    if len(shown) < len(rows):
+        lines.append(Text(f"... {len(rows) - len(shown)} more rows (a taller terminal shows them)", style="dim"))
     return lines
 
 
-def _links(s: StatsSnapshot) -> list[Text]:
-    name_w = max([len("link"), *(len(link.name) for link in s.links)])
-    moved_w = 11
-    lines = [_title("links (busy share of virtual time)"), _row(("link", name_w), ("busy", 14), ("moved", moved_w))]
-    for link in s.links:
-        moved = format_bytes(link.bytes_moved) if link.bytes_moved is not None else link.note
-        lines.append(_row((link.name, name_w), (_bar(link.busy_fraction, 8), 14), (moved, moved_w)))
-    return lines
+def _socket_line(view: SocketView, label: str, sram: bool, bar_w: int, widths: tuple[int, ...]) -> Text:
+    name_w, group_w, sram_w, hbm_w, busy_w, rest = widths
+    experts = [m for m in view.resident if m.startswith("expert")]
+    others = [m for m in view.resident if not m.startswith("expert")]
+    state = Text(f"{view.state}; ", style="bold red" if "down" in view.state or "restarting" in view.state
+                 else "yellow") \
+        if view.state else Text("")
+    loading = f" loading {' '.join(_short(m) for m in view.loading)};" if view.loading else ""
+    extra = (" + " + ", ".join(others)) if others and rest >= 40 else ""  # narrow: the experts matter more
+    recent_first = " ".join(_short(m) for m in reversed(experts))
+    resident = state + Text(f"{len(experts)} experts{extra}:{loading} {recent_first}")
+    hbm = _tier(view.hbm_used_bytes, view.hbm_capacity_bytes, bar_w) + Text(f" {format_bytes(view.hbm_used_bytes)}")
+    sram_cell = [(_tier(view.sram_used_bytes, view.sram_capacity_bytes, 6), sram_w)] if sram else []
+    return _row((label, name_w), (view.group, group_w), *sram_cell, (hbm, hbm_w),
+                (_bar(view.busy_fraction, bar_w), busy_w), (resident, rest))
 
 
-def _queues(s: StatsSnapshot) -> list[Text]:
-    name_w = max([len("group"), *(len(g.name) for g in s.groups)])
+class _Block(NamedTuple):
+    """Lines drawn side by side with other blocks; `min_width` is as narrow as it may be cut
+    (only a block whose last column is free text may be cut at all)."""
+
+    lines: list[Text]
+    min_width: int
+
+
+def _block(lines: list[Text], cut_cells: int = 0) -> _Block:
+    width = max(line.cell_len for line in lines)
+    return _Block(lines, width - cut_cells)
+
+
+def _links(s: StatsSnapshot) -> _Block:
+    name_w = max([len("links"), *(len(link.name) for link in s.links)])
+    moved = [format_bytes(link.bytes_moved) if link.bytes_moved is not None else link.note for link in s.links]
+    moved_w = max([len("moved"), *(len(m) for m in moved)])
+    lines = [_row((_title("links"), name_w), ("busy share", 13), ("moved", moved_w))]
+    for link, text in zip(s.links, moved):
+        lines.append(_row((link.name, name_w), (_bar(link.busy_fraction, 8), 13), (text, moved_w)))
+    return _block(lines)
+
+
+def _queues(s: StatsSnapshot) -> _Block:
+    name_w = max([len("queue"), *(len(g.name) for g in s.groups)])
     now_w = max([len("now"), *(len(g.activity) for g in s.groups)])
-    lines = [_title("request queue"), _row(("group", name_w), ("waiting", 8), ("batch", 6), ("now", now_w))]
+    lines = [_row((_title("queue"), name_w), ("waiting", 7), ("batch", 5), ("now", now_w))]
     for group in s.groups:
-        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 8), (f"{group.batch:>5}", 6),
+        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 7), (f"{group.batch:>5}", 5),
                           (group.activity, now_w)))
-    return lines
+    return _block(lines, cut_cells=max(0, now_w - 12))  # `expert0042 …` still says who runs
 
 
-def _latency(s: StatsSnapshot) -> list[Text]:
-    lines = [_title(f"latency of {s.completed:,} completed"), _row(("", 10), ("p50", 9), ("p90", 9), ("p99", 9))]
+def _latency(s: StatsSnapshot) -> _Block:
+    """Percentiles of the completed requests (how many: the header's `done` count)."""
+    lines = [_row((_title("latency"), 10), *((f"{q:>8}", 8) for q in ("p50", "p90", "p99")))]
     for label, values in (("TTFT", s.ttft_ns), ("TPOT", s.tpot_ns), ("end-to-end", s.e2e_ns)):
-        lines.append(_row((label, 10), *((f"{_duration(values[q]):>9}", 9) for q in ("p50", "p90", "p99"))))
-    return lines
+        lines.append(_row((label, 10), *((f"{_duration(values[q]):>8}", 8) for q in ("p50", "p90", "p99"))))
+    return _block(lines)
 
 
-def _flow(blocks: list[list[Text]], width: int, gap: int = 4) -> list[Text]:
-    """Lay blocks of lines left to right, starting a new row of blocks when one would not fit."""
+def _flow(blocks: list[_Block], width: int, gap: int = 2) -> list[Text]:
+    """Lay blocks of lines left to right, starting a new row of blocks when one would not fit
+    even cut down to its `min_width`."""
     rows: list[list[tuple[list[Text], int]]] = [[]]
     used = 0
-    for lines in blocks:
-        block_w = max(line.cell_len for line in lines)
-        if rows[-1] and used + gap + block_w > width:
+    for lines, min_width in blocks:
+        block_w = min(width, max(line.cell_len for line in lines))
+        room = width - used - (gap if rows[-1] else 0)
+        if rows[-1] and room < min(block_w, min_width):
             rows.append([])
-            used = 0
+            used, room = 0, width
+        block_w = min(block_w, room)
         used += (gap if rows[-1] else 0) + block_w
         rows[-1].append((lines, block_w))
     out: list[Text] = []
@@ -181,7 +285,7 @@ def _flow(blocks: list[list[Text]], width: int, gap: int = 4) -> list[Text]:
             line = Text(no_wrap=True, overflow="ellipsis")
             for j, (lines, block_w) in enumerate(row):
                 cell = lines[i].copy() if i < len(lines) else Text("")
-                cell.truncate(block_w, pad=True)
+                cell.truncate(block_w, overflow="ellipsis", pad=True)
                 line.append(" " * gap if j else "").append_text(cell)
             out.append(line)
         out.append(Text(""))
@@ -194,11 +298,43 @@ def _log(s: StatsSnapshot, lines: int) -> RenderableType:
     return Panel(body, title="switches, evictions, faults", title_align="left")
 
 
-def render(snapshot: StatsSnapshot, width: int = 120, max_socket_rows: int = 16, log_lines: int = 6) -> RenderableType:
-    """The whole dashboard, drawn from `snapshot` alone, for a terminal `width` columns wide."""
-    middle = _flow([_links(snapshot), _queues(snapshot), _latency(snapshot)], width)
-    body = Text("\n", no_wrap=True).join([*_sockets(snapshot, max_socket_rows, width), Text(""), *middle])
-    return Group(_header(snapshot), body, _log(snapshot, log_lines))
+class _Plan(NamedTuple):
+    """What fits on the screen: socket rows, log lines, the links block, spacing."""
+
+    socket_rows: int
+    log_lines: int
+    links: bool
+    spacious: bool          # the sockets' title line and blank lines between sections
+
+
+def _plan(s: StatsSnapshot, width: int, height: int, header_lines: int) -> _Plan:
+    """Fit the dashboard in `height` lines, giving up the least useful parts first: spacing,
+    then the links block, then socket rows; the latency percentiles, the request queue and at
+    least two lines of the log always stay."""
+    rows = len(_socket_rows(s))
+    core_h = len(_flow([_latency(s), _queues(s)], width))
+    full_h = len(_flow([_latency(s), _queues(s), _links(s)], width))
+    fixed = header_lines + 2 + 1 + 2     # header panel, sockets' column header, log panel borders
+    for spacious, links, min_log in ((True, True, 4), (False, True, 3), (False, False, 2)):
+        left = height - fixed - (full_h if links else core_h) - (2 if spacious else 0) - rows
+        if left >= min_log:
+            return _Plan(rows, min(8, left), links, spacious)
+    left = height - fixed - core_h - 2
+    return _Plan(max(1, left), 2, False, False)
+
+
+def render(snapshot: StatsSnapshot, width: int = 120, max_socket_rows: int = 16, log_lines: int = 6,
+           height: int | None = None) -> RenderableType:
+    """The whole dashboard, drawn from `snapshot` alone, for a terminal `width` columns wide;
+    with `height`, fitted into that many lines (which overrides `max_socket_rows` and `log_lines`)."""
+    header_lines = _header_lines(snapshot, width - 4)
+    plan = _Plan(max_socket_rows, log_lines, True, True) if height is None else \
+        _plan(snapshot, width, height, len(header_lines))
+    blocks = [_latency(snapshot), _queues(snapshot), *([_links(snapshot)] if plan.links else [])]
+    gap = [Text("")] if plan.spacious else []
+    sockets = _sockets(snapshot, plan.socket_rows, width, title=plan.spacious)
+    body = Text("\n", no_wrap=True).join([*sockets, *gap, *_flow(blocks, width)])
+    return Group(_header(snapshot, header_lines), body, _log(snapshot, plan.log_lines))
 
 
 def one_line(s: StatsSnapshot) -> str:
@@ -243,6 +379,7 @@ class LiveDashboard:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._backend = None  # whatever ended the run, the backend may be gone by now: never touch it
         try:
             if not self._final_drawn and self.stats.setup is not None:
                 self.draw(final=True)
@@ -254,6 +391,24 @@ class LiveDashboard:
     def attach(self, backend) -> None:
         """Sample the backend's socket ledgers (SRAM, HBM) at draw time, if it has them."""
         self._backend = backend if hasattr(backend, "socket_snapshots") else None
+
+    def detach(self) -> None:
+        """The backend is about to shut down (its Ray actors and refs die with the session): take
+        the last sample of its ledgers now and forget it, so that the final frame, drawn after
+        the shutdown, reads nothing but what was sampled."""
+        self._sample()
+        self._backend = None
+
+    def _sample(self) -> None:
+        """Read the backend's socket ledgers. The dashboard only watches: a ledger that cannot be
+        read (a killed actor, a session going away) must not end the run, so on an error it
+        stops sampling and keeps the last sample it has."""
+        if self._backend is None:
+            return
+        try:
+            self.stats.observe_sockets(self._backend.socket_snapshots())
+        except Exception:  # noqa: BLE001 - any Ray error: stop watching, the run goes on
+            self._backend = None
 
     def __call__(self, event: dict) -> None:
         self.stats.feed(event)
@@ -274,15 +429,15 @@ class LiveDashboard:
     def draw(self, now: float | None = None, final: bool = False) -> None:
         """Redraw now; the next timed redraw comes after the refresh interval, or later if this
         one was slow, so that drawing never takes more than `DRAW_SHARE` of the wall time. The
-        live view's `final` frame is drawn once, by `Live.stop()` on leaving the context."""
+        `final` frame is shown at once (writing the outputs takes a while yet) and never samples
+        the backend, which may be gone by then."""
         now = time.perf_counter() if now is None else now
-        if self._backend is not None:
-            self.stats.observe_sockets(self._backend.socket_snapshots())
+        if not final:
+            self._sample()
         snapshot = self.stats.snapshot(now - self._wall_start)
         if self._live is not None:
             size = self.console.size
-            self._live.update(render(snapshot, width=size.width, max_socket_rows=max(2, size.height - 27),
-                                     log_lines=max(2, min(8, size.height - 34))), refresh=not final)
+            self._live.update(render(snapshot, width=size.width, height=size.height - 1), refresh=True)
         else:
             self.console.print(one_line(snapshot), highlight=False, soft_wrap=True)
         self.draws += 1

@@ -191,6 +191,7 @@ class SocketView:
     resident: tuple[str, ...]            # models in HBM, least recently used first
     loading: tuple[str, ...]             # of those, copies still in flight
     busy_fraction: float                 # router + expert runs, share of virtual time so far
+    state: str = ""                      # "", "down" (its node died), "restarting", "restarted once"...
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ class LiveStats:
         self.host_busy: dict[str, IntervalMeter] = {}     # node's shared host link (GPU platforms)
         self.host_bytes: dict[str, int] = {}
         self.socket_samples: dict[str, dict] = {}
+        self.socket_faults: dict[str, tuple[int, int]] = {}   # kill-socket target -> (restarts, back at ns)
         self.finished = self.interrupted = False
         self.stopped = ""
         self.summary: dict | None = None
@@ -406,6 +408,9 @@ class LiveStats:
             group = self._group(event["group"])
             group.interrupt(t_ns)
             group.restarting_until_ns = int(event.get("recovered_at_ns", t_ns))
+            if event.get("kind") == "kill-socket" and event.get("target"):
+                restarts, _ = self.socket_faults.get(event["target"], (0, 0))
+                self.socket_faults[event["target"]] = (restarts + 1, group.restarting_until_ns)
         self.log.append(event)
         self.faults.append(event)
 
@@ -468,12 +473,22 @@ class LiveStats:
             for member in group.members:
                 sample = self.socket_samples.get(member, {}).get("tiers", {})
                 views.append(SocketView(
-                    name=member, node=group.node, group=group.name, hbm_used_bytes=used,
+                    name=member, node=node_of(member), group=group.name, hbm_used_bytes=used,
                     hbm_capacity_bytes=setup.get("hbm_usable_bytes", 0),
                     sram_used_bytes=sample["sram"]["used_bytes"] if "sram" in sample else None,
                     sram_capacity_bytes=setup.get("sram_bytes", 0), resident=resident, loading=loading,
-                    busy_fraction=min(1.0, busy)))
+                    busy_fraction=min(1.0, busy), state=self._socket_state(group, member, now)))
         return sorted(views, key=lambda v: Topology.parse(v.name))
+
+    def _socket_state(self, group: _Group, member: str, now: int) -> str:
+        """What sets one member apart from the rest of its group: a fault's mark stays after the
+        restart, so the dashboard can still tell which socket was killed."""
+        if group.failed:
+            return "down"
+        restarts, back_ns = self.socket_faults.get(member, (0, 0))
+        if not restarts:
+            return ""
+        return "restarting" if now < back_ns else "restarted once" if restarts == 1 else f"restarted {restarts} times"
 
     def _node_views(self, setup: dict) -> list[NodeView]:
         used = setup.get("ddr_used_bytes")

@@ -93,11 +93,11 @@ def test_render_shows_every_part_of_the_dashboard(two_node_run):
     console.print(render(snapshot, width=140, max_socket_rows=16))
     text = console.export_text()
     for expected in ("rdu dashboard", "on 2 x sn40l-node, TP4", "[running]", "virtual time", "wall time",
-                     "requests", f"{snapshot.completed} done / 300", "node0/socket0", "node1/socket7", "group3",
-                     "SRAM", "HBM", "experts + router", "links", "DDR->HBM", "P2P", "request queue", "waiting",
+                     "requests", f"{snapshot.completed} done / 300", "node0 s0-3 x4", "node1 s4-7 x4", "group3",
+                     "HBM", "experts + router", "links", "DDR->HBM", "P2P", "queue", "waiting",
                      "TTFT", "TPOT", "end-to-end", "switches, evictions, faults", "switch expert"):
         assert expected in text, expected
-    assert "node1/socket7 +3" not in text
+    assert "node1/socket7" not in text and "SRAM" not in text  # identical members fold; no SRAM sampled
 
 
 def test_render_is_a_pure_function_of_the_snapshot(two_node_run):
@@ -111,13 +111,124 @@ def test_render_is_a_pure_function_of_the_snapshot(two_node_run):
     assert texts[0] == texts[1] and "[finished]" in texts[0] and "300 done / 300" in texts[0]
 
 
-def test_a_short_terminal_gets_one_row_per_group(two_node_run):
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_80x24_keeps_latency_queue_and_log(two_node_run, fraction):
     _, _, events = two_node_run
-    console = recorded(width=100, height=30)
-    console.print(render(stats_after(events).snapshot(1.0), width=100, max_socket_rows=6, log_lines=2))
-    text = console.export_text()
-    assert "node0/socket0 +3" in text and "node1/socket4 +3" in text and "node0/socket1 " not in text
-    assert max(len(line) for line in text.splitlines()) <= 100
+    console = recorded(width=80, height=24)
+    console.print(render(stats_after(events, int(len(events) * fraction)).snapshot(1.0), width=80, height=23))
+    lines = console.export_text().splitlines()
+    assert len(lines) <= 23 and max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    for expected in ("p50", "p99", "TTFT", "TPOT", "queue", "waiting", "group0", "group3", "node0 s0-3 x4",
+                     "node1 s4-7 x4", "switches, evictions, faults"):
+        assert expected in text, expected
+    log_title = next(i for i, line in enumerate(lines) if "switches, evictions, faults" in line)
+    assert re.match(r"│ +[\d.]+ s  ", lines[log_title + 1]), lines[log_title + 1]  # a log line shows
+
+
+def test_a_tall_terminal_shows_the_links_and_more_log(two_node_run):
+    _, _, events = two_node_run
+    console = recorded(width=120, height=40)
+    console.print(render(stats_after(events).snapshot(1.0), width=120, height=39))
+    lines = console.export_text().splitlines()
+    assert len(lines) <= 39 and max(len(line) for line in lines) <= 120
+    text = "\n".join(lines)
+    assert "DDR->HBM" in text and "P2P" in text and "[finished]" in text
+    assert sum(1 for line in lines if re.match(r"│ +[\d.]+ s  ", line)) >= 6
+
+
+class FakeBackend:
+    """Socket ledgers on demand; after `close()` any read fails, as a shut-down Ray session does."""
+
+    def __init__(self, sockets, sram_bytes=0):
+        self.sockets, self.sram_bytes, self.reads, self.late_reads, self.closed = sockets, sram_bytes, 0, 0, False
+
+    def socket_snapshots(self):
+        if self.closed:
+            self.late_reads += 1
+            raise ValueError("An application is trying to access a Ray object whose owner is unknown")
+        self.reads += 1
+        return [{"socket": name, "tiers": {"sram": {"used_bytes": self.sram_bytes * (i == 2)}}}
+                for i, name in enumerate(self.sockets)]
+
+
+def run_members(events):
+    setup = next(e for e in events if e["type"] == "setup")
+    return [member for group in setup["groups"] for member in group["members"]]
+
+
+def test_detach_samples_once_and_nothing_touches_the_backend_after(two_node_run):
+    _, _, events = two_node_run
+    backend = FakeBackend(run_members(events), sram_bytes=1 << 20)
+    console = Console(file=io.StringIO(), force_terminal=True, width=140, height=50)
+    with LiveDashboard(console, refresh_per_s=1000.0) as dashboard:
+        dashboard.attach(backend)
+        for event in events[:-1]:
+            dashboard(event)
+        reads = backend.reads
+        dashboard.detach()
+        assert backend.reads == reads + 1
+        backend.closed = True          # the session is gone: the end event and the exit must not read
+        dashboard(events[-1])
+    assert backend.late_reads == 0
+    assert dashboard.stats.socket_samples["node0/socket2"]["tiers"]["sram"]["used_bytes"] == 1 << 20
+    final = ANSI.sub("", console.file.getvalue()).split("rdu dashboard")[-1]
+    assert "[finished]" in final and "run finished" in final
+
+
+def test_a_ledger_that_cannot_be_read_does_not_end_the_run(two_node_run):
+    _, _, events = two_node_run
+    backend = FakeBackend(run_members(events))
+    backend.closed = True
+    with LiveDashboard(Console(file=io.StringIO(), force_terminal=True, width=140, height=50),
+                       refresh_per_s=1000.0) as dashboard:
+        dashboard.attach(backend)
+        for event in events:
+            dashboard(event)
+        dashboard.detach()
+    assert backend.late_reads == 1  # it tried once, then stopped watching
+    assert dashboard.stats.finished and dashboard.stats.socket_samples == {}
+
+
+def test_sram_column_only_when_a_sample_says_something(two_node_run):
+    _, _, events = two_node_run
+    texts = {}
+    for sram_bytes in (0, 1 << 20):
+        stats = stats_after(events)
+        stats.observe_sockets(FakeBackend(run_members(events), sram_bytes).socket_snapshots())
+        console = recorded()
+        console.print(render(stats.snapshot(1.0), width=140, max_socket_rows=16))
+        texts[sram_bytes] = console.export_text()
+    assert "SRAM" not in texts[0] and "node0/socket2" not in texts[0] and "node0 s0-3 x4" in texts[0]
+    # one member's ledger differs from its group's: it gets its own row, the rest stay folded
+    assert "SRAM" in texts[1 << 20] and "node0/socket2" in texts[1 << 20] and "node0 s0-1,3 x3" in texts[1 << 20]
+
+
+@pytest.fixture(scope="module")
+def kill_socket_events(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dash") / "ks"
+    config = resolve_run_config(None, {"backend": "inline", "nodes": 2, "tp": 4, "out": str(out),
+                                       "workload": {"limit": 200}, "faults": ["kill-socket:node1/socket2@request=50"]})
+    execute_run(config)
+    return list(read_events(out / "events.msgpack"))
+
+
+def test_a_killed_socket_gets_its_own_row(kill_socket_events):
+    events = kill_socket_events
+    fault = next(i for i, e in enumerate(events) if e["type"] == "fault")
+    before, during, after = (stats_after(events, n).snapshot(1.0) for n in (fault, fault + 1, len(events)))
+    states = {view.name: view.state for view in during.sockets}
+    assert states["node1/socket2"] == "restarting" and {states[f"node1/socket{i}"] for i in (0, 1, 3)} == {""}
+    assert {view.name: view.state for view in after.sockets}["node1/socket2"] == "restarted once"
+    texts = []
+    for snapshot, rows in ((before, 16), (after, 16), (after, 4)):
+        console = recorded()
+        console.print(render(snapshot, width=140, max_socket_rows=rows))
+        texts.append(console.export_text())
+    assert "node1 s0-3 x4" in texts[0] and "node1/socket2" not in texts[0].split("switches, evictions")[0]
+    assert "node1 s0-1,3 x3" in texts[1] and re.search(r"node1/socket2 +group2 .*restarted once;", texts[1])
+    # four rows for five looks: one per group, which names the socket that differs
+    assert "node1 s0-3 x4" in texts[2] and "s2 restarted once;" in texts[2]
 
 
 def test_without_a_terminal_it_prints_one_line_every_few_seconds(two_node_run):
@@ -150,7 +261,7 @@ def test_live_view_redraws_on_a_timer_not_per_event(two_node_run):
     elapsed = time.perf_counter() - started
     assert len(events) > 1000 and elapsed > 0.3
     assert 2 <= dashboard.draws <= 2 + 4 * elapsed  # at most 4 a second, plus the end
-    assert "node1/socket7" in console.file.getvalue()
+    assert "node1 s4-7 x4" in console.file.getvalue()
 
 
 def test_replay_feeds_the_whole_run_and_returns_its_summary(two_node_run):
@@ -204,7 +315,7 @@ def test_run_dashboard_in_a_real_terminal(tmp_path):
     text = screen(child)
     child.close()
     assert child.exitstatus == 0, text[-2000:]
-    for expected in ("rdu dashboard", "node0/socket0", "node0/socket7", "HBM", "requests", "100%",
+    for expected in ("rdu dashboard", "node0 s0-7 x8", "HBM", "requests", "100%",
                      "400 done / 400", "[finished]", "run directory:"):
         assert expected in text, expected
 
@@ -217,5 +328,5 @@ def test_dash_replays_a_run_in_a_real_terminal(two_node_run):
     child.close()
     assert child.exitstatus == 0, text[-2000:]
     assert time.perf_counter() - started < 20
-    for expected in ("[running]", "[finished]", "node1/socket3", "HBM", "300 done / 300", "TTFT", "end-to-end"):
+    for expected in ("[running]", "[finished]", "node1 s0-3 x4", "HBM", "300 done / 300", "TTFT", "end-to-end"):
         assert expected in text, expected
