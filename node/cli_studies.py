@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from interconnect.spec_fields import UserError
+
 __all__ = ["add_commands"]
 
 
@@ -38,19 +40,37 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from node.sweep import load_study, run_study
+    """Run a study. Progress goes where the user looks: a bar at a terminal, plain periodic lines
+    in a pipe or log, and on stderr with --json (stdout then holds exactly one JSON document).
+    Exit 1 when a point failed (it reruns next time), 0 otherwise."""
+    from node.sweep import PlainProgress, RichProgress, load_study, run_study
 
+    if ".." in Path(args.out or ".").parts:
+        raise UserError(f"--out: {args.out!r}: a sweep folder must not contain '..'")
+    if not args.progress_every >= 0:
+        raise UserError(f"--progress-every: expected a number of seconds >= 0, got {args.progress_every}")
     study = load_study(args.study, fast=args.fast, backend=args.backend)
+    shown = Console(stderr=True) if args.json else console
+    if shown.is_terminal:
+        progress = RichProgress(shown)
+    else:
+        progress = PlainProgress(lambda line: shown.print(line, highlight=False, markup=False, soft_wrap=True),
+                                 interval_s=args.progress_every)
     outcome = run_study(study, Path(args.out) if args.out else None, jobs=args.jobs, address=args.address,
-                        progress=None if args.json else console.print)
+                        progress=progress)
     if args.json:
         print(json.dumps(outcome.to_dict(), sort_keys=True))
     else:
-        console.print(f"{outcome.ran} point(s) run, {outcome.reused} reused from an earlier run, "
-                      f"{outcome.skipped} skipped, {outcome.failed} failed")
+        changed = f" ({outcome.changed} of them changed or stale)" if outcome.changed else ""
+        console.print(f"{outcome.ran} point(s) run{changed}, {outcome.reused} reused from an earlier run, "
+                      f"{outcome.skipped} skipped (invalid config), {outcome.failed} failed", highlight=False,
+                      soft_wrap=True)
+        for row in outcome.rows:
+            if row["status"] == "failed":
+                console.print(f"  failed: {row['point']}: {row['error']}", highlight=False, markup=False)
         for path in outcome.files:
-            console.print(f"wrote {path}")
-    return 0
+            console.print(f"wrote {path}", highlight=False)
+    return 1 if outcome.failed else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -67,5 +87,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="study directory (default sweeps/<name>)")
     p.add_argument("--jobs", type=int, help="points run at once as Ray tasks (default: CPU count)")
     p.add_argument("--address", default="local", help="Ray: local (default), auto or host:port")
-    p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="when not at a terminal: seconds between progress lines (default 10)")
+    p.add_argument("--json", action="store_true", help="print the outcome as one JSON object (progress on stderr)")
     p.set_defaults(handler=cmd_sweep)
