@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rdu run --platform sn40l-node --model llama-2-7b --experts 150 --workload trace --limit 2000 \
-		--policy lru --out runs/demo --dashboard
+		--policy lru --out runs/demo --force --dashboard
 
 test: $(STAMP)
 	$(BIN)/python tests/leftovers.py snapshot .pytest_cache/ray-before
@@ -32,5 +32,6 @@ test-scale: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
+# BENCH_ARGS: e.g. "--only plane"; exits 1 when a target is missed (see bench/run.py).
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
