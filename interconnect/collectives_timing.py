@@ -1,4 +1,13 @@
-"""Closed-form time of ring collectives over a tensor-parallel group, from its hop links.
+"""Closed-form time of collectives over a tensor-parallel group, from its hop links.
+
+Two layers. `collective_ns` is the bare ring on the links (no software cost), which the
+event-level collectives of the functional plane reproduce to the nanosecond. `timed` is what the
+hardware and its collective library do, and what the cost model charges: a start-up cost per
+call (software, synchronisation), then an algorithm chosen by size and topology — one-shot
+(every rank sends straight to every peer: one hop latency, more bytes) for small messages where
+the topology has direct paths, the ring otherwise — at the achieved share of link bandwidth.
+It returns the latency part (start-up + hop latencies) and the bandwidth part separately,
+because a collective streamed inside a fused kernel overlaps the second with compute.
 
 A ring collective over `t` ranks moves the payload in `t` chunks; every step each rank sends
 one chunk to its successor, all hops at once. Reduce-scatter and all-gather take `t - 1` steps,
@@ -17,17 +26,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from interconnect.links import LinkDown, LinkSpec, path_spec, serialisation_ns
-from interconnect.topology import Topology
+from interconnect.topology import CollectiveSpec, Topology
 
-__all__ = ["RingTiming"]
+__all__ = ["RingTiming", "ALGORITHMS"]
+
+ALGORITHMS = ("ring", "one_shot")
 
 
 @dataclass(frozen=True)
 class RingTiming:
-    """Timing of ring collectives over `ranks` ranks connected by `hops` (member i -> member i+1)."""
+    """Timing of collectives over `ranks` ranks connected by `hops` (member i -> member i+1).
+
+    `direct` is the path from a rank to any peer when every pair has one of the same kind (a
+    switch or a full mesh inside one node), None otherwise; `shared_egress` says whether a
+    rank's copies to its peers leave through one port (a switch) or separate links (a mesh).
+    """
 
     ranks: int
     hops: tuple[LinkSpec, ...]
+    collective: CollectiveSpec = CollectiveSpec()
+    direct: LinkSpec | None = None
+    shared_egress: bool = True
 
     def __post_init__(self) -> None:
         # identical hops time identically; knowing it once makes every call cheap
@@ -44,7 +63,12 @@ class RingTiming:
                 raise LinkDown(f"link {link.name} of the ring {members[0]}..{members[-1]} is down since "
                                f"{link.down_since_ns} ns: every message is lost")
         hops = tuple(path_spec([link.spec for link in path]) for path in paths)
-        return cls(ranks=len(members), hops=hops)
+        nodes = {topology.parse(m)[0] for m in members}
+        direct = None
+        if len(nodes) == 1 and topology.spec.p2p_kind in ("switch", "full_mesh"):
+            direct = path_spec([link.spec for link in topology.path(members[0], members[1])])
+        return cls(ranks=len(members), hops=hops, collective=topology.spec.collective, direct=direct,
+                   shared_egress=topology.spec.p2p_kind == "switch")
 
     @property
     def uniform(self) -> bool:
@@ -106,3 +130,53 @@ class RingTiming:
         if self.ranks == 1:
             return nbytes * 0
         return self.steps(kind) * self.chunk_bytes(nbytes)
+
+    # -- what the hardware and its collective library do ---------------------------------------
+    def _scaled(self) -> "RingTiming":
+        """The same ring at the bandwidth a collective achieves on it."""
+        f = self.collective.bandwidth_fraction
+        return RingTiming(self.ranks, tuple(LinkSpec(h.latency_ns, h.bandwidth_bytes_per_s * f) for h in self.hops))
+
+    def _ring_parts(self, kind: str, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hop latencies, serialisation) of the ring algorithm at the achieved bandwidth."""
+        scaled = self._scaled()
+        total = np.asarray(scaled.collective_ns(kind, nbytes), dtype=np.float64)
+        latency = np.asarray(scaled.collective_ns(kind, nbytes * 0.0), dtype=np.float64) + total * 0
+        return latency, total - latency
+
+    def _one_shot_parts(self, kind: str, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hop latency, serialisation) of one-shot: each rank sends to each peer directly.
+
+        All-reduce sends the whole message to every peer (then each rank reduces locally); all-gather and
+        reduce-scatter send one rank's share. Through a switch the copies leave through one port."""
+        assert self.direct is not None
+        t = self.ranks
+        per_peer = nbytes if kind == "all_reduce" else np.ceil(nbytes / t)
+        egress = per_peer * (t - 1) if self.shared_egress else per_peer
+        bandwidth = self.direct.bandwidth_bytes_per_s * self.collective.bandwidth_fraction
+        return np.full_like(nbytes, float(math.ceil(self.direct.latency_ns))), serialisation_ns(egress, bandwidth)
+
+    def algorithm(self, nbytes: float) -> str:
+        """The algorithm a collective of `nbytes` per rank uses on this group."""
+        if self.direct is not None and nbytes <= self.collective.one_shot_max_bytes:
+            return "one_shot"
+        return "ring"
+
+    def timed(self, kind: str, nbytes) -> tuple[np.ndarray, np.ndarray]:
+        """(latency ns, bandwidth ns) of collective `kind` as the hardware runs it: start-up and hop
+        latencies in the first, serialisation in the second; both 0 for a single rank."""
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        if self.ranks == 1:
+            return nbytes * 0.0, nbytes * 0.0
+        latency, bandwidth = self._ring_parts(kind, nbytes)
+        if self.direct is not None and self.collective.one_shot_max_bytes > 0:
+            lat1, bw1 = self._one_shot_parts(kind, nbytes)
+            small = nbytes <= self.collective.one_shot_max_bytes
+            latency, bandwidth = np.where(small, lat1, latency), np.where(small, bw1, bandwidth)
+        return latency + math.ceil(self.collective.startup_ns), bandwidth
+
+    def hardware_ns(self, kind: str, nbytes):
+        """Total time of collective `kind` on `nbytes` per rank, as the hardware runs it."""
+        latency, bandwidth = self.timed(kind, nbytes)
+        total = latency + bandwidth
+        return total if np.ndim(total) else int(total)

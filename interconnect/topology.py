@@ -14,9 +14,32 @@ from dataclasses import dataclass
 from interconnect.links import Link, LinkSpec
 from interconnect.spec_fields import Fields, UserError
 
-__all__ = ["TopologySpec", "Topology", "socket_name", "TOPOLOGY_KINDS"]
+__all__ = ["TopologySpec", "CollectiveSpec", "Topology", "socket_name", "TOPOLOGY_KINDS"]
 
 TOPOLOGY_KINDS = ("ring", "full_mesh", "switch")
+
+
+@dataclass(frozen=True)
+class CollectiveSpec:
+    """What a collective costs beyond its links: the library's or runtime's own work.
+
+    `startup_ns` is paid once per collective call (software launch, the synchronisation of the
+    ranks; ~30 us for NCCL on a DGX, a fraction of a microsecond for an SN40L P2P primitive
+    inside a kernel); `bandwidth_fraction` is the share of link bandwidth a collective reaches;
+    messages up to `one_shot_max_bytes` go one-shot (every rank sends straight to every peer)
+    where the topology allows it (switch, full mesh), larger ones go round the ring.
+    """
+
+    startup_ns: float = 0.0
+    bandwidth_fraction: float = 1.0
+    one_shot_max_bytes: float = 0.0
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> "CollectiveSpec":
+        fields.check_known({"startup_ns", "bandwidth_fraction", "one_shot_max_bytes"})
+        return cls(startup_ns=fields.number("startup_ns", minimum=0.0, inclusive=True),
+                   bandwidth_fraction=fields.fraction("bandwidth_fraction"),
+                   one_shot_max_bytes=fields.number("one_shot_max_bytes", minimum=0.0, inclusive=True))
 
 
 def socket_name(node: int, socket: int) -> str:
@@ -33,10 +56,15 @@ class TopologySpec:
     ddr_to_hbm: LinkSpec
     host_shared: LinkSpec | None
     retransmit_timeout_ns: float = 50_000.0   # a lost message is resent after this long
+    collective: CollectiveSpec = CollectiveSpec()
+    # the memory a DDR -> HBM copy reads from: each socket's own DDR channel (RDU) or the
+    # node's host DRAM (GPU, shared by every copy of the node); set from the socket / node tiers
+    ddr_read: LinkSpec | None = None
+    ddr_read_shared: bool = False
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "TopologySpec":
-        fields.check_known({"p2p", "scale_out", "ddr_to_hbm", "host_shared", "retransmit_timeout_ns"})
+        fields.check_known({"p2p", "scale_out", "ddr_to_hbm", "host_shared", "retransmit_timeout_ns", "collective"})
         p2p = fields.sub("p2p")
         p2p.check_known({"topology", "latency_ns", "bandwidth_bytes_per_s"})
         kind = p2p.string("topology", choices=TOPOLOGY_KINDS)
@@ -50,6 +78,8 @@ class TopologySpec:
             ddr_to_hbm=LinkSpec.from_fields(fields.sub("ddr_to_hbm")),
             host_shared=host,
             retransmit_timeout_ns=fields.number("retransmit_timeout_ns"),
+            collective=(CollectiveSpec.from_fields(fields.sub("collective")) if fields.has("collective")
+                        else CollectiveSpec()),
         )
 
 
@@ -72,9 +102,13 @@ class Topology:
 
     def _build_node(self, node: int) -> None:
         count = self.sockets_per_node
+        if self.spec.ddr_read is not None and self.spec.ddr_read_shared:
+            self._add(f"node{node}/dram", self.spec.ddr_read)
         for s in range(count):
             src = socket_name(node, s)
             self._add(f"{src}/ddr", self.spec.ddr_to_hbm)
+            if self.spec.ddr_read is not None and not self.spec.ddr_read_shared:
+                self._add(f"{src}/ddr_channel", self.spec.ddr_read)
             if self.spec.p2p_kind == "switch":
                 self._add(f"{src}->switch", self.spec.p2p)
                 self._add(f"switch->{src}", self.spec.p2p)
@@ -133,12 +167,17 @@ class Topology:
         return hops
 
     def copy_path(self, socket: str) -> list[Link]:
-        """Links a DDR -> HBM copy into `socket` crosses (shared host link first, if any)."""
+        """Links a DDR -> HBM copy into `socket` crosses: the memory it reads (the socket's DDR
+        channel, or the node's host DRAM), the shared host link if any, the socket's own link.
+        Copies that share one of them share its bandwidth."""
         node, _ = self.check_socket(socket)
-        own = [self.links[f"{socket}/ddr"]]
+        path = [self.links[f"{socket}/ddr"]]
         if self.spec.host_shared is not None:
-            return [self.links[f"node{node}/host"]] + own
-        return own
+            path.insert(0, self.links[f"node{node}/host"])
+        if self.spec.ddr_read is not None:
+            source = f"node{node}/dram" if self.spec.ddr_read_shared else f"{socket}/ddr_channel"
+            path.insert(0, self.links[source])
+        return path
 
     def degrade(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
         """Make the links between sockets `a` and `b` (both ways) lose each message with

@@ -311,10 +311,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)
 
-    from node import cli_observe, cli_studies
+    from node import cli_calibrate, cli_observe, cli_studies
 
     cli_observe.add_commands(sub)
     cli_studies.add_commands(sub)
+    cli_calibrate.add_commands(sub)
 
     p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
     p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")

@@ -24,16 +24,24 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps({"claims": [c.to_dict() for c in reproduction.claims], "all_ok": reproduction.all_ok,
                           "files": [str(f) for f in files]}, sort_keys=True))
     else:
-        table = Table(title="SN40L paper (MICRO 2024) vs the emulator, one set of presets")
-        for column in ("claim", "paper", "emulator", "relative error", "within tolerance"):
-            table.add_column(column, justify="left" if column == "claim" else "right")
+        from rich import box
+
+        table = Table(title="SN40L paper (MICRO 2024) vs the emulator, one set of presets", box=box.SIMPLE_HEAD)
+        table.add_column("claim", ratio=1, min_width=22)
+        for column in ("paper", "emulator", "error", "role", "LOO err", "ok"):
+            table.add_column(column, justify="right", no_wrap=True)
         for c in reproduction.claims:
-            paper = f"{c.paper[0]:g}-{c.paper[1]:g}" if isinstance(c.paper, tuple) else str(c.paper)
+            paper = f"{c.paper[0]:g}-{c.paper[1]:g}" if isinstance(c.paper, tuple) else f"{c.paper:g}" \
+                if isinstance(c.paper, float) else str(c.paper)
             value = f"{c.emulator:.3g}" if isinstance(c.emulator, float) else str(c.emulator)
             err = "" if c.rel_err is None else f"{c.rel_err:.1%}"
-            table.add_row(c.description, f"{paper} {c.unit}".strip(), f"{value} {c.unit}".strip(), err,
-                          "yes" if c.ok else "[red]NO[/red]")
+            loo = "" if c.loo_rel_err is None else f"{c.loo_rel_err:.1%}"
+            unit = f" ({c.unit})" if c.unit and c.unit != "x" else ""
+            table.add_row(c.description + unit, paper, value, err, c.role, loo, "yes" if c.ok else "[red]NO[/red]")
         console.print(table)
+        console.print("role: fitted = a preset value was fitted to this claim (rdu calibrate), predicted = it was "
+                      "not; LOO error = the error when the calibration is refitted without this claim",
+                      highlight=False)
         for f in files:
             console.print(f"wrote {f}")
     return 0 if reproduction.all_ok else 1

@@ -11,6 +11,8 @@ report, together with every preset value that is an assumption rather than a pub
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,14 @@ from scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
 from socket_actor.model_spec import load_model
 from socket_actor.tiers import CapacityError
 
-__all__ = ["Claim", "Reproduction", "reproduce_sn40l", "FUSION_BENCHMARKS", "PLATFORMS"]
+__all__ = ["Claim", "Reproduction", "reproduce_sn40l", "FUSION_BENCHMARKS", "PLATFORMS", "claim_values",
+           "overridden"]
 
 PLATFORMS = ("sn40l-node", "dgx-a100", "dgx-h100")
 EXPERT = "llama-2-7b"
 TP = 8
 PROMPT_TOKENS, OUTPUT_TOKENS = 128, 20        # the paper's chatbot case (from NVIDIA NeMo's benchmark)
+ROUTER_OUTPUT_TOKENS = 1                      # the router classifies: prefill + one token picks the expert
 COE_EXPERTS = 40                              # enough distinct experts for batch 8, small enough for a DGX's DRAM
 FUSION_BATCH = 8                              # assumption: the paper's kernel benchmarks run at the CoE batch
 # the paper's fusion benchmark list (model, sequence length); training runs are not modelled
@@ -47,6 +51,8 @@ class Claim:
     unit: str = "x"
     definition: str = ""
     tolerance: float = 0.10
+    role: str = "predicted"            # "fitted" if a preset value is fitted to this claim
+    loo_rel_err: float | None = None   # leave-one-out error from the recorded calibration
 
     @property
     def rel_err(self) -> float | None:
@@ -71,7 +77,8 @@ class Claim:
                 "paper": list(self.paper) if isinstance(self.paper, tuple) else self.paper,
                 "emulator": round(self.emulator, 4) if isinstance(self.emulator, float) else self.emulator,
                 "rel_err": None if self.rel_err is None else round(self.rel_err, 4), "ok": self.ok,
-                "unit": self.unit, "definition": self.definition}
+                "unit": self.unit, "definition": self.definition, "role": self.role,
+                "loo_rel_err": None if self.loo_rel_err is None else round(self.loo_rel_err, 4)}
 
 
 @dataclass
@@ -91,8 +98,29 @@ class Reproduction:
 
 # -- experiments --------------------------------------------------------------------------------
 
+_OVERRIDES: dict[str, dict] = {}     # platform -> dotted field -> value, while a calibration tries values
+
+
+@contextlib.contextmanager
+def overridden(overrides: dict[str, dict]):
+    """Run the experiments with some preset fields set (the calibration's trial values)."""
+    global _OVERRIDES
+    saved = _OVERRIDES
+    _OVERRIDES = {p: dict(v) for p, v in overrides.items()}
+    _experiment.cache_clear()
+    try:
+        yield
+    finally:
+        _OVERRIDES = saved
+        _experiment.cache_clear()
+
+
+def load_platform_for(platform: str):
+    return load_platform(platform, _OVERRIDES.get(platform) or None, "calibration")
+
+
 def _group(platform: str):
-    spec = load_platform(platform).spec
+    spec = load_platform_for(platform).spec
     topology = Topology(spec.links, nodes_for_tp(spec, TP), spec.sockets_per_node)
     return spec, tp_groups(spec, topology, TP)[0]
 
@@ -111,10 +139,11 @@ def _expert_ns(platform: str) -> int:
 
 def _paper_coe(platform: str, batch: int) -> dict:
     """The paper's CoE benchmark served by the scheduler: router at batch B, B cold experts."""
-    spec = load_platform(platform).spec
+    spec = load_platform_for(platform).spec
     model = load_model(EXPERT)
     fields = Fields({"kind": "paper-coe", "batch": batch, "prompt_tokens": PROMPT_TOKENS,
-                     "output_tokens": OUTPUT_TOKENS}, "reproduce", "workload")
+                     "output_tokens": OUTPUT_TOKENS, "router_output_tokens": ROUTER_OUTPUT_TOKENS},
+                    "reproduce", "workload")
     workload = build_workload(WorkloadSpec.from_fields(fields), COE_EXPERTS, seed=0)
     server = CoEServer(InlineBackend(spec, 1, TP), model, COE_EXPERTS, model, workload,
                        ServingConfig(policy="lru", max_batch=batch))
@@ -129,7 +158,7 @@ def _cyclic_workload(experts: int, rounds: int = 3) -> Workload:
 
 def _only_cold_switches(platform: str, experts: int) -> bool:
     """Serve every expert in turn, three times; True if no expert had to be switched in twice."""
-    spec = load_platform(platform).spec
+    spec = load_platform_for(platform).spec
     model = load_model(EXPERT)
     server = CoEServer(InlineBackend(spec, 1, TP), model, experts, model, _cyclic_workload(experts),
                        ServingConfig(policy="lru", max_batch=1))
@@ -138,7 +167,7 @@ def _only_cold_switches(platform: str, experts: int) -> bool:
 
 def _fits_in_ddr(platform: str, experts: int) -> bool:
     """True if the router and `experts` experts fit in one node's DDR (host DRAM on a GPU node)."""
-    spec = load_platform(platform).spec
+    spec = load_platform_for(platform).spec
     model = load_model(EXPERT)
     try:
         CoEServer(InlineBackend(spec, 1, TP), model, experts, model, _cyclic_workload(1, 1), ServingConfig())
@@ -160,12 +189,12 @@ def _largest(predicate, low: int, high: int) -> int:
     return low
 
 
-def _fusion_ratios() -> dict[str, dict[str, float]]:
+def _fusion_ratios(benchmarks=FUSION_BENCHMARKS) -> dict[str, dict[str, float]]:
     """Per benchmark: fused (production: fused layers, HO) vs unfused (one kernel per operator,
     SO), and HO vs SO on the unfused graph, for prefill of the sequence and one decode step at it."""
     spec, group = _group("sn40l-node")
     out = {}
-    for model_name, seq in FUSION_BENCHMARKS:
+    for model_name, seq in benchmarks:
         model = load_model(model_name)
         times = {}
         for mode, orchestration in (("fused", "HO"), ("unfused", "SO"), ("unfused", "HO")):
@@ -180,10 +209,43 @@ def _fusion_ratios() -> dict[str, dict[str, float]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _experiment(name: str, *args):
+    """One experiment's result, computed once per set of overrides."""
+    if name == "fusion":
+        model_name, seq = args
+        return _fusion_ratios(((model_name, seq),))[f"{model_name}@{seq // 1024}K"]
+    return {"switch": _switch_ns, "expert": _expert_ns, "coe": lambda p, b: _paper_coe(p, b)["virtual_ns"]}[name](*args)
+
+
+def claim_values(names: list[str]) -> dict[str, float]:
+    """The emulator's value of some claims (by name), running only the experiments they need."""
+    values = {}
+    for name in names:
+        if name.startswith("switching_vs_"):
+            gpu = name.removeprefix("switching_vs_").replace("_", "-")
+            values[name] = _experiment("switch", gpu) / _experiment("switch", "sn40l-node")
+        elif name.startswith("coe_bs"):
+            batch, gpu = name.removeprefix("coe_bs").split("_vs_")
+            values[name] = _experiment("coe", gpu.replace("_", "-"), int(batch)) / _experiment("coe", "sn40l-node",
+                                                                                                int(batch))
+        elif name.startswith("expert_only_vs_"):
+            gpu = name.removeprefix("expert_only_vs_").replace("_", "-")
+            values[name] = _experiment("expert", gpu) / _experiment("expert", "sn40l-node")
+        elif name.split("[")[0] in ("fusion_decode", "fusion_prefill", "orchestration_decode", "orchestration_prefill"):
+            kind, key = name.rstrip("]").split("[")
+            model_name, seq = key.split("@")
+            bench = next(b for b in FUSION_BENCHMARKS if b[0] == model_name and b[1] // 1024 == int(seq[:-1]))
+            values[name] = _experiment("fusion", *bench)[kind]
+        else:
+            raise UserError(f"no experiment measures claim {name!r}")
+    return values
+
+
 def _assumptions() -> dict[str, dict[str, str]]:
     table = {}
     for platform in PLATFORMS:
-        sources = load_platform(platform).sources
+        sources = load_platform_for(platform).sources
         table[platform] = {path: source for path, source in sorted(sources.items()) if "assumption" in source}
     return table
 
@@ -254,7 +316,31 @@ def reproduce_sn40l() -> Reproduction:
         "coe": {f"{p}/bs{b}": {"virtual_ns": s["virtual_ns"], **s["time_breakdown_ns"]} for (p, b), s in coe.items()},
         "fusion": fusion, "dgx_spill_experts": spill, "dgx_oom_experts": oom, "sn40l_node_experts": sn_capacity,
     }
+    _tag_claims(claims)
     return Reproduction(claims=claims, details=details, assumptions=_assumptions())
+
+
+CALIBRATION_RECORD = "calibration.json"   # in node/presets/: `rdu calibrate --out` output, committed
+
+
+def _tag_claims(claims: list[Claim]) -> None:
+    """Mark each claim fitted or predicted (from the presets' fitted marks) and attach its
+    leave-one-out error from the recorded calibration (`rdu calibrate`), when it has one."""
+    import json
+    from importlib import resources
+
+    fitted_to: set[str] = set()
+    for platform in PLATFORMS:
+        for mark in load_platform_for(platform).fitted.values():
+            fitted_to.update(mark.observations)
+    record = resources.files("node") / "presets" / CALIBRATION_RECORD
+    loo = {}
+    if record.is_file():
+        loo = {o["id"]: o.get("loo_error") for o in json.loads(record.read_text()).get("observations", [])}
+    for claim in claims:
+        claim.role = "fitted" if claim.name in fitted_to else "predicted"
+        error = loo.get(claim.name)
+        claim.loo_rel_err = abs(error) if error is not None else None
 
 
 def check_target(target: str) -> None:
@@ -273,12 +359,18 @@ def write_report(reproduction: Reproduction, out_dir: Path) -> list[Path]:
     plots = plot_reproduction(reproduction, out_dir)
     lines = ["# SN40L paper claims, reproduced by the emulator", "",
              "Command: `rdu reproduce sn40l`. One set of presets (`node/presets/`) serves every claim.", "",
-             "| claim | paper | emulator | relative error | within tolerance |", "|---|---|---|---|---|"]
+             "A claim is *fitted* when a preset value marked `fitted` was fitted to it (`rdu calibrate`), "
+             "*predicted* otherwise; the leave-one-out error is that of the claim predicted by a calibration "
+             "that left it out (recorded in `node/presets/calibration.json`).", "",
+             "| claim | paper | emulator | relative error | role | leave-one-out error | within tolerance |",
+             "|---|---|---|---|---|---|---|"]
     for c in reproduction.claims:
         paper = f"{c.paper[0]:g}-{c.paper[1]:g}" if isinstance(c.paper, tuple) else str(c.paper)
         value = f"{c.emulator:.3g}" if isinstance(c.emulator, float) else str(c.emulator)
         err = "" if c.rel_err is None else f"{c.rel_err:.1%}"
-        lines.append(f"| {c.description} | {paper} {c.unit} | {value} {c.unit} | {err} | {'yes' if c.ok else 'NO'} |")
+        loo = "" if c.loo_rel_err is None else f"{c.loo_rel_err:.1%}"
+        lines.append(f"| {c.description} | {paper} {c.unit} | {value} {c.unit} | {err} | {c.role} | {loo} | "
+                     f"{'yes' if c.ok else 'NO'} |")
     lines += ["", "## How each number is measured", ""]
     lines += [f"- **{c.name}**: {c.definition}" for c in reproduction.claims if c.definition]
     lines += ["", "## Assumptions behind the numbers (preset values the paper does not publish)", ""]
@@ -286,10 +378,10 @@ def write_report(reproduction: Reproduction, out_dir: Path) -> list[Path]:
         lines.append(f"### {platform}")
         lines += [f"- `{path}`: {source}" for path, source in entries.items()]
         lines.append("")
-    lines += ["Further assumptions of the experiments: the router is a Llama-2-7B timed as one more generation "
-              "of the benchmark's 20 tokens at the batch size (the paper's ratios imply a router about as costly "
-              "as an expert run); the kernel benchmarks run at batch 8; prefill and decode only (training, "
-              "FlashFFTConv and the Monarch operational-intensity example are not modelled).", "",
+    lines += ["Further assumptions of the experiments: the router is a Llama-2-7B run as a classification "
+              "(prefill of the batch's prompts and one token, which picks the expert); the kernel benchmarks run "
+              "at batch 8; prefill and decode only (training, FlashFFTConv and the Monarch operational-intensity "
+              "example are not modelled).", "",
               "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")

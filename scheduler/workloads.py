@@ -9,7 +9,8 @@
   every prompt sent to a distinct expert that is not resident in HBM.
 
 The router is timed as one more model execution per batch; `router_output_tokens` says how many
-tokens it generates (1 for a classifier; the paper's benchmark times it like an expert run).
+tokens it generates: 1 by default for every workload, a classification run (prefill + the token
+that names the expert), which is what the paper's router does.
 """
 
 from __future__ import annotations
@@ -63,11 +64,8 @@ WORKLOAD = Section("workload", "Workload", selector="kind", variants=WORKLOAD_KI
     ConfigField("kind", "choice", "what generates the requests", "trace", choices=WORKLOAD_KINDS, example="trace"),
     ConfigField("popularity", "section", "which expert each request goes to (see `workload.popularity`)",
                 default_text="Zipf, exponent 1", example={"kind": "uniform"}),
-    ConfigField("router_output_tokens", "integer", "tokens the router generates per batch (1 = a classifier)",
-                1, unit="tokens", kinds=(_TRACE, _SYNTHETIC), example=3),
-    ConfigField("router_output_tokens", "integer", "tokens the router generates per batch (the paper times the "
-                "router like an expert run)", unit="tokens", kinds=(_PAPER,), default_text="= `output_tokens`",
-                example=3),
+    ConfigField("router_output_tokens", "integer", "tokens the router generates per batch (1 = a classifier: "
+                "the router picks an expert)", 1, unit="tokens", example=3),
     ConfigField("trace", "text", "CSV file in the Azure LLM inference trace format "
                 "(`TIMESTAMP,ContextTokens,GeneratedTokens`)", kinds=(_TRACE,),
                 default_text="the shipped Azure 2023 code trace", allowed_text="an existing file", example="{trace}"),
@@ -223,10 +221,9 @@ class WorkloadSpec:
             return cls(kind, popularity, requests=read("requests"), arrival=read("arrival"),
                        rate_per_s=read("rate_per_s"), cv=read("cv"), prompt=lengths["prompt_tokens"],
                        output=lengths["output_tokens"], router_output_tokens=read("router_output_tokens"))
-        output = read("output_tokens")
-        router = read("router_output_tokens")
         return cls(kind, popularity, batch=read("batch"), prompt=Distribution("fixed", read("prompt_tokens")),
-                   output=Distribution("fixed", output), router_output_tokens=output if router is None else router)
+                   output=Distribution("fixed", read("output_tokens")),
+                   router_output_tokens=read("router_output_tokens"))
 
     def to_dict(self) -> dict:
         data = {"kind": self.kind, "router_output_tokens": self.router_output_tokens,

@@ -3,18 +3,27 @@
 A kernel plan cuts the operator graph of a step into kernels:
 
 * `unfused`: one kernel per operator (a platform may declare small fusions, e.g. a GPU's fused
-  attention kernel); every intermediate tensor goes through HBM; every kernel pays a launch.
+  attention kernel); every intermediate tensor goes through HBM; every kernel pays a launch, and
+  kernels run one after another. A collective is its own kernel: the collective library's time
+  (start-up, hop latencies, bytes at the achieved link bandwidth) plus staging its buffers in HBM.
 * `fused`: one streaming kernel per decoder layer (`fusion_scope: layer`) or for the whole
-  decoder (`decoder`): weights and KV read once, activations stay on chip, collectives streamed.
-* launches cost `launch.so_ns` (host-orchestrated, SO) or `launch.ho_ns` (on-chip, HO).
+  decoder (`decoder`): weights and KV read once, activations on chip, collectives streamed over
+  P2P without staging. A fused kernel is a pipeline, so its time is its critical path, not a
+  sum: ``max(HBM streaming, compute, P2P bandwidth, SRAM traffic) + collective latencies +
+  fill/drain``. Its on-chip working set (the widest operator's on-chip inputs and outputs) is
+  checked against SRAM; what does not fit spills, written to HBM and read back.
+* launches cost `launch.so_ns` (host-orchestrated, SO) or `launch.ho_ns` (on-chip, HO); with
+  `kernel_looping`, consecutive decoder-layer calls are one looped kernel: one launch and one
+  fill/drain for all of them.
+* named costs the bottom-up model does not derive: `runtime.run_setup_ns` once per run (program
+  and argument load when a model is activated) and `runtime.step_host_ns` per step (host work).
 
-An operator takes ``max(flops / (peak * compute_fraction), hbm_bytes / (bandwidth * bw_fraction))``
-where `hbm_bytes` is its weights plus the tensors that cross its kernel's boundary; a collective
-takes the link model's ring time plus its HBM staging. Since fractions never exceed 1, no
-operator is ever faster than its roofline. Step times are summed over operators in integer ns.
+An unfused operator takes ``max(flops / (peak * compute_fraction), hbm_bytes / (bandwidth *
+bw_fraction))`` where `hbm_bytes` is its weights plus the tensors that cross its kernel's
+boundary. Step times are integer ns.
 
 The graph is compiled once per (model, TP degree, plan) into affine coefficients of the step
-shape, so a 2,000-step decode is one matrix product.
+shape, so a 2,000-step decode is a few matrix products.
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ class CompiledStep:
     kernels_per_step: int
     instance_rows: tuple[int, ...]     # row of each unrolled operator, in graph order
     kernel_starts: tuple[bool, ...]    # whether that operator opens a new kernel (pays a launch)
+    onchip_bytes: np.ndarray           # per row: on-chip inputs + outputs (the operator's SRAM footprint)
+    kernel_rows: np.ndarray            # rows x distinct kernels: instances of each row in one such kernel
+    kernel_count: np.ndarray           # distinct kernels: how many of each a step runs
+    kernel_is_layer: np.ndarray        # distinct kernels: whether it is a decoder-layer kernel
 
 
 def _kernel_of(op, index: int, mode: str, scope: str, groups: tuple[tuple[str, ...], ...]) -> tuple:
@@ -85,12 +98,15 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
     already_read: set[tuple] = set()
     rows: dict[tuple, int] = {}
     instance_rows: list[int] = []
-    names, classes, colls, counts, flops, hbm, compulsory, coll_bytes = [], [], [], [], [], [], [], []
+    names, classes, colls, counts, flops, hbm, compulsory, coll_bytes, onchip = [], [], [], [], [], [], [], [], []
     for i, op in enumerate(graph.ops):
         kernel = kernels[i]
         traffic = np.asarray(op.weight_bytes, dtype=np.float64).copy()
         must = traffic.copy()
+        on_chip = traffic * 0.0
         for t in op.reads:
+            if producer.get(t) == kernel and t.split("@")[0] not in _TILED:
+                on_chip = on_chip + graph.tensor_bytes[t]
             if producer.get(t) != kernel and (kernel, t) not in already_read:
                 already_read.add((kernel, t))
                 traffic = traffic + graph.tensor_bytes[t]
@@ -102,7 +118,10 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
                 must = must + graph.tensor_bytes[t]
             elif consumers.get(t, set()) - {kernel}:
                 traffic = traffic + graph.tensor_bytes[t]
-        row = (coef(op.flops), coef(traffic), coef(must), coef(np.asarray(op.collective_bytes, dtype=np.float64)))
+            elif t.split("@")[0] not in _TILED:
+                on_chip = on_chip + graph.tensor_bytes[t]
+        row = (coef(op.flops), coef(traffic), coef(must), coef(np.asarray(op.collective_bytes, dtype=np.float64)),
+               coef(on_chip))
         key = (op.name, op.cls, op.collective) + tuple(tuple(c) for c in row)
         if key in rows:
             counts[rows[key]] += 1
@@ -118,14 +137,41 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
         hbm.append(row[1])
         compulsory.append(row[2])
         coll_bytes.append(row[3])
+        onchip.append(row[4])
     seen_kernels: set[tuple] = set()
     kernel_starts = []
     for kernel in kernels:
         kernel_starts.append(kernel not in seen_kernels)
         seen_kernels.add(kernel)
+    kernel_rows, kernel_count, kernel_is_layer = _distinct_kernels(kernels, instance_rows, len(names))
     return CompiledStep(tuple(names), tuple(classes), tuple(colls), np.array(counts, dtype=np.float64),
                         np.array(flops), np.array(hbm), np.array(compulsory), np.array(coll_bytes),
-                        len(seen_kernels), tuple(instance_rows), tuple(kernel_starts))
+                        len(seen_kernels), tuple(instance_rows), tuple(kernel_starts), np.array(onchip),
+                        kernel_rows, kernel_count, kernel_is_layer)
+
+
+# tensors a fused kernel streams tile by tile (flash-style attention): never whole on chip
+_TILED = {"scores", "probs", "k_exp", "v_exp"}
+
+
+def _distinct_kernels(kernels: list[tuple], instance_rows: list[int], nrows: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group identical kernels (same rows, same counts): rows x distinct matrix, multiplicities,
+    and whether each is a decoder-layer kernel (what kernel looping merges)."""
+    members: dict[tuple, np.ndarray] = {}
+    order: list[tuple] = []
+    for kernel, row in zip(kernels, instance_rows):
+        if kernel not in members:
+            members[kernel] = np.zeros(nrows)
+            order.append(kernel)
+        members[kernel][row] += 1
+    distinct: dict[tuple, list] = {}
+    for kernel in order:
+        key = (tuple(members[kernel]), kernel[0] == "layer")
+        distinct.setdefault(key, [members[kernel], 0, kernel[0] == "layer"])[1] += 1
+    cols = list(distinct.values())
+    return (np.column_stack([c[0] for c in cols]), np.array([c[1] for c in cols], dtype=np.float64),
+            np.array([c[2] for c in cols], dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -151,6 +197,7 @@ class StepTimes:
     collective_ns: float = 0.0
     launch_ns: float = 0.0
     kernels: int = 0
+    spill_bytes: float = 0.0      # SRAM overflow of fused kernels, written to HBM and read back
 
     @property
     def total_ns(self) -> int:
@@ -212,14 +259,24 @@ class CostModel:
         if ring.ranks != tp:
             raise ValueError(f"ring has {ring.ranks} ranks for TP {tp}")
         self.compiled = compile_step(model, tp, self.mode, socket.fusion_scope, socket.unfused_kernel_groups)
-        fused = self.mode == "fused"
+        self.fused = self.mode == "fused"
+        fused = self.fused
         self._flops_per_ns = socket.peak_flops_per_s * (
             socket.fused_compute_fraction if fused else socket.unfused_compute_fraction) / 1e9
         self._bytes_per_ns = socket.hbm.bandwidth_bytes_per_s * (
             socket.fused_hbm_bandwidth_fraction if fused else socket.unfused_hbm_bandwidth_fraction) / 1e9
-        self._launch_ns = socket.launch_ns(self.orchestration) * self.compiled.kernels_per_step
-        self._collective_rows = [r for r, kind in enumerate(self.compiled.collectives) if kind is not None]
-        self._collective_kinds = [self.compiled.collectives[r] for r in self._collective_rows]
+        c = self.compiled
+        layer_kernels = float(c.kernel_count[c.kernel_is_layer].sum()) if fused else 0.0
+        self.kernel_calls = c.kernels_per_step
+        if fused and socket.kernel_looping and layer_kernels > 1:
+            self.kernel_calls -= int(layer_kernels) - 1   # the decoder layers run as one looped call
+        self._launch_ns = socket.launch_ns(self.orchestration) * self.kernel_calls
+        self._fill_ns = socket.fill_drain_ns * self.kernel_calls if fused else 0.0
+        self._sram_bytes = float(socket.sram.capacity_bytes)
+        bw = socket.sram.bandwidth_bytes_per_s
+        self._sram_bytes_per_ns = bw / 1e9 if bw else None
+        self._collective_rows = [r for r, kind in enumerate(c.collectives) if kind is not None]
+        self._collective_kinds = [c.collectives[r] for r in self._collective_rows]
 
     # -- core -------------------------------------------------------------------------------
     def shard_bytes(self) -> int:
@@ -231,46 +288,117 @@ class CostModel:
         matrix = shape.matrix()
         return np.hstack([np.ones((len(matrix), 1)), matrix])
 
+    def _collective_parts(self, x: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(latency ns, bandwidth ns) of every collective row, steps x rows (0 elsewhere)."""
+        latency, bandwidth = np.zeros(shape), np.zeros(shape)
+        for r, kind in zip(self._collective_rows, self._collective_kinds):
+            latency[:, r], bandwidth[:, r] = self.ring.timed(kind, x @ self.compiled.collective_bytes[r])
+        return latency, bandwidth
+
+    def _fused_kernels(self, compute, memory, coll_lat, coll_bw, onchip):
+        """Critical path of each distinct fused kernel (steps x kernels) and its parts.
+
+        A kernel is a pipeline: HBM streaming, compute, the P2P stream and on-chip traffic run at
+        once, so the slowest sets the pace; the collectives' latencies (start-up, hops) and the
+        fill/drain are on the path once each. A working set larger than SRAM spills: its excess
+        is written to HBM and read back, which the HBM stream must carry too."""
+        k = self.compiled.kernel_rows
+        widest = np.zeros((compute.shape[0], k.shape[1]))
+        for j in range(k.shape[1]):
+            present = k[:, j] > 0
+            widest[:, j] = onchip[:, present].max(axis=1) if present.any() else 0.0
+        spill_bytes = np.maximum(widest - self._sram_bytes, 0.0) * 2.0
+        memory_k = memory @ k + spill_bytes / self._bytes_per_ns
+        sram_k = (onchip @ k) / self._sram_bytes_per_ns if self._sram_bytes_per_ns else np.zeros_like(memory_k)
+        stream = np.maximum.reduce([compute @ k, memory_k, coll_bw @ k, sram_k])
+        return stream, coll_lat @ k, spill_bytes
+
     def row_times(self, shape: PhaseShape, design: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(per-instance ns, flops, hbm bytes, collective ns) as steps x rows matrices."""
+        """(per-instance ns, flops, hbm bytes, collective ns) as steps x rows matrices.
+
+        Unfused: each operator's own time. Fused: each operator's share of its kernel's critical
+        path (in proportion to its own bound), collectives carrying their latency."""
         c = self.compiled
         x = self._design(shape) if design is None else design
         flops, traffic = x @ c.flops.T, x @ c.hbm_bytes.T
-        memory_ns = traffic / self._bytes_per_ns
-        times = np.maximum(flops / self._flops_per_ns, memory_ns)
-        coll_ns = np.zeros_like(times)
-        if self._collective_rows:
+        compute, memory = flops / self._flops_per_ns, traffic / self._bytes_per_ns
+        coll_lat, coll_bw = self._collective_parts(x, flops.shape)
+        if not self.fused:
+            times = np.maximum(compute, memory)
             rows = self._collective_rows
-            coll_ns[:, rows] = self.ring.collectives_ns(self._collective_kinds, x @ c.collective_bytes[rows].T)
-            times[:, rows] = coll_ns[:, rows] + memory_ns[:, rows]
-        return times, flops, traffic, coll_ns
+            times[:, rows] = coll_lat[:, rows] + coll_bw[:, rows] + memory[:, rows]  # + HBM staging
+            return times, flops, traffic, coll_lat + coll_bw
+        onchip = x @ c.onchip_bytes.T
+        stream, latency, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
+        own = np.maximum.reduce([compute, memory, coll_bw])
+        k = c.kernel_rows
+        # every row's share of the stream of each kernel it belongs to, per instance
+        weight = np.where(own @ k > 0, stream / np.where(own @ k > 0, own @ k, 1.0), 0.0)
+        share = np.zeros_like(own)
+        instances = k @ c.kernel_count
+        for j in range(k.shape[1]):
+            share += own * weight[:, [j]] * (k[:, j] * c.kernel_count[j])
+        times = share / np.where(instances > 0, instances, 1.0) + coll_lat
+        return times, flops, traffic, coll_lat + np.minimum(coll_bw, times)
 
-    def steps(self, shape: PhaseShape, breakdown: bool = False) -> StepTimes:
-        """Durations of the steps described by `shape` (one per row)."""
+    def _step_parts(self, design: np.ndarray) -> dict[str, np.ndarray]:
+        """Per step: the named parts of its time (ns), which sum to the step."""
+        c = self.compiled
+        if not self.fused:
+            times, flops, traffic, coll = self.row_times(None, design)
+            parts = {"ops": times @ c.count, "collective": coll @ c.count}
+        else:
+            flops, traffic = design @ c.flops.T, design @ c.hbm_bytes.T
+            compute, memory = flops / self._flops_per_ns, traffic / self._bytes_per_ns
+            coll_lat, coll_bw = self._collective_parts(design, flops.shape)
+            onchip = design @ c.onchip_bytes.T
+            stream, latency, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
+            parts = {"ops": (stream + latency) @ c.kernel_count, "collective": latency @ c.kernel_count,
+                     "spill_bytes": spill @ c.kernel_count}
+        n = len(design)
+        parts["launch"] = np.full(n, float(self._launch_ns))
+        parts["pipeline"] = np.full(n, float(self._fill_ns))
+        parts["host"] = np.full(n, float(self.socket.step_host_ns))
+        return parts
+
+    def steps(self, shape: PhaseShape, breakdown: bool = False, setup: bool = False) -> StepTimes:
+        """Durations of the steps described by `shape` (one per row); `setup` adds the run's
+        set-up (program / argument load) to the first step."""
         design = self._design(shape)
         if len(design) == 0:
             return StepTimes(step_ns=np.zeros(0, dtype=np.int64))
-        times, flops, traffic, coll_ns = self.row_times(shape, design)
-        count = self.compiled.count
-        step_ns = np.ceil(times @ count + self._launch_ns).astype(np.int64)
-        result = StepTimes(step_ns=step_ns, kernels=self.compiled.kernels_per_step,
-                           collective_step_ns=coll_ns @ count)
+        parts = self._step_parts(design)
+        total = parts["ops"] + parts["launch"] + parts["pipeline"] + parts["host"]
+        setup_ns = float(self.socket.run_setup_ns) if setup else 0.0
+        total[0] += setup_ns
+        step_ns = np.ceil(total).astype(np.int64)
+        result = StepTimes(step_ns=step_ns, kernels=self.kernel_calls, collective_step_ns=parts["collective"])
         if breakdown:
+            times, flops, traffic, coll_ns = self.row_times(shape, design)
+            count = self.compiled.count
             per_row = times.sum(0) * count
             for name, cls, ns in zip(self.compiled.names, self.compiled.classes, per_row):
                 result.op_ns[name] = result.op_ns.get(name, 0.0) + float(ns)
                 result.class_ns[cls] = result.class_ns.get(cls, 0.0) + float(ns)
-            result.launch_ns = self._launch_ns * len(step_ns)
+            result.launch_ns = float(parts["launch"].sum())
             result.class_ns["launch"] = result.launch_ns
+            for name in ("pipeline", "host"):
+                if parts[name].any():
+                    result.class_ns[name] = float(parts[name].sum())
+            if setup_ns:
+                result.class_ns["setup"] = setup_ns
             result.flops = float((flops.sum(0) * count).sum())
-            result.hbm_bytes = float((traffic.sum(0) * count).sum())
-            result.collective_ns = float((coll_ns.sum(0) * count).sum())
+            spill = float(parts.get("spill_bytes", np.zeros(1)).sum())
+            result.hbm_bytes = float((traffic.sum(0) * count).sum()) + spill
+            result.spill_bytes = spill
+            result.collective_ns = float(parts["collective"].sum())
         return result
 
     # -- phases -----------------------------------------------------------------------------
-    def prefill(self, prompt_lens, breakdown: bool = False) -> StepTimes:
-        return self.steps(prefill_shape(prompt_lens, self.model.sliding_window), breakdown)
+    def prefill(self, prompt_lens, breakdown: bool = False, setup: bool = True) -> StepTimes:
+        """The prefill step of a run (with the run's set-up, unless `setup` is false)."""
+        return self.steps(prefill_shape(prompt_lens, self.model.sliding_window), breakdown, setup)
 
     def decode(self, prompt_lens, output_lens, breakdown: bool = False) -> StepTimes:
         return self.steps(decode_shapes(prompt_lens, output_lens, self.model.sliding_window), breakdown)
@@ -288,7 +416,7 @@ class CostModel:
         else:  # one evaluation for the prefill step and every decode step
             first, rest = prefill_shape(prompt_lens, window), decode_shapes(prompt_lens, output_lens, window)
             both = PhaseShape(*(np.concatenate([getattr(first, k), getattr(rest, k)]) for k in SHAPE_KEYS))
-            times = self.steps(both)
+            times = self.steps(both, setup=True)
             steps, coll = times.step_ns, times.collective_step_ns
             prefill = StepTimes(step_ns=steps[:1], collective_step_ns=coll[:1])
             decode = StepTimes(step_ns=steps[1:], collective_step_ns=coll[1:])

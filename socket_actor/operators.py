@@ -29,7 +29,8 @@ __all__ = ["PhaseShape", "Operator", "StepGraph", "build_step_graph", "shard_wei
            "OPERATOR_CLASSES"]
 
 SHAPE_KEYS = ("tokens", "seqs", "attn_pairs", "score_elems", "kv_read_tokens")
-OPERATOR_CLASSES = ("embedding", "norm", "matmul", "attention", "elementwise", "collective", "launch")
+OPERATOR_CLASSES = ("embedding", "norm", "matmul", "attention", "elementwise", "collective", "launch", "pipeline", "host",
+                    "setup")
 
 # floating-point operations per element of the non-matmul operators (order of magnitude suffices:
 # these operators are bound by memory traffic, not arithmetic)

@@ -4,6 +4,12 @@ The same spec describes an SN40L RDU (SRAM / HBM / socket-attached DDR, fusion, 
 hardware-orchestrated launches) and a GPU (L2+shared memory / HBM, no socket DDR: its third tier
 is the node's host DRAM, no whole-layer fusion, one launch cost). Values come from platform
 presets; see `node/presets/`.
+
+A field that cannot change any result on the socket it describes is refused rather than
+silently ignored (fused-kernel efficiencies on a socket without fusion, an SRAM bandwidth where
+no kernel keeps data on chip): a preset must not carry numbers that look like they matter.
+Costs the bottom-up model does not derive are named (`runtime.*`, `execution.fill_drain_ns`),
+each with its own hypothesis in the preset.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ class TierSpec:
 
     name: str
     capacity_bytes: int
-    bandwidth_bytes_per_s: float
+    bandwidth_bytes_per_s: float | None
 
     @classmethod
-    def from_fields(cls, name: str, fields: Fields) -> "TierSpec":
+    def from_fields(cls, name: str, fields: Fields, bandwidth_required: bool = True) -> "TierSpec":
         fields.check_known({"capacity_bytes", "bandwidth_bytes_per_s"})
-        return cls(name=name, capacity_bytes=int(fields.number("capacity_bytes")),
-                   bandwidth_bytes_per_s=fields.number("bandwidth_bytes_per_s"))
+        bandwidth = (fields.number("bandwidth_bytes_per_s")
+                     if bandwidth_required or fields.has("bandwidth_bytes_per_s") else None)
+        return cls(name=name, capacity_bytes=int(fields.number("capacity_bytes")), bandwidth_bytes_per_s=bandwidth)
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,15 @@ class SocketSpec:
     default_mode: str
     default_orchestration: str
     unfused_kernel_groups: tuple[tuple[str, ...], ...]
+    fill_drain_ns: float = 0.0        # per fused kernel call: pipeline fill/drain and call-boundary sync
+    kernel_looping: bool = False      # consecutive decoder-layer calls merged into one looped kernel
+    run_setup_ns: float = 0.0         # per run of a model: program / argument load when it is activated
+    step_host_ns: float = 0.0         # per step: host work (sampling, scheduling, hand-off of the token)
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "SocketSpec":
         fields.check_known({"kind", "name", "peak_flops_per_s", "sram", "hbm", "ddr", "hbm_reserved_bytes",
-                            "restart_ns", "efficiency", "launch", "execution"})
+                            "restart_ns", "efficiency", "launch", "execution", "runtime"})
         eff = fields.sub("efficiency")
         eff.check_known({"fused_compute_fraction", "fused_hbm_bandwidth_fraction",
                          "unfused_compute_fraction", "unfused_hbm_bandwidth_fraction"})
@@ -69,8 +80,12 @@ class SocketSpec:
         launch.check_known({"so_ns", "ho_ns"})
         execution = fields.sub("execution")
         execution.check_known({"supports_fusion", "fusion_scope", "default_mode", "default_orchestration",
-                               "unfused_kernel_groups"})
+                               "unfused_kernel_groups", "fill_drain_ns", "kernel_looping"})
+        runtime = fields.sub("runtime") if fields.has("runtime") else Fields({}, fields.origin, "socket.runtime")
+        runtime.check_known({"run_setup_ns", "step_host_ns"})
         supports_fusion = execution.boolean("supports_fusion")
+        if not supports_fusion:
+            _refuse_inert(fields, eff, execution)
         ho_ns = launch.number("ho_ns", minimum=0.0, inclusive=True) if launch.has("ho_ns") else None
         default_mode = execution.string("default_mode", choices=MODES)
         default_orch = execution.string("default_orchestration", choices=ORCHESTRATIONS)
@@ -91,13 +106,13 @@ class SocketSpec:
             kind=fields.string("kind", choices=("rdu", "gpu")),
             name=fields.string("name"),
             peak_flops_per_s=fields.number("peak_flops_per_s"),
-            sram=TierSpec.from_fields("sram", fields.sub("sram")),
+            sram=TierSpec.from_fields("sram", fields.sub("sram"), bandwidth_required=supports_fusion),
             hbm=TierSpec.from_fields("hbm", fields.sub("hbm")),
             ddr=TierSpec.from_fields("ddr", fields.sub("ddr")) if fields.has("ddr") else None,
             hbm_reserved_bytes=int(fields.number("hbm_reserved_bytes", minimum=0.0, inclusive=True)),
             restart_ns=fields.number("restart_ns", minimum=0.0, inclusive=True),
-            fused_compute_fraction=eff.fraction("fused_compute_fraction"),
-            fused_hbm_bandwidth_fraction=eff.fraction("fused_hbm_bandwidth_fraction"),
+            fused_compute_fraction=eff.fraction("fused_compute_fraction", 0.0),
+            fused_hbm_bandwidth_fraction=eff.fraction("fused_hbm_bandwidth_fraction", 0.0),
             unfused_compute_fraction=eff.fraction("unfused_compute_fraction"),
             unfused_hbm_bandwidth_fraction=eff.fraction("unfused_hbm_bandwidth_fraction"),
             launch_so_ns=launch.number("so_ns", minimum=0.0, inclusive=True),
@@ -107,11 +122,22 @@ class SocketSpec:
             default_mode=default_mode,
             default_orchestration=default_orch,
             unfused_kernel_groups=tuple(groups),
+            fill_drain_ns=execution.number("fill_drain_ns", 0.0, minimum=0.0, inclusive=True),
+            kernel_looping=execution.boolean("kernel_looping", False),
+            run_setup_ns=runtime.number("run_setup_ns", 0.0, minimum=0.0, inclusive=True),
+            step_host_ns=runtime.number("step_host_ns", 0.0, minimum=0.0, inclusive=True),
         )
+        if supports_fusion and (spec.fused_compute_fraction <= 0 or spec.fused_hbm_bandwidth_fraction <= 0):
+            eff.fail("a socket that runs fused kernels needs fused_compute_fraction and "
+                     "fused_hbm_bandwidth_fraction > 0", "fused_hbm_bandwidth_fraction")
         if spec.hbm_reserved_bytes >= spec.hbm.capacity_bytes:
             fields.fail(f"reserves {spec.hbm_reserved_bytes} bytes of a {spec.hbm.capacity_bytes}-byte HBM",
                         "hbm_reserved_bytes")
         return spec
+
+    @property
+    def ddr_bandwidth_bytes_per_s(self) -> float | None:
+        return None if self.ddr is None else self.ddr.bandwidth_bytes_per_s
 
     @property
     def hbm_usable_bytes(self) -> int:
@@ -125,3 +151,19 @@ class SocketSpec:
                 raise ValueError(f"{self.name} has no hardware-orchestrated launch (HO)")
             return self.launch_ho_ns
         return self.launch_so_ns
+
+
+_FUSED_ONLY = {"efficiency": ("fused_compute_fraction", "fused_hbm_bandwidth_fraction"),
+               "execution": ("fusion_scope", "fill_drain_ns", "kernel_looping")}
+
+
+def _refuse_inert(fields: Fields, eff: Fields, execution: Fields) -> None:
+    """A socket without fusion never runs a fused kernel: fields that only shape one (and an SRAM
+    bandwidth, which only a fused kernel's on-chip traffic uses) would change nothing. Refuse them."""
+    for section, keys in ((eff, _FUSED_ONLY["efficiency"]), (execution, _FUSED_ONLY["execution"])):
+        for key in keys:
+            if section.has(key):
+                section.fail("changes nothing on a socket without fusion (supports_fusion: false); remove it", key)
+    if fields.sub("sram").has("bandwidth_bytes_per_s"):
+        fields.sub("sram").fail("changes nothing on a socket without fusion (supports_fusion: false): no kernel "
+                                "keeps data on chip; remove it", "bandwidth_bytes_per_s")

@@ -16,14 +16,14 @@ def test_presets():
     assert dgx.links.host_shared.bandwidth_bytes_per_s == 64e9
 
 
-@pytest.mark.parametrize("name", ["sn40l-node", "sn40l-16", "dgx-a100", "dgx-h100"])
+@pytest.mark.parametrize("name", ["sn40l-node", "sn40l-16", "sn40l-node-looped", "dgx-a100", "dgx-h100"])
 def test_every_value_cites_a_source(name):
     platform = load_platform(name)
     for path in leaf_paths(platform.values):
         if path.split(".")[-1] in ("name", "description", "kind"):
             continue
         source = platform.sources.get(path, "")
-        assert any(tag in source for tag in ("[S]", "[I]", "assumption", "unused")), f"{name}: {path}: {source!r}"
+        assert any(tag in source for tag in ("[S]", "[I]", "assumption", "fitted")), f"{name}: {path}: {source!r}"
 
 
 @pytest.mark.parametrize("name", ["sn40l-node", "dgx-a100", "dgx-h100"])
