@@ -18,7 +18,7 @@ from pathlib import Path
 from scheduler.config_table import ConfigField, Section
 from scheduler.faults import FAULT_KINDS
 from scheduler.policies import POLICIES
-from scheduler.serving import DISPATCH
+from scheduler.serving import DISPATCH, MODEL_SELECTION, PLACEMENT, PREEMPTION, SCHEDULER_KINDS
 from scheduler.workloads import WORKLOAD_SECTIONS
 from socket_actor.spec import MODES, ORCHESTRATIONS
 
@@ -64,11 +64,35 @@ TOP = Section("", "Top level", fields=(
                 example=True),
 ))
 
-SCHEDULER = Section("scheduler", "Scheduler", fields=(
+SCHEDULER = Section("scheduler", "Scheduler", note=(
+    "`kind: continuous` is iteration-level batching (vLLM v1 style): per step of a group, one model's running "
+    "decodes, then chunks of admitted prompts, then FCFS admissions whose whole prompt fits in the KV blocks "
+    "left in HBM; the youngest sequence is preempted (recomputed) when blocks run out; switches of experts run "
+    "in the background. `kind: static` is the paper's cycle (router on a batch of `max_batch`, then each expert's "
+    "requests as one static batch). `auto`: static for `paper-coe` and runs with faults, continuous otherwise. "
+    "With one expert the continuous engine runs no router (there is nothing to route)."), fields=(
+    ConfigField("kind", "choice", "the scheduler: `static` (the paper's cycle) or `continuous` (iteration-level)",
+                "auto", choices=SCHEDULER_KINDS, example="static"),
     ConfigField("policy", "choice", "which expert a DDR -> HBM switch evicts (`belady`: the offline oracle; "
                 "`prefetch`: copies start once the router has decided)", "lru", choices=tuple(POLICIES),
                 example="prefetch"),
-    ConfigField("max_batch", "integer", "requests a free group takes at once", 8, unit="requests", example=4),
+    ConfigField("max_batch", "integer", "static: requests a free group takes at once", 8, unit="requests",
+                example=4),
+    ConfigField("max_num_batched_tokens", "integer", "continuous: token budget of one step (decodes + prefill "
+                "chunks)", 8192, unit="tokens", example=2048),
+    ConfigField("max_num_seqs", "integer", "continuous: sequences running at once in a group (<= the token "
+                "budget)", 256, unit="sequences", example=64),
+    ConfigField("block_size", "integer", "continuous: tokens per KV block", 16, unit="tokens", example=32),
+    ConfigField("preemption", "choice", "continuous: what happens to a preempted sequence's KV (`swap` is not "
+                "modelled yet)", "recompute", choices=PREEMPTION, example="swap"),
+    ConfigField("model_selection", "choice", "continuous: which model a group steps next when something "
+                "changed", "round-robin", choices=MODEL_SELECTION, example="oldest-first"),
+    ConfigField("placement", "choice", "continuous: `spread` (round-robin DDR, nothing preloaded) or "
+                "`popularity` (hot experts replicated in DDR and pinned in HBM, up to half of it)", "spread",
+                choices=PLACEMENT, example="popularity"),
+    ConfigField("slo", "mapping", "continuous: latency objectives for goodput: `ttft_ms`, `tpot_ms`",
+                default_text="unset (no goodput)", allowed_text="`{ttft_ms: number, tpot_ms: number}`",
+                example={"ttft_ms": 500.0, "tpot_ms": 50.0}),
     ConfigField("dispatch", "choice", "which tensor-parallel group a request goes to", "expert-affinity",
                 choices=DISPATCH, example="least-loaded"),
     ConfigField("pinned_experts", "integer-list", "experts kept resident in HBM, never evicted", (),

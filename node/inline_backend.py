@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from interconnect.links import transmit_path
 from interconnect.topology import Topology
 from node.ddr_store import DDRStore
 from node.layout import tp_groups
 from node.platform import NodeSpec
 from scheduler.backend import GroupInfo
-from socket_actor.core import RDUSocket, RunRequest, RunResult
+from socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
 from socket_actor.cost_model import Timing
 from socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
 from socket_actor.model_spec import ModelSpec
@@ -45,6 +47,8 @@ class InlineBackend:
                         for group in self.tp_groups for name in group.members}
         self.ddr = [DDRStore(f"node{n}", spec.ddr_capacity_bytes, spec.ddr_tier_name) for n in range(nodes)]
         self._timings: OrderedDict[tuple, Timing] = OrderedDict()
+        self._span_key: tuple | None = None
+        self._span_steps: tuple | None = None
 
     def groups(self) -> list[GroupInfo]:
         return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
@@ -104,6 +108,30 @@ class InlineBackend:
             ids, logits = in_process_tp(shards, prompts, new_tokens)
             self.checks.check(request.model_id, prompts, new_tokens, ids, logits)
         return result
+
+    def span_times(self, group: int, request: SpanRequest, iterations: int) -> tuple:
+        """The leader's timing of the span's first `iterations` steps; the last answer is kept, so
+        executing the span the engine just timed costs no second evaluation."""
+        key = request.timing_key()
+        if self._span_key == key and len(self._span_steps[0]) >= iterations:
+            steps, coll = self._span_steps
+            return steps[:iterations], coll[:iterations]
+        steps, coll = self.sockets[request.members[0]].span_times(request, iterations)
+        self._span_key, self._span_steps = key, (steps, coll)
+        return steps, coll
+
+    def run_span(self, group: int, request: SpanRequest) -> SpanResult:
+        """Every member executes the span with the leader's timing."""
+        steps, coll = self.span_times(group, request, request.iterations)
+        busy = int(steps.sum())
+        results = [self.sockets[m].run_span(request, busy) for m in self.tp_groups[group].members]
+        r = results[0]
+        return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
+
+    def set_kv(self, group: int, kv_bytes: int) -> None:
+        for member in self.tp_groups[group].members:
+            if member in self.sockets:
+                self.sockets[member].set_kv(kv_bytes)
 
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         if src_node == dst_node:

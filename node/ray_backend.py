@@ -21,7 +21,7 @@ from node.inline_backend import InlineBackend
 from node.platform import NodeSpec
 from node.ray_nodes import RayNodes
 from scheduler.backend import GroupInfo
-from socket_actor.core import RunRequest, RunResult
+from socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult
 from socket_actor.functional_payload import FunctionalChecks, batch_payload, model_shards
 from socket_actor.model_spec import ModelSpec
 
@@ -161,6 +161,26 @@ class RayBackend:
         if self.functional:
             self._run_payload(members, request)
         return result
+
+    def span_times(self, group: int, request: SpanRequest, iterations: int) -> tuple:
+        """Answered at once by the shadow (a pure query: nothing goes to the actors)."""
+        return self.shadow.span_times(group, request, iterations)
+
+    def run_span(self, group: int, request: SpanRequest) -> SpanResult:
+        """The shadow executes the span; the command streams to the actors: the leader times it
+        with its own cost model, the others follow, each resizing its own KV ledger entry."""
+        result = self.shadow.run_span(group, request)
+        leader, *followers = self.shadow.tp_groups[group].members
+        self._enqueue(leader, ("run_span", request), result)
+        for member in followers:
+            self._enqueue(member, ("follow_span", request, result.busy_ns), result.end_ns)
+        return result
+
+    def set_kv(self, group: int, kv_bytes: int) -> None:
+        self.shadow.set_kv(group, kv_bytes)
+        for member in self.shadow.tp_groups[group].members:
+            if member in self.shadow.sockets:
+                self._enqueue(member, ("set_kv", kv_bytes), self.shadow.sockets[member].tiers.hbm.used_bytes)
 
     def _run_payload(self, members: list[str], request: RunRequest) -> None:
         """The batch really runs on the members' functional shards, over the gRPC plane, and is

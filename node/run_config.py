@@ -125,8 +125,22 @@ def _serving(fields: Fields, faults: tuple) -> ServingConfig:
     SCHEDULER.check(scheduler)
     execution = fields.sub("execution")
     EXECUTION.check(execution)
+    slo = SCHEDULER.read(scheduler, "slo") or {}
+    slo_fields = scheduler.sub("slo") if slo else None
+    if slo_fields is not None:
+        slo_fields.check_known({"ttft_ms", "tpot_ms"})
+    slo_value = {key: (slo_fields.number(key) if slo_fields is not None and slo.get(key) is not None else None)
+                 for key in ("ttft_ms", "tpot_ms")}
     return ServingConfig(
         faults=faults,
+        kind=SCHEDULER.read(scheduler, "kind"),
+        max_num_batched_tokens=SCHEDULER.read(scheduler, "max_num_batched_tokens"),
+        max_num_seqs=SCHEDULER.read(scheduler, "max_num_seqs"),
+        block_size=SCHEDULER.read(scheduler, "block_size"),
+        preemption=SCHEDULER.read(scheduler, "preemption"),
+        model_selection=SCHEDULER.read(scheduler, "model_selection"),
+        placement=SCHEDULER.read(scheduler, "placement"),
+        slo_ttft_ms=slo_value["ttft_ms"], slo_tpot_ms=slo_value["tpot_ms"],
         policy=SCHEDULER.read(scheduler, "policy"),
         max_batch=SCHEDULER.read(scheduler, "max_batch"),
         dispatch=SCHEDULER.read(scheduler, "dispatch"),
@@ -169,8 +183,12 @@ def resolve_run_config(path: str | None, overrides: dict[str, Any]) -> RunConfig
         "platform": platform_name, "platform_overrides": platform_overrides,
         "nodes": config.nodes, "tp": config.tp, "model": model.name, "router_model": router.name,
         "experts": config.experts, "workload": workload.to_dict(),
-        "scheduler": {"policy": serving.policy, "max_batch": serving.max_batch, "dispatch": serving.dispatch,
-                      "pinned_experts": list(serving.pinned_experts)},
+        "scheduler": {"kind": serving.kind, "policy": serving.policy, "max_batch": serving.max_batch,
+                      "dispatch": serving.dispatch, "pinned_experts": list(serving.pinned_experts),
+                      "max_num_batched_tokens": serving.max_num_batched_tokens, "max_num_seqs": serving.max_num_seqs,
+                      "block_size": serving.block_size, "preemption": serving.preemption,
+                      "model_selection": serving.model_selection, "placement": serving.placement,
+                      "slo": {"ttft_ms": serving.slo_ttft_ms, "tpot_ms": serving.slo_tpot_ms}},
         "execution": {"mode": serving.mode, "orchestration": serving.orchestration},
         "faults": [f.text for f in faults],
         "seed": config.seed, "backend": config.backend, "functional": config.functional,

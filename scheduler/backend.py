@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from socket_actor.core import RunRequest, RunResult
+from socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult
 from socket_actor.model_spec import ModelSpec
 
 __all__ = ["GroupInfo", "ServingBackend"]
@@ -52,6 +52,17 @@ class ServingBackend(Protocol):
 
     def run(self, group: int, request: RunRequest) -> RunResult:
         """Run a batch on every member of a group (they all start at `request.start_ns`)."""
+
+    def span_times(self, group: int, request: SpanRequest, iterations: int) -> tuple:
+        """(step ns, collective ns) arrays of the span's first `iterations` steps: a pure query
+        (the continuous engine picks how many iterations to run from them)."""
+
+    def run_span(self, group: int, request: SpanRequest) -> SpanResult:
+        """Execute `request.iterations` steps of a span on every member of the group (and resize
+        their KV ledger entry to `request.kv_bytes`)."""
+
+    def set_kv(self, group: int, kv_bytes: int) -> None:
+        """Resize the KV ledger entry of every member (0 at the end of a run)."""
 
     def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         """Carry a request's bytes between nodes over the scale-out links; return the arrival."""

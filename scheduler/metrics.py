@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RequestRecord", "GroupStats", "MetricsCollector", "RecordsCsvWriter", "summarize", "percentiles"]
+__all__ = ["RequestRecord", "GroupStats", "MetricsCollector", "RecordsCsvWriter", "summarize", "percentiles",
+           "EngineMetrics", "weighted_percentiles"]
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RequestRecord:
     tpot_ns: int
     e2e_ns: int
     finish_ns: int
+    preemptions: int = 0   # times its KV was taken back (recomputed later); continuous engine only
 
 
 @dataclass
@@ -70,6 +72,7 @@ class MetricsCollector:
         self.records: list[RequestRecord] = []
         self.keep = keep
         self.ttft, self.tpot, self.e2e, self.switch_wait = array("q"), array("q"), array("q"), array("q")
+        self.queue, self.tpot_all = array("q"), array("q")
         self.completed = 0
         self.output_tokens = 0
         self.last_finish_ns = 0
@@ -86,6 +89,8 @@ class MetricsCollector:
         self.ttft.append(record.ttft_ns)
         self.e2e.append(record.e2e_ns)
         self.switch_wait.append(record.switch_wait_ns)
+        self.queue.append(record.queue_ns)
+        self.tpot_all.append(record.tpot_ns)
         if record.output_tokens > 1:
             self.tpot.append(record.tpot_ns)
         if self.keep:
@@ -161,3 +166,108 @@ def summarize(metrics: MetricsCollector, groups: list[GroupStats], requests_in: 
                     "hits": g.hits, "expert_runs": g.accesses, "router_ns": g.router_ns, "expert_ns": g.expert_ns,
                     "stall_ns": g.stall_ns} for g in groups],
     }
+
+
+def weighted_percentiles(values: np.ndarray, weights: np.ndarray) -> dict[str, int]:
+    """Percentiles of the multiset where each value counts `weights` times (the same numbers as
+    `percentiles` of the expanded list, without ever building it)."""
+    total = int(weights.sum()) if len(weights) else 0
+    if total == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "mean": 0, "max": 0}
+    order = np.argsort(values, kind="stable")
+    v, w = values[order].astype(np.float64), weights[order]
+    cum = np.cumsum(w)
+
+    def at(rank: int) -> float:  # the value at 0-based position `rank` of the expanded sorted list
+        return float(v[int(np.searchsorted(cum, rank, side="right"))])
+
+    out = {}
+    for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+        position = (total - 1) * q / 100.0         # numpy's default (linear) percentile
+        low = int(np.floor(position))
+        high = min(low + 1, total - 1)
+        out[name] = int(round(at(low) + (at(high) - at(low)) * (position - low)))
+    out["mean"] = int(round(float((v * w).sum()) / total))
+    out["max"] = int(v[-1])
+    return out
+
+
+class EngineMetrics:
+    """What the continuous engine adds to the summary, kept as flat arrays: inter-token gaps as
+    (value, count) pairs per span, never an object per token."""
+
+    def __init__(self) -> None:
+        self.itl_value, self.itl_count = array("q"), array("q")
+        self.preemptions = 0
+        self.iterations = 0
+        self.step_tokens = 0
+        self.step_seqs = 0
+        self.max_step_tokens = 0
+        self.max_step_seqs = 0
+        self.model_ns: dict[int, int] = {}
+        self.kv_samples = array("d")
+        self.pool_bytes = 0
+
+    def itl_values(self, gaps: list[int]) -> None:
+        self.itl_value.extend(gaps)
+        self.itl_count.extend([1] * len(gaps))
+
+    def itl_weighted(self, steps: np.ndarray, count: int) -> None:
+        self.itl_value.extend(steps.tolist())
+        self.itl_count.extend([count] * len(steps))
+
+    def span(self, model: int, busy_ns: int, batch, k: int, rest: int) -> None:
+        """Per iteration: tokens and sequences of the step (iteration 0 mixed, then `rest` decodes)."""
+        first_tokens = sum(c for _, c in batch.chunks) + len(batch.decodes)
+        first_seqs = len(batch.chunks) + len(batch.decodes)
+        self.iterations += k
+        self.step_tokens += first_tokens + rest * (k - 1)
+        self.step_seqs += first_seqs + rest * (k - 1)
+        self.max_step_tokens = max(self.max_step_tokens, first_tokens, rest if k > 1 else 0)
+        self.max_step_seqs = max(self.max_step_seqs, first_seqs, rest if k > 1 else 0)
+        self.model_ns[model] = self.model_ns.get(model, 0) + busy_ns
+
+    def kv_sample(self, memory) -> None:
+        """KV share of the HBM the weights leave, when a request completes."""
+        pool = memory.usable_bytes - memory.weights_bytes
+        self.kv_samples.append(memory.kv_bytes / pool if pool > 0 else 0.0)
+
+    def summary(self, metrics: MetricsCollector, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+                virtual_ns: int, peak_kv_bytes: list[int]) -> dict:
+        values = np.frombuffer(self.itl_value, dtype=np.int64) if len(self.itl_value) else np.zeros(0, np.int64)
+        counts = np.frombuffer(self.itl_count, dtype=np.int64) if len(self.itl_count) else np.zeros(0, np.int64)
+        busy = sum(self.model_ns.values())
+        router = self.model_ns.get(-1, 0)
+        experts = {m: ns for m, ns in self.model_ns.items() if m >= 0}
+        kv = np.frombuffer(self.kv_samples, dtype=np.float64) if len(self.kv_samples) else np.zeros(1)
+        out = {
+            "itl_ns": weighted_percentiles(values, counts),
+            "queue_ns": percentiles(metrics.queue),
+            "preemptions": self.preemptions,
+            "kv_utilisation": {"mean_at_completion": round(float(kv.mean()), 6),
+                               "max_at_completion": round(float(kv.max()), 6),
+                               "peak_kv_bytes_per_socket": max(peak_kv_bytes, default=0)},
+            "tokens_per_step": {"mean": round(self.step_tokens / self.iterations, 3) if self.iterations else 0.0,
+                                "max": self.max_step_tokens},
+            "seqs_per_step": {"mean": round(self.step_seqs / self.iterations, 3) if self.iterations else 0.0,
+                              "max": self.max_step_seqs},
+            "iterations": self.iterations,
+            "model_time_share": {
+                "router": round(router / busy, 6) if busy else 0.0,
+                "experts": round(sum(experts.values()) / busy, 6) if busy else 0.0,
+                "busiest_expert": round(max(experts.values(), default=0) / busy, 6) if busy else 0.0,
+                "experts_run": len(experts)},
+        }
+        if slo_ttft_ms is not None or slo_tpot_ms is not None:
+            ttft = np.frombuffer(metrics.ttft, dtype=np.int64)
+            tpot = np.frombuffer(metrics.tpot_all, dtype=np.int64)
+            ok = np.ones(len(ttft), dtype=bool)
+            if slo_ttft_ms is not None:
+                ok &= ttft <= slo_ttft_ms * 1e6
+            if slo_tpot_ms is not None:
+                ok &= tpot <= slo_tpot_ms * 1e6
+            good = int(ok.sum())
+            out["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "attained": round(good / len(ok), 6)
+                          if len(ok) else 0.0,
+                          "goodput_requests_per_s": round(good / (virtual_ns / 1e9), 6) if virtual_ns else 0.0}
+        return out

@@ -13,10 +13,11 @@ import os
 import numpy as np
 
 from interconnect.collectives import RingCollectives
+from interconnect.plane_auth import PlaneTLS
 from interconnect.grpc_plane import InterconnectServer, PeerClient
 from interconnect.spec_fields import UserError
 from interconnect.topology import Topology, TopologySpec
-from socket_actor.core import RDUSocket, RunRequest, RunResult
+from socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
 from socket_actor.numerics import KVCache, Shard, TinyConfig, forward_shard
 from socket_actor.operators import decode_step_shape, prefill_shape
 from socket_actor.spec import SocketSpec
@@ -28,16 +29,17 @@ class SocketActor:
     """Hosts one socket core; methods are the commands the host may send it."""
 
     def __init__(self, name: str, spec: SocketSpec, links: TopologySpec, nodes: int, sockets_per_node: int,
-                 registry, members: list[str], bind_host: str = "127.0.0.1", run_token: str = "") -> None:
+                 registry, members: list[str], bind_host: str = "127.0.0.1", run_token: str = "",
+                 tls: "PlaneTLS | None" = None) -> None:
         self.name = name
         self.topology = Topology(links, nodes, sockets_per_node)
         self.core = RDUSocket(name, spec, self.topology)
         self.registry = registry
         self.bind_host = bind_host
         self.server = InterconnectServer(name, bind_host=bind_host, members=members, run_token=run_token,
-                                         clock_ns=lambda: self.core.clock_ns)
+                                         clock_ns=lambda: self.core.clock_ns, tls=tls)
         self.client = PeerClient(name, self._resolve, self.server.stats, run_token=run_token,
-                                 retransmit_timeout_ns=links.retransmit_timeout_ns)
+                                 retransmit_timeout_ns=links.retransmit_timeout_ns, tls=tls)
         self._rings: dict[tuple[str, ...], RingCollectives] = {}
         self.address = ""
         self._batches = asyncio.Condition()
@@ -92,6 +94,16 @@ class SocketActor:
 
     async def follow(self, request: RunRequest, busy_ns: int) -> int:
         return self.core.follow(request, busy_ns)
+
+    async def run_span(self, request: SpanRequest) -> SpanResult:
+        """Time a span with this socket's own cost model and execute it (KV entry resized)."""
+        return self.core.run_span(request)
+
+    async def follow_span(self, request: SpanRequest, busy_ns: int) -> int:
+        return self.core.run_span(request, busy_ns).end_ns
+
+    async def set_kv(self, kv_bytes: int) -> int:
+        return self.core.set_kv(kv_bytes)
 
     async def abort(self, job_id: str, at_ns: int) -> int:
         return self.core.abort(job_id, at_ns)

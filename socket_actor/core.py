@@ -11,16 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from interconnect.topology import Topology
 from interconnect.collectives_timing import RingTiming
 from interconnect.spec_fields import UserError
 from socket_actor.cost_model import CostModel, Timing
 from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import kv_bytes_per_token_per_socket
+from socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket
 from socket_actor.spec import SocketSpec
 from socket_actor.tiers import MemoryTiers
 
-__all__ = ["RDUSocket", "Resident", "RunRequest", "RunResult"]
+__all__ = ["RDUSocket", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape",
+           "KV_ENTRY"]
+
+KV_ENTRY = "kv"   # the HBM ledger entry holding the KV blocks of the continuous engine
 
 
 @dataclass
@@ -59,6 +64,85 @@ class RunResult:
     end_ns: int
     busy_ns: int
     collective_ns: int = 0       # part of busy_ns spent in tensor-parallel collectives
+
+
+@dataclass(frozen=True)
+class SpanRequest:
+    """A fixed batch of one resident model for `iterations` steps, starting at `start_ns`.
+
+    Iteration 0 is the mixed step: prefill chunks (`chunk_lens` new tokens on top of
+    `chunk_offsets` tokens already cached) plus decodes of sequences holding `decode_contexts`
+    cached tokens. Iterations 1.. decode the fixed set whose cached tokens at iteration 1 are
+    `next_contexts` (each grows by one per iteration). `kv_bytes` is what the group's KV blocks
+    hold on each socket during the span (the ledger entry is resized to it); `setup` charges the
+    model's activation (the run set-up) to the first iteration."""
+
+    job_id: str
+    model_id: str
+    model: ModelSpec
+    members: tuple[str, ...]
+    start_ns: int
+    iterations: int
+    chunk_offsets: tuple[int, ...] = ()
+    chunk_lens: tuple[int, ...] = ()
+    decode_contexts: tuple[int, ...] = ()
+    next_contexts: tuple[int, ...] = ()
+    kv_bytes: int = 0
+    setup: bool = False
+    mode: str | None = None
+    orchestration: str | None = None
+
+    def timing_key(self) -> tuple:
+        """Everything the step times depend on except the start and the number of iterations."""
+        return (self.model, self.members, self.chunk_offsets, self.chunk_lens, self.decode_contexts,
+                self.next_contexts, self.setup, self.mode, self.orchestration)
+
+
+@dataclass(frozen=True)
+class SpanResult:
+    job_id: str
+    socket: str
+    start_ns: int
+    end_ns: int
+    busy_ns: int
+    collective_ns: int = 0
+
+
+def _window_pairs(tokens: np.ndarray, window: int | None) -> np.ndarray:
+    """Causal (query, key) pairs of the first `tokens` positions, each query seeing `window` keys at most."""
+    full = tokens * (tokens + 1) / 2
+    if window is None:
+        return full
+    over = np.maximum(tokens - window, 0)
+    return full - over * (over + 1) / 2
+
+
+def span_shape(request: SpanRequest, iterations: int, window: int | None) -> PhaseShape:
+    """The PhaseShape rows of a span's first `iterations` steps (see `SpanRequest`): every
+    sequence contributes its own tokens, attention pairs and cache reads, so the mixed step is
+    the sum of `prefill_shape`-like chunks at their offsets and `decode_shapes`-like decodes."""
+    offsets = np.asarray(request.chunk_offsets, dtype=np.float64)
+    lens = np.asarray(request.chunk_lens, dtype=np.float64)
+    ctx0 = np.asarray(request.decode_contexts, dtype=np.float64)
+    cap = np.inf if window is None else float(window)
+    read0 = np.minimum(ctx0, cap - 1)
+    first = [lens.sum() + ctx0.size, float(lens.size + ctx0.size),
+             (_window_pairs(offsets + lens, window) - _window_pairs(offsets, window)).sum() + (read0 + 1).sum(),
+             (lens * (offsets + lens)).sum() + (read0 + 1).sum(),
+             np.minimum(offsets, cap).sum() + read0.sum()]
+    rest = iterations - 1
+    n = float(len(request.next_contexts))
+    if rest <= 0:
+        return PhaseShape(*(np.array([v], dtype=np.float64) for v in first))
+    j = np.arange(rest, dtype=np.float64)
+    ctx = np.asarray(request.next_contexts, dtype=np.float64)
+    if window is None:
+        read = ctx.sum() + n * j
+    else:
+        read = np.minimum(ctx[:, None] + j[None, :], cap - 1).sum(0)
+    keys = read + n
+    columns = [np.full(rest, n), np.full(rest, n), keys, keys, read]
+    return PhaseShape(*(np.concatenate([[f], c]) for f, c in zip(first, columns)))
 
 
 @dataclass
@@ -194,6 +278,52 @@ class RDUSocket:
     def advance_to(self, clock_ns: int) -> None:
         """Move the clock forward (idle time); never backward."""
         self.clock_ns = max(self.clock_ns, int(clock_ns))
+
+    # -- spans of the continuous engine ---------------------------------------------------------
+    def span_times(self, request: SpanRequest, iterations: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(step ns, collective ns) of the span's first `iterations` steps (pure: no state changes),
+        one vectorised evaluation of the compiled cost model over the rows."""
+        cost = self.cost_model(request.model, request.members, request.mode, request.orchestration)
+        shape = span_shape(request, iterations or request.iterations, request.model.sliding_window)
+        times = cost.steps(shape, setup=request.setup)
+        return times.step_ns, np.asarray(times.collective_step_ns, dtype=np.float64)
+
+    def set_kv(self, kv_bytes: int) -> int:
+        """Resize this socket's KV ledger entry (raises CapacityError if HBM cannot hold it)."""
+        hbm = self.tiers.hbm
+        if KV_ENTRY in hbm:
+            hbm.release(KV_ENTRY)
+        if kv_bytes > 0:
+            hbm.allocate(KV_ENTRY, int(kv_bytes))
+        return hbm.used_bytes
+
+    def _admit_span(self, request: SpanRequest) -> Resident:
+        if self.name not in request.members:
+            raise ValueError(f"{self.name} is not a member of {request.members}")
+        resident = self.residents.get(request.model_id)
+        if resident is None:
+            raise UserError(f"{self.name}: {request.model_id} is not resident in HBM")
+        if request.start_ns < self.free_at_ns(request.model_id):
+            raise ValueError(f"{self.name}: span {request.job_id} starts at {request.start_ns} ns, before the "
+                             f"socket is free at {self.free_at_ns(request.model_id)} ns")
+        self.set_kv(request.kv_bytes)
+        return resident
+
+    def run_span(self, request: SpanRequest, busy_ns: int | None = None) -> SpanResult:
+        """Execute a span: KV entry resized, clock moved by its steps. A caller that already timed
+        it passes `busy_ns` (the group's other members follow the first one's schedule)."""
+        resident = self._admit_span(request)
+        collective = 0
+        if busy_ns is None:
+            steps, coll = self.span_times(request)
+            busy_ns, collective = int(steps.sum()), int(np.rint(coll).sum())
+        self.clock_ns = request.start_ns + int(busy_ns)
+        resident.runs += 1
+        self.counters.runs += 1
+        self.counters.tokens += len(request.next_contexts) * (request.iterations - 1) + \
+            len(request.decode_contexts) + len(request.chunk_lens)
+        self.counters.busy_ns += int(busy_ns)
+        return SpanResult(request.job_id, self.name, request.start_ns, self.clock_ns, int(busy_ns), collective)
 
     # -- reporting ------------------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -17,6 +17,7 @@ def serve(platform="sn40l-node", experts=150, nodes=1, tp=8, seed=0, overrides=N
     workload_fields = config.pop("workload", {"kind": "trace", "limit": 2000})
     spec = load_platform(platform, overrides).spec
     workload = build_workload(WorkloadSpec.from_fields(Fields(workload_fields, "test", "workload")), experts, seed)
+    config.setdefault("kind", "static")   # these tests are about the paper's cycle; tests/test_engine.py covers continuous
     server = CoEServer(InlineBackend(spec, nodes, tp), LLAMA, experts, LLAMA, workload, ServingConfig(**config))
     return server.run()
 

@@ -1,0 +1,505 @@
+"""The continuous serving engine: iteration-level batching per TP group, paged KV in the HBM
+ledger, chunked prefill, preemption, and expert switching in the background; time moves from
+event to event.
+
+Events, in (virtual time, class, stable id) order: arrivals at the ingress, requests reaching
+their group, switches landing, and group boundaries (a span ended, or an idle group has work).
+At a boundary the group decides its next batch (scheduler.step_scheduler) and runs it as a
+*span*: the fixed batch for as many iterations as nothing would change it — until the first
+iteration end at or after the next event, a sequence finishing, a prefill chunk ending short of
+its prompt, or a KV block that does not fit. The span's step times are one vectorised cost-model
+evaluation (the backend's `span_times`), so a long decode costs one call, and running the same
+workload one iteration at a time (`max_span_iterations: 1`) gives identical results.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+import numpy as np
+
+from interconnect.spec_fields import UserError, format_bytes
+from scheduler.backend import GroupInfo, ServingBackend
+from scheduler.dispatch import choose_group, hot_experts, place_experts
+from scheduler.kv import GroupMemory, blocks_for
+from scheduler.metrics import EngineMetrics, GroupStats, MetricsCollector, RequestRecord, summarize
+from scheduler.policies import make_policy
+from scheduler.residency import ROUTER_KEY, Residency, model_id
+from scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
+from scheduler.workloads import Request, Workload
+from socket_actor.core import SpanRequest
+from socket_actor.model_spec import ModelSpec
+from socket_actor.operators import kv_bytes_per_token_per_socket
+from socket_actor.tiers import CapacityError
+
+__all__ = ["ContinuousServer"]
+
+_TOKEN_BYTES = 4
+_ARRIVAL, _ENQUEUE, _READY, _STEP = range(4)      # event classes: their order at equal times
+_FIRST_QUERY = 64                                  # iterations timed by the first query of a span
+
+
+class _Group:
+    """One TP group's state: waiting and running sequences per model, HBM, the span in progress."""
+
+    def __init__(self, info: GroupInfo, engine: "ContinuousServer") -> None:
+        self.info, self.engine = info, engine
+        self.stats = GroupStats(name=info.name, node=info.node, expert_slots=0)
+        self.memory = GroupMemory(info.hbm_usable_bytes, engine.step.block_size)
+        policy = make_policy(engine.config.policy, [r.expert for r in engine.workload.requests])
+        self.policy = policy
+        self.residency = Residency(engine.backend, info, self.memory, policy, engine.expert_model,
+                                   engine.router_model, self.stats, engine.emit if engine.listening else None)
+        self.waiting: dict[int, deque] = defaultdict(deque)
+        self.running: dict[int, list] = defaultdict(list)
+        self.n_running = 0
+        self.load = 0
+        self.current_model: int | None = None
+        self.last_model: int | None = None
+        self.dirty = True
+        self.busy = False
+        self.kicked = False
+        self.dead = False
+        self.span = None
+        self.admissions = 0
+        self.blocked_switch = False
+        self._block_bytes = {ROUTER_KEY: engine.step.block_size * kv_bytes_per_token_per_socket(
+            engine.router_model, info.tp)}
+        self._expert_block_bytes = engine.step.block_size * kv_bytes_per_token_per_socket(engine.expert_model,
+                                                                                         info.tp)
+
+    # -- what the step scheduler asks -----------------------------------------------------------
+    def block_bytes(self, model: int) -> int:
+        return self._block_bytes.get(model, self._expert_block_bytes)
+
+    def models_with_work(self) -> list[int]:
+        return sorted({m for m, seqs in self.running.items() if seqs} | {m for m, q in self.waiting.items() if q})
+
+    def oldest(self, model: int) -> tuple[int, int]:
+        seqs = list(self.running[model]) + list(self.waiting[model])
+        return min((s.request.arrival_ns, s.request.id) for s in seqs)
+
+    def warm_for(self, expert: int) -> bool:
+        return expert in self.residency.resident or bool(self.waiting.get(expert)) or bool(self.running.get(expert))
+
+    def busy_models(self, now: int) -> set[int]:
+        """Models with a sequence in flight, and models whose copy has not landed (never victims)."""
+        loading = {m for m, ready in self.residency.resident.items() if ready > now}
+        return {m for m, seqs in self.running.items() if seqs} | loading
+
+    def needed_models(self) -> set[int]:
+        return {m for m, q in self.waiting.items() if q}
+
+    def make_room(self, nbytes: int) -> bool:
+        now = self.engine.now
+        return self.residency.make_room(nbytes, self.busy_models(now), self.needed_models())
+
+    def evictable_bytes(self) -> int:
+        return self.residency.evictable_bytes(self.busy_models(self.engine.now), self.needed_models())
+
+    def admitting(self) -> bool:
+        """No admissions while a needed model's switch waits for room: KV drains for it."""
+        return not self.blocked_switch
+
+    def youngest_running(self) -> Seq:
+        return max((s for seqs in self.running.values() for s in seqs), key=lambda s: s.order)
+
+    def admit(self, seq: Seq, blocks: int, block_bytes: int, now: int) -> None:
+        self.admissions += 1
+        seq.order = self.admissions
+        seq.blocks = blocks
+        self.memory.take_kv(blocks * block_bytes)
+        self.running[seq.model].append(seq)
+        self.n_running += 1
+        if seq.admitted_ns < 0:
+            seq.admitted_ns = now
+            if seq.model != ROUTER_KEY and not seq.hit:
+                ready = self.residency.resident.get(seq.model, now)
+                seq.switch_wait_ns = max(0, min(ready, now) - seq.decided_ns)
+
+    def release(self, seq: Seq) -> None:
+        self.memory.give_kv(seq.blocks * self.block_bytes(seq.model))
+        seq.blocks = 0
+        self.running[seq.model].remove(seq)
+        self.n_running -= 1
+
+    def preempt(self, seq: Seq, now: int) -> None:
+        """Recompute preemption: the KV goes, the sequence re-queues first with its prompt and the
+        tokens generated so far to prefill again."""
+        self.release(seq)
+        seq.prompt = seq.prompt + seq.generated if seq.computed >= seq.prompt else seq.prompt
+        seq.computed = 0
+        seq.preemptions += 1
+        self.waiting[seq.model].appendleft(seq)
+        self.engine.metrics_engine.preemptions += 1
+        if self.engine.listening:
+            self.engine.emit({"type": "preempt", "t_ns": now, "group": self.info.name, "request": seq.request.id,
+                              "model": model_id(seq.model), "generated": seq.generated})
+
+    # -- switching --------------------------------------------------------------------------------
+    def retry_switches(self, now: int) -> None:
+        """Start the switches of needed models that are not resident (in order of their oldest
+        waiting request); with `prefetch`, also those of requests still waiting for the router."""
+        self.blocked_switch = False
+        wanted = sorted((m for m, q in self.waiting.items() if q and m not in self.residency.resident),
+                        key=lambda m: (self.waiting[m][0].request.id, m))
+        for m in wanted:
+            if not self._start(m, now, prefetch=False, position=self.waiting[m][0].request.id):
+                self.blocked_switch = True
+                break
+        if self.policy.prefetch and not self.blocked_switch:
+            routing = list(self.running.get(ROUTER_KEY, ())) + list(self.waiting.get(ROUTER_KEY, ()))
+            for e in dict.fromkeys(s.request.expert for s in routing):
+                if e not in self.residency.resident and not self._start(e, now, prefetch=True,
+                                                                         position=1 << 62):
+                    break
+
+    def _start(self, model: int, now: int, prefetch: bool, position: int) -> bool:
+        ready = self.residency.start(model, now, self.busy_models(now), self.needed_models(), prefetch, position)
+        if ready is None:
+            return False
+        self.engine.push(ready, _READY, (self.info.index, model), ("ready", self, model, ready))
+        return True
+
+
+class ContinuousServer:
+    """Serves one workload with the continuous engine; `run()` returns a ServingResult."""
+
+    def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
+                 workload: Workload, config, step: StepConfig, on_event: Callable[[dict], None] | None = None,
+                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
+        self.backend, self.expert_model, self.router_model = backend, expert_model, router_model
+        self.experts, self.workload, self.config, self.step = experts, workload, config, step
+        self.listening = on_event is not None
+        self.emit = on_event or (lambda event: None)
+        self.use_router = experts > 1
+        self.router_output_tokens = max(1, workload.router_output_tokens)
+        self.now = 0
+        self.groups = [_Group(info, self) for info in backend.groups()]
+        sequence = [r.expert for r in workload.requests]
+        self.placement = place_experts(backend, experts, expert_model.weight_bytes(), router_model.weight_bytes(),
+                                       config.placement, sequence)
+        for n in range(backend.nodes):
+            if self.use_router:
+                backend.store(n, model_id(ROUTER_KEY), router_model.weight_bytes())
+            for e in self.placement[f"node{n}"]:
+                backend.store(n, model_id(e), expert_model.weight_bytes())
+        self._holders = {e: {n for n in range(backend.nodes) if e in set(self.placement[f"node{n}"])}
+                         for e in range(experts)}
+        self._check_capacity()
+        self.metrics = MetricsCollector(on_record, keep=keep_records, requests=len(workload.requests))
+        self.metrics_engine = EngineMetrics()
+        self.inter_node_bytes = 0
+        self.setup_ns = 0
+        self.fault_stats: dict = {}
+        self._external: list = []
+        self._steps: list = []
+        self._jobs = 0
+        self._dispatched = 0
+        self.sequence = sequence
+
+    def _check_capacity(self) -> None:
+        """Refuse, before serving, what cannot work: an expert that does not fit beside the router,
+        or a request whose KV alone would not fit next to them."""
+        for g in self.groups:
+            weights = g.residency.expert_shard_bytes + (g.residency.router_shard_bytes if self.use_router else 0)
+            longest = max((r.prompt_tokens + r.output_tokens for r in self.workload.requests), default=1)
+            kv = blocks_for(longest, self.step.block_size) * g.block_bytes(0)
+            if weights + kv > g.info.hbm_usable_bytes:
+                raise CapacityError(
+                    f"{g.info.name} ({g.info.tp} x {format_bytes(g.info.hbm_usable_bytes)} usable HBM per socket): an "
+                    f"expert shard of {format_bytes(g.residency.expert_shard_bytes)} does not fit "
+                    + (f"next to the router ({format_bytes(g.residency.router_shard_bytes)}) and " if self.use_router
+                       else "with ")
+                    + f"the KV cache of the longest request ({longest} tokens, {format_bytes(kv)}) per socket")
+
+    # -- events ---------------------------------------------------------------------------------
+    def push(self, time_ns: int, cls: int, key: tuple, payload: tuple) -> None:
+        heap = self._steps if cls == _STEP else self._external
+        heapq.heappush(heap, (int(time_ns), cls, key, payload))
+
+    def _next_external_ns(self) -> int:
+        """The next event that can change a group's decision (not another group's boundary)."""
+        times = [self._external[0][0]] if self._external else []
+        if self._arrival_index < len(self._arrivals):
+            times.append(self._arrivals[self._arrival_index].arrival_ns)
+        return min(times) if times else 1 << 62
+
+    def _job_id(self, group: _Group, what: str) -> str:
+        self._jobs += 1
+        return f"{group.info.name}/s{self._jobs}/{what}"
+
+    def run(self):
+        """Load the router and the placement's HBM-resident experts everywhere, then serve; the
+        workload's clock starts when they are resident (`setup_ns`)."""
+        from scheduler.serving import ServingResult  # noqa: F401  (result() builds it)
+
+        setup_ns = 0
+        pinned = list(self.config.pinned_experts)
+        if self.config.placement == "popularity":
+            pinned += [e for e in hot_experts(self.sequence) if e not in pinned]
+        for g in self.groups:
+            keys = ([ROUTER_KEY] if self.use_router else []) + pinned
+            for i, key in enumerate(keys):
+                if key != ROUTER_KEY and i >= len(self.config.pinned_experts) + (1 if self.use_router else 0):
+                    if g.memory.free_bytes - g.residency.shard_bytes(key) < g.memory.usable_bytes // 2:
+                        break   # popularity placement keeps half of HBM for KV and switches
+                ready = g.residency.start(key, 0, set(), set(), prefetch=key != ROUTER_KEY)
+                if ready is None:
+                    raise CapacityError(f"{g.info.name}: {model_id(key)} does not fit in HBM with the pinned models")
+                g.residency.pinned.add(key)
+                setup_ns = max(setup_ns, ready)
+        self.setup_ns = setup_ns
+        self._arrivals = [Request(r.id, r.arrival_ns + setup_ns, r.prompt_tokens, r.output_tokens, r.expert)
+                          for r in self.workload.requests]
+        self._arrival_index = 0
+        while True:
+            candidates = []
+            if self._arrival_index < len(self._arrivals):
+                r = self._arrivals[self._arrival_index]
+                candidates.append((r.arrival_ns, _ARRIVAL, (r.id,), None))
+            if self._external:
+                candidates.append(self._external[0])
+            if self._steps:
+                candidates.append(self._steps[0])
+            if not candidates:
+                break
+            event = min(candidates, key=lambda e: e[:3])
+            self.now = event[0]
+            if event[1] == _ARRIVAL:
+                self._arrival_index += 1
+                self._on_arrival(self._arrivals[self._arrival_index - 1])
+            elif event[1] == _STEP:
+                heapq.heappop(self._steps)
+                self._on_boundary(event[3][1])
+            else:
+                heapq.heappop(self._external)
+                kind = event[3][0]
+                if kind == "enqueue":
+                    self._on_enqueue(event[3][1], event[3][2])
+                else:
+                    self._on_ready(*event[3][1:])
+        for g in self.groups:
+            self.backend.set_kv(g.info.index, 0)
+        if self.metrics.completed != len(self.workload.requests):
+            raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
+        return self.result()
+
+    def result(self):
+        from scheduler.serving import ServingResult
+
+        stats = [g.stats for g in self.groups]
+        summary = summarize(self.metrics, stats, len(self.workload.requests), self.inter_node_bytes, self.setup_ns)
+        summary.update(self.metrics_engine.summary(self.metrics, self.config.slo_ttft_ms, self.config.slo_tpot_ms,
+                                                   summary["virtual_ns"],
+                                                   [g.memory.peak_kv_bytes for g in self.groups]))
+        summary["scheduler"] = "continuous"
+        return ServingResult(records=self.metrics.records, groups=stats, summary=summary, placement=self.placement)
+
+    # -- arrivals and dispatch ---------------------------------------------------------------------
+    def _on_arrival(self, request: Request) -> None:
+        group = choose_group(self.groups, request.expert, self._holders[request.expert], self.config.dispatch,
+                             self.step.max_num_seqs, self._dispatched)
+        if group is None:
+            raise UserError(f"no live group can serve expert {request.expert}")
+        self._dispatched += 1
+        group.load += 1
+        if self.listening:
+            self.emit({"type": "arrival", "t_ns": self.now, "request": request.id, "expert": request.expert,
+                       "group": group.info.name})
+        arrive = self.now
+        if group.info.node != self.config.ingress_node:
+            nbytes = request.prompt_tokens * _TOKEN_BYTES
+            arrive = self.backend.forward(self.config.ingress_node, group.info.node, nbytes, self.now)
+            self.inter_node_bytes += nbytes + request.output_tokens * _TOKEN_BYTES
+        self.push(arrive, _ENQUEUE, (request.id,), ("enqueue", group, request))
+
+    def _on_enqueue(self, group: _Group, request: Request) -> None:
+        if self.use_router:
+            seq = Seq(request, ROUTER_KEY, request.prompt_tokens, self.router_output_tokens)
+            group.waiting[ROUTER_KEY].append(seq)
+        else:
+            self._decided(group, Seq(request, request.expert, request.prompt_tokens, request.output_tokens))
+        self._touch(group)
+
+    def _on_ready(self, group: _Group, model: int, ready: int) -> None:
+        if group.residency.resident.get(model) == ready:
+            self._touch(group)
+
+    def _touch(self, group: _Group) -> None:
+        """Something changed for `group`: its next boundary re-decides; an idle group wakes now."""
+        group.dirty = True
+        if not group.busy and not group.kicked:
+            group.kicked = True
+            self.push(self.now, _STEP, (group.info.index,), ("step", group))
+
+    def _decided(self, group: _Group, seq: Seq) -> None:
+        """The request's expert is known (the router finished, or there is no router)."""
+        seq.decided_ns = self.now
+        seq.hit = group.residency.ready(seq.model, self.now)
+        group.stats.accesses += 1
+        group.stats.hits += seq.hit
+        group.waiting[seq.model].append(seq)
+
+    # -- boundaries --------------------------------------------------------------------------------
+    def _on_boundary(self, group: _Group) -> None:
+        group.kicked = False
+        if group.span is not None:
+            self._commit(group)
+        now = self.now
+        group.retry_switches(now)
+        batch = None
+        for model in select_model(group, now, self.step):
+            batch = build_batch(group, model, now, self.step)
+            if batch is not None:
+                break
+        group.dirty = False
+        if batch is None:
+            group.busy = False
+            group.current_model = None if not group.models_with_work() else group.current_model
+            return
+        group.current_model = batch.model
+        self._start_span(group, batch, now)
+
+    def _start_span(self, group: _Group, batch, now: int) -> None:
+        limit, contexts, held = span_limit(group, batch, self.step)
+        model = batch.model
+        request = SpanRequest(
+            job_id="", model_id=model_id(model), model=self.router_model if model == ROUTER_KEY else self.expert_model,
+            members=group.info.members, start_ns=now, iterations=limit,
+            chunk_offsets=tuple(s.computed for s, _ in batch.chunks), chunk_lens=tuple(c for _, c in batch.chunks),
+            decode_contexts=tuple(s.computed for s in batch.decodes),
+            next_contexts=tuple(int(c) for c in contexts) if limit > 1 else (),
+            setup=model != group.last_model, mode=self.config.mode, orchestration=self.config.orchestration)
+        iterations = self._iterations(group, request, limit, now)
+        if iterations > 1:   # the blocks the decodes fill during the span
+            grow = int((-(-(contexts + iterations - 1) // self.step.block_size) - held).sum())
+            group.memory.take_kv(grow * group.block_bytes(model))
+            seqs = batch.decodes + [s for s, _ in batch.chunks]
+            for s, c in zip(seqs, contexts):
+                s.blocks = blocks_for(int(c) + iterations - 1, self.step.block_size)
+        from dataclasses import replace
+
+        request = replace(request, job_id=self._job_id(group, model_id(model)), iterations=iterations,
+                          kv_bytes=group.memory.kv_bytes)
+        steps, coll = self.backend.span_times(group.info.index, request, iterations)
+        result = self.backend.run_span(group.info.index, request)
+        group.busy = True
+        if model != group.last_model:   # an activation: what the residency policy and `batches` count
+            group.stats.batches += 1
+            if model != ROUTER_KEY:
+                group.policy.touch(model, min(s.request.id for s in batch.decodes + [s for s, _ in batch.chunks]))
+        group.last_model = model
+        group.span = (batch, request, np.asarray(steps[:iterations], dtype=np.int64), result)
+        self.push(result.end_ns, _STEP, (group.info.index,), ("step", group))
+
+    def _iterations(self, group: _Group, request: SpanRequest, limit: int, now: int) -> int:
+        """Iterations of the span: up to `limit`, ending at the first iteration end at or after
+        the next external event."""
+        if limit == 1:
+            return 1
+        horizon = self._next_external_ns()
+        n = min(limit, _FIRST_QUERY)
+        while True:
+            steps, _ = self.backend.span_times(group.info.index, request, n)
+            ends = now + np.cumsum(steps)
+            k = int(np.searchsorted(ends, horizon, side="left"))
+            if k < n:
+                return k + 1
+            if n == limit:
+                return limit
+            n = min(limit, n * 8)
+
+    def _commit(self, group: _Group) -> None:
+        """Apply the span that just ended: tokens, finished sequences, metrics."""
+        batch, request, steps, result = group.span
+        group.span = None
+        k = len(steps)
+        start = request.start_ns
+        end0 = start + int(steps[0])
+        end = result.end_ns
+        model = batch.model
+        busy = end - start
+        if model == ROUTER_KEY:
+            group.stats.router_ns += busy
+        else:
+            group.stats.expert_ns += busy
+        group.stats.collective_ns += result.collective_ns
+        m = self.metrics_engine
+        gaps = []
+        finished = []
+        expert = model != ROUTER_KEY
+        for s, c in batch.chunks:
+            s.computed += c
+            if s.computed >= s.prompt:
+                s.generated += 1
+                if s.first_token_ns < 0:
+                    s.first_token_ns = end0
+                elif expert:
+                    gaps.append(end0 - s.last_token_ns)
+                s.last_token_ns = end0
+        for s in batch.decodes:
+            s.computed += 1
+            s.generated += 1
+            if expert:
+                gaps.append(end0 - s.last_token_ns)
+            s.last_token_ns = end0
+        seqs = batch.decodes + [s for s, _ in batch.chunks if s.computed >= s.prompt]
+        m.span(model, busy, batch, k, len(seqs))
+        if k > 1:
+            for s in seqs:
+                s.computed += k - 1
+                s.generated += k - 1
+                s.last_token_ns = end
+            if expert:
+                m.itl_weighted(steps[1:], len(seqs))
+        if expert and gaps:
+            m.itl_values(gaps)
+        for s in seqs:
+            s.batch = len(seqs)
+            if s.generated >= s.output:
+                finished.append(s)
+        if self.listening:
+            kind = "router" if model == ROUTER_KEY else "run"
+            event = {"type": kind, "t_ns": start, "end_ns": end, "ttft_ns": int(steps[0]),
+                     "collective_ns": result.collective_ns, "group": group.info.name, "model": model_id(model),
+                     "requests": sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
+                     "hit": True, "stall_ns": 0, "iterations": k, "kv_bytes": group.memory.kv_bytes,
+                     "prefill_tokens": sum(c for _, c in batch.chunks), "decodes": len(batch.decodes)}
+            if kind == "router":
+                event["queued"] = len(group.waiting.get(ROUTER_KEY, ()))
+            self.emit(event)
+        for s in finished:
+            group.release(s)
+            if s.model == ROUTER_KEY:
+                expert_seq = Seq(s.request, s.request.expert, s.request.prompt_tokens, s.request.output_tokens)
+                expert_seq.queue_ns = s.admitted_ns - s.request.arrival_ns
+                expert_seq.router_ns = self.now - s.admitted_ns
+                self._decided(group, expert_seq)
+                group.dirty = True
+            else:
+                self._record(group, s)
+                group.dirty = True
+                m.kv_sample(group.memory)
+
+    def _record(self, group: _Group, s: Seq) -> None:
+        r = s.request
+        group.load -= 1
+        finish = s.last_token_ns
+        queue = s.queue_ns if self.use_router else s.admitted_ns - r.arrival_ns
+        record = RequestRecord(
+            id=r.id, arrival_ns=r.arrival_ns, expert=r.expert, node=group.info.node, group=group.info.name,
+            prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens, batch_size=s.batch,
+            expert_batch_size=s.batch, queue_ns=queue, router_ns=s.router_ns,
+            expert_wait_ns=(s.admitted_ns - s.decided_ns) if self.use_router else 0,
+            switch_wait_ns=s.switch_wait_ns, hbm_hit=s.hit, ttft_ns=s.first_token_ns - r.arrival_ns,
+            tpot_ns=(finish - s.first_token_ns) // (r.output_tokens - 1) if r.output_tokens > 1 else 0,
+            e2e_ns=finish - r.arrival_ns, finish_ns=finish, preemptions=s.preemptions)
+        self.metrics.add(record)
+        if self.listening:
+            self.emit({"type": "done", "t_ns": finish, "request": r.id, "group": group.info.name,
+                       "expert": r.expert, "hit": s.hit, "output_tokens": r.output_tokens,
+                       "ttft_ns": record.ttft_ns, "tpot_ns": record.tpot_ns, "e2e_ns": record.e2e_ns,
+                       "preemptions": s.preemptions})

@@ -1,0 +1,142 @@
+"""The continuous serving engine (scheduler.kind: continuous) on the in-process backend."""
+
+from dataclasses import asdict
+
+import pytest
+
+from interconnect.spec_fields import Fields, UserError
+from node.estimate import estimate
+from node.inline_backend import InlineBackend
+from node.platform import load_platform
+from scheduler.serving import CoEServer, ServingConfig
+from scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
+from socket_actor.core import KV_ENTRY
+from socket_actor.model_spec import load_model
+
+LLAMA = load_model("llama-2-7b")
+RANDOM = {"kind": "synthetic", "requests": 120, "rate_per_s": 20,
+          "prompt_tokens": {"kind": "lognormal", "median": 300, "sigma": 1.0, "max": 3000},
+          "output_tokens": {"kind": "uniform", "min": 1, "max": 120}}
+CROWDED = {"kind": "synthetic", "requests": 120, "rate_per_s": 200,         # preempts on a 4 GB HBM
+           "prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 0.8, "max": 4000},
+           "output_tokens": {"kind": "uniform", "min": 50, "max": 600}}
+
+
+def serve(platform="dgx-h100", experts=1, workload=None, seed=0, overrides=None, backend=None, **config):
+    spec = load_platform(platform, overrides).spec
+    if not isinstance(workload, Workload):
+        fields = Fields(workload or {"kind": "trace", "limit": 300}, "test", "workload")
+        workload = build_workload(WorkloadSpec.from_fields(fields), experts, seed)
+    backend = backend or InlineBackend(spec, 1, 8)
+    result = CoEServer(backend, LLAMA, experts, LLAMA, workload, ServingConfig(**config)).run()
+    return result, backend
+
+
+def _records(result):
+    return sorted((asdict(r) for r in result.records), key=lambda r: r["id"])
+
+
+@pytest.mark.parametrize("platform, experts, seed, config", [
+    ("sn40l-node", 6, 0, {}),
+    ("dgx-h100", 1, 1, {}),
+    ("dgx-h100", 4, 2, {"max_num_batched_tokens": 512, "max_num_seqs": 16, "block_size": 8,
+                        "model_selection": "oldest-first"}),
+    ("dgx-h100", 1, 3, {"overrides": {"socket.hbm.capacity_bytes": "4 GB"}, "workload": CROWDED}),
+])
+def test_event_to_event_equals_one_iteration_at_a_time(platform, experts, seed, config):
+    """Spans (k up to the next event) and forced k = 1 give the same summary and records, to the ns."""
+    workload = config.pop("workload", RANDOM)
+    spans, _ = serve(platform, experts, workload, seed, **config)
+    steps, _ = serve(platform, experts, workload, seed, max_span_iterations=1, **config)
+    assert spans.summary == steps.summary
+    assert _records(spans) == _records(steps)
+    assert spans.summary["iterations"] == steps.summary["iterations"]
+
+
+def test_preemption_loses_nothing_and_kv_returns_to_zero():
+    result, backend = serve(workload=CROWDED, overrides={"socket.hbm.capacity_bytes": "4 GB"}, seed=3)
+    s = result.summary
+    assert s["preemptions"] > 0
+    assert s["requests_completed"] == s["requests_in"] == 120 and s["requests_duplicated"] == 0
+    assert sorted(r.id for r in result.records) == list(range(120))
+    assert sum(r.preemptions for r in result.records) == s["preemptions"]
+    assert all(r.e2e_ns >= r.ttft_ns > 0 for r in result.records)
+    for core in backend.sockets.values():
+        assert KV_ENTRY not in core.tiers.hbm
+        assert core.tiers.hbm.peak_bytes > core.tiers.hbm.used_bytes   # the KV really was in the ledger
+
+
+@pytest.mark.parametrize("platform", ["dgx-h100", "sn40l-node"])
+def test_light_load_equals_the_single_request_estimate(platform):
+    """Requests far apart, one model: each one's TTFT and e2e are `rdu estimate`'s batch-1 numbers
+    (the model is activated once: later requests do not pay the run set-up again)."""
+    lengths = [(128, 20), (700, 5), (2000, 64), (50, 300)]
+    requests = tuple(Request(i, i * 60_000_000_000, p, o, 0) for i, (p, o) in enumerate(lengths))
+    result, _ = serve(platform, 1, Workload("synthetic", requests, 1, "far apart"), pinned_experts=(0,))
+    setup = load_platform(platform).spec.socket.run_setup_ns
+    for record in sorted(result.records, key=lambda r: r.id):
+        p, o = lengths[record.id]
+        e = estimate(load_platform(platform), LLAMA, 8, 1, p, o).data
+        paid = setup if record.id > 0 else 0
+        assert record.ttft_ns == pytest.approx(e["ttft_ns"] - paid, rel=0.01)
+        assert record.e2e_ns == pytest.approx(e["total_ns"] - paid, rel=0.01)
+
+
+def test_azure_code_trace_one_model_on_dgx_h100_keeps_up_where_static_saturates():
+    workload = {"kind": "trace", "limit": 3000}
+    continuous, _ = serve("dgx-h100", 1, workload)
+    static, _ = serve("dgx-h100", 1, workload, kind="static")
+    requests = continuous.records
+    span_s = (max(r.arrival_ns for r in requests) - min(r.arrival_ns for r in requests)) / 1e9
+    arrival_rate = (len(requests) - 1) / span_s
+    c, s = continuous.summary, static.summary
+    assert c["scheduler"] == "continuous" and s["scheduler"] == "static"
+    assert c["throughput_requests_per_s"] == pytest.approx(arrival_rate, rel=0.02)
+    assert c["ttft_ns"]["p99"] < 1e9                     # bounded: under a second
+    assert s["ttft_ns"]["p99"] > 10 * c["ttft_ns"]["p99"]  # the static cycle queues behind itself
+    assert c["itl_ns"]["p50"] > 0 and c["tokens_per_step"]["mean"] > 1
+
+
+def test_coe_switches_in_the_background():
+    """150 experts on one SN40L node: every request served, experts switched while others step."""
+    workload = {"kind": "synthetic", "requests": 200, "rate_per_s": 5,
+                "prompt_tokens": {"kind": "lognormal", "median": 800, "sigma": 0.6, "max": 6000},
+                "output_tokens": {"kind": "uniform", "min": 20, "max": 300}}
+    result, _ = serve("sn40l-node", 150, workload)
+    s = result.summary
+    assert s["requests_completed"] == 200 and s["switches"] > 20 and s["evictions"] >= 0
+    assert 0 < s["model_time_share"]["router"] < s["model_time_share"]["experts"]
+    waits = [r.switch_wait_ns for r in result.records if not r.hbm_hit]
+    assert waits and max(waits) > 0
+
+
+def test_repeated_runs_are_identical():
+    a, _ = serve("sn40l-node", 20, RANDOM, policy="prefetch")
+    b, _ = serve("sn40l-node", 20, RANDOM, policy="prefetch")
+    assert a.summary == b.summary and _records(a) == _records(b)
+
+
+def test_slo_goodput_and_bad_configs():
+    result, _ = serve(workload=RANDOM, slo_ttft_ms=50.0)
+    slo = result.summary["slo"]
+    assert 0 <= slo["attained"] <= 1 and slo["goodput_requests_per_s"] <= result.summary["throughput_requests_per_s"]
+    for bad, match in (({"kind": "vllm"}, "scheduler.kind"), ({"max_num_seqs": 9000}, "max_num_seqs"),
+                       ({"preemption": "swap"}, "not modelled yet"), ({"dispatch": "random"}, "scheduler.dispatch")):
+        with pytest.raises(UserError, match=match):
+            serve(workload=RANDOM, **bad)
+
+
+@pytest.mark.ray
+def test_ray_backend_gives_the_same_summary(ray_local):
+    from node.ray_backend import RayBackend
+
+    spec = load_platform("sn40l-node").spec
+    backend = RayBackend(spec, 1, 8)
+    backend.start()
+    try:
+        on_ray, _ = serve("sn40l-node", 6, RANDOM, backend=backend)
+        info = backend.finish()
+    finally:
+        backend.shutdown()
+    inline, _ = serve("sn40l-node", 6, RANDOM)
+    assert on_ray.summary == inline.summary and info["verified"] == info["commands"] > 0
