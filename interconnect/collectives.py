@@ -3,7 +3,8 @@
 Every rank cuts its tensor into `t` chunks. In each step a rank sends one chunk to its successor
 (timed on the links of that hop, which this rank is the only one to drive in a ring) and waits
 for one from its predecessor; its clock moves to the later of its own time and the chunk's
-arrival. Reduce-scatter adds what it receives; all-gather stores it. With equal chunks and no
+arrival. Reduce-scatter adds what it receives; all-gather stores it. A rank takes each chunk
+only from its predecessor (the mailbox refuses the id from any other sender). With equal chunks and no
 other traffic, the elapsed virtual time is exactly `RingTiming.collective_ns`.
 """
 
@@ -64,7 +65,7 @@ class RingCollectives:
             step=pb.CollectiveStep(collective=kind, label=label, index=step, steps=steps))
         incoming = self._tensor_id(call, label, phase, step, self.predecessor)
         await self.client.send(header, chunk)          # buffered write: returns before the peer reads
-        received = await self.mailbox.take(incoming, self.timeout_s)
+        received = await self.mailbox.take(incoming, self.timeout_s, sender=self.predecessor)
         self.wire_bytes += chunk.nbytes
         return received.array, max(clock_ns, int(received.header.virtual_arrival_ns))
 

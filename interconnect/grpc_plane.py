@@ -1,35 +1,47 @@
 """The gRPC data plane: one asyncio server per socket, a mailbox of received tensors, and a
 client that keeps one persistent stream to each peer it sends to (peers found through a registry).
 
-Servers bind to 127.0.0.1 on a laptop (the node's IP on a cluster), cap message sizes at one
-chunk plus headroom, and reject any stream that breaks the wire rules, comes from a socket that
-is not a member of the run, or lacks the run's token (when one is set) — then keep serving.
-Writes, receives and unary calls carry deadlines. Received bytes are decoded with `np.frombuffer`, never unpickled.
+Closed on every deployment: a server refuses to start without the run's secret; every call
+(Transfer, Health, Stats) is authenticated before any of its messages is parsed — by a per-sender
+credential in the call metadata (interconnect/plane_auth.py), or, for a stream without one, by the
+run secret in each tensor's header, checked before the header's fields are looked at. A stream
+authenticated as one sender may carry only that sender's tensors. Headers are then checked, the
+peer's mailbox budget reserved and only then the buffer allocated. Off loopback the plane runs
+over mutual TLS with the run's certificate. Every refusal gets its own status and a log line:
+INVALID_ARGUMENT (malformed), PERMISSION_DENIED (credential, sender, replay), RESOURCE_EXHAUSTED
+(budgets); never UNKNOWN. Writes, receives and unary calls carry deadlines. Received bytes are
+decoded with `np.frombuffer`, never unpickled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from interconnect.wire import MAX_CHUNK_BYTES, Received, TensorAssembler, WireError, chunk_tensor
+from interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
+    MailboxFull
+from interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
+from interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor, parse_chunk
 from protos import interconnect_pb2 as pb
 from protos import interconnect_pb2_grpc as pb_grpc
 
 __all__ = ["GRPC_OPTIONS", "DEFAULT_DEADLINE_S", "Mailbox", "InterconnectServer", "PeerClient", "PlaneStats",
-           "TransferRejected", "LinkLost"]
+           "TransferRejected", "LinkLost", "SERVICE_NAME"]
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + (64 << 10)),
     ("grpc.max_send_message_length", MAX_CHUNK_BYTES + (64 << 10)),
 ]
-DEFAULT_DEADLINE_S = 30.0
+SERVICE_NAME = "rdu.interconnect.Interconnect"
+EXPIRY_SWEEP_S = 5.0   # how often a quiet server drops expired unclaimed tensors
+log = logging.getLogger("rdu.interconnect")
 
 
 class TransferRejected(RuntimeError):
@@ -53,47 +65,68 @@ class PlaneStats:
     rejected: int = 0
 
 
-class Mailbox:
-    """Received tensors by id; a receiver waits for an id that may not have arrived yet."""
-
-    def __init__(self) -> None:
-        self._slots: dict[str, asyncio.Future] = {}
-
-    def _slot(self, tensor_id: str) -> asyncio.Future:
-        if tensor_id not in self._slots:
-            self._slots[tensor_id] = asyncio.get_running_loop().create_future()
-        return self._slots[tensor_id]
-
-    def deliver(self, received: Received) -> None:
-        slot = self._slot(received.header.tensor_id)
-        if slot.done():
-            raise WireError(f"tensor {received.header.tensor_id!r} delivered twice")
-        slot.set_result(received)
-
-    async def take(self, tensor_id: str, timeout_s: float = DEFAULT_DEADLINE_S) -> Received:
-        slot = self._slot(tensor_id)
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await slot
-        except TimeoutError:
-            raise TimeoutError(f"no tensor {tensor_id!r} within {timeout_s} s") from None
-        finally:
-            self._slots.pop(tensor_id, None)
+_STATUS_OF = ((PermissionError, grpc.StatusCode.PERMISSION_DENIED),   # ReplayRefused included
+              (MailboxFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+              (WireError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
-class _Servicer(pb_grpc.InterconnectServicer):
+def _status_of(exc: Exception) -> grpc.StatusCode:
+    """The status a refusal gets; anything unforeseen is INTERNAL (never gRPC's UNKNOWN)."""
+    for kind, code in _STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _peer_of(context) -> str:
+    try:
+        return context.peer()
+    except Exception:  # noqa: BLE001 (only for the log line)
+        return "?"
+
+
+class _Servicer:
+    """The three RPCs, registered with raw-bytes requests so that the server itself parses them
+    (after authenticating the call) and a malformed message is INVALID_ARGUMENT."""
+
     def __init__(self, server: "InterconnectServer") -> None:
         self.server = server
 
-    async def Transfer(self, request_iterator, context):  # noqa: N802 (gRPC naming)
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Transfer": grpc.stream_stream_rpc_method_handler(
+                self.transfer, request_deserializer=None, response_serializer=pb.Ack.SerializeToString),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                self.health, request_deserializer=None, response_serializer=pb.HealthReply.SerializeToString),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                self.stats, request_deserializer=None, response_serializer=pb.StatsReply.SerializeToString),
+        })
+
+    async def _refuse(self, context, exc: Exception, what: str) -> None:
+        """Count, log and abort the call with the status this refusal deserves."""
+        code = _status_of(exc)
+        self.server.stats.rejected += 1
+        reason = str(exc)[:1024]
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s: %s from %s failed", self.server.name, what, _peer_of(context), exc_info=exc)
+        else:   # the text only: a kept log record must not pin the refused message's frames and bytes
+            log.warning("%s refused %s from %s: %s %s", self.server.name, what, _peer_of(context), code.name, reason)
+        exc.__traceback__ = None
+        await context.abort(code, f"{self.server.name}: {reason}")
+
+    async def transfer(self, request_iterator, context):
         """Assemble consecutive tensors from one peer's stream; ack those that ask; abort on a broken rule."""
         owner = self.server
-        assembler = TensorAssembler()
+        failure: Exception | None = None
+        assembler: TensorAssembler | None = None
         try:
-            async for chunk in request_iterator:
+            sender = owner.authenticate(context.invocation_metadata())
+            assembler = owner.assembler(sender)
+            async for raw in request_iterator:
+                chunk = parse_chunk(raw)
+                if not assembler.in_progress:
+                    owner.check_tensor_start(sender, chunk)
                 assembler.add(chunk)
-                if chunk.seq == 0:
-                    owner.authorize(assembler.header)
                 if assembler.done:
                     received = assembler.result()
                     owner.mailbox.deliver(received)
@@ -101,57 +134,147 @@ class _Servicer(pb_grpc.InterconnectServicer):
                     owner.stats.bytes_received += received.array.nbytes
                     if received.header.want_ack:
                         yield pb.Ack(tensor_id=received.header.tensor_id, received_bytes=received.array.nbytes)
-                    assembler = TensorAssembler()
-        except PermissionError as exc:
-            owner.stats.rejected += 1
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except WireError as exc:
-            owner.stats.rejected += 1
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    assembler = owner.assembler(sender)
+            if assembler.in_progress:
+                raise WireError(f"stream ended before the last chunk of {assembler.header.tensor_id!r}")
+        except Exception as exc:  # noqa: BLE001 (every refusal gets a status, see _status_of)
+            failure = exc
+        finally:
+            if assembler is not None and assembler.in_progress and assembler.admitted:
+                owner.mailbox.cancel(assembler.header.src, assembler.header.tensor_id,
+                                     int(assembler.header.total_bytes))
+        if failure is not None:
+            await self._refuse(context, failure, "a stream")
 
-    async def Health(self, request, context):  # noqa: N802
-        return pb.HealthReply(socket=self.server.name, status="serving", virtual_ns=int(self.server.clock_ns()))
+    async def _authenticated(self, request: bytes, context, message) -> bool:
+        """Unary calls need a member's credential in their metadata (no header to carry a token)."""
+        try:
+            sender = self.server.authenticate(context.invocation_metadata())
+            if sender is None:
+                raise PermissionError("refused a call without the run's credential")
+            message.ParseFromString(request)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            failure = WireError(f"malformed request: {exc}") if isinstance(exc, DecodeError) else exc
+        await self._refuse(context, failure, "a call")
+        return False
 
-    async def Stats(self, request, context):  # noqa: N802
-        s = self.server.stats
-        return pb.StatsReply(socket=self.server.name, tensors_received=s.tensors_received,
-                             bytes_received=s.bytes_received, tensors_sent=s.tensors_sent,
-                             bytes_sent=s.bytes_sent, rejected=s.rejected)
+    async def health(self, request: bytes, context):
+        if await self._authenticated(request, context, pb.HealthRequest()):
+            return pb.HealthReply(socket=self.server.name, status="serving", virtual_ns=int(self.server.clock_ns()))
+
+    async def stats(self, request: bytes, context):
+        if await self._authenticated(request, context, pb.StatsRequest()):
+            s = self.server.stats
+            return pb.StatsReply(socket=self.server.name, tensors_received=s.tensors_received,
+                                 bytes_received=s.bytes_received, tensors_sent=s.tensors_sent,
+                                 bytes_sent=s.bytes_sent, rejected=s.rejected)
+
+
+class _AdmittingAssembler(TensorAssembler):
+    """An assembler that remembers whether its tensor's budget was reserved (to free it on failure)."""
+
+    admitted = False
 
 
 class InterconnectServer:
-    """The gRPC server of one socket. Must be started inside the event loop that will use it."""
+    """The gRPC server of one socket. Must be started inside the event loop that will use it.
+
+    `run_token` is the run's secret (required: a server without one refuses to start); `tls`
+    the run's certificate, required when `bind_host` is not loopback."""
 
     def __init__(self, name: str, bind_host: str = "127.0.0.1", members: Iterable[str] | None = None,
-                 run_token: str = "", clock_ns: Callable[[], int] = lambda: 0) -> None:
+                 run_token: str = "", clock_ns: Callable[[], int] = lambda: 0, tls: PlaneTLS | None = None,
+                 peer_budget_bytes: int = DEFAULT_PEER_BUDGET_BYTES,
+                 unclaimed_ttl_s: float = DEFAULT_UNCLAIMED_TTL_S) -> None:
         self.name = name
         self.bind_host = bind_host
         self.members = set(members) if members is not None else None
         self.run_token = run_token
         self.clock_ns = clock_ns
-        self.mailbox = Mailbox()
+        self.tls = tls
+        self.mailbox = Mailbox(peer_budget_bytes, unclaimed_ttl_s)
         self.stats = PlaneStats()
         self._server: grpc.aio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
         self.port = 0
 
-    def authorize(self, header: pb.TensorHeader) -> None:
-        if self.run_token and not hmac.compare_digest(header.run_token, self.run_token):
-            raise PermissionError(f"{self.name}: refused a tensor from {header.src!r} without the run's token")
-        if self.members is not None and header.src not in self.members:
-            raise PermissionError(f"{self.name}: refused a tensor from unknown peer {header.src!r}")
-        if header.dst != self.name:
-            raise PermissionError(f"{self.name}: refused a tensor addressed to {header.dst!r}")
+    # -- checks, in the order a call meets them ---------------------------------------------------
+    def authenticate(self, metadata) -> str | None:
+        """The sender a call's metadata proves (None: it carries no credential, so each tensor's
+        header must carry the run secret); a wrong credential is refused outright."""
+        try:
+            sender = check_credential(self.run_token, metadata)
+        except PermissionError as exc:
+            raise PermissionError(f"refused a call: {exc}") from None
+        if sender is not None and self.members is not None and sender not in self.members:
+            raise PermissionError(f"refused a call from unknown peer {sender!r}")
+        return sender
 
+    def check_tensor_start(self, sender: str | None, chunk: pb.TensorChunk) -> None:
+        """Before a tensor's header is checked or anything allocated: the run secret (a stream
+        without a credential) and who sends it to whom."""
+        header = chunk.header if chunk.HasField("header") else None
+        if sender is None and (header is None or not secrets_equal(header.run_token, self.run_token)):
+            src = header.src[:64] if header is not None else "?"
+            raise PermissionError(f"refused a tensor from {src!r} without the run's token")
+        if header is None:
+            return  # the assembler names the broken rule
+        self.authorize(header, sender)
+
+    def authorize(self, header: pb.TensorHeader, sender: str | None = None) -> None:
+        """Membership, destination and, on a stream authenticated as `sender`, the sender itself."""
+        if sender is not None and header.src != sender:
+            raise PermissionError(f"refused a tensor claiming sender {header.src[:64]!r} on {sender}'s stream "
+                                  f"(forged sender)")
+        if self.members is not None and header.src not in self.members:
+            raise PermissionError(f"refused a tensor from unknown peer {header.src[:64]!r}")
+        if header.dst != self.name:
+            raise PermissionError(f"refused a tensor addressed to {header.dst[:64]!r}")
+
+    def assembler(self, sender: str | None) -> TensorAssembler:
+        """A fresh assembler whose admission reserves the peer's mailbox budget before allocating."""
+        assembler = _AdmittingAssembler()
+
+        def admit(header: pb.TensorHeader) -> None:
+            self.mailbox.reserve(header.src, header.tensor_id, int(header.total_bytes))
+            assembler.admitted = True
+
+        assembler.admit = admit
+        return assembler
+
+    # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> str:
+        """Bind (TLS off loopback) and serve; refuses to serve without a run secret or, off
+        loopback, without the run's certificate (the secret would travel in clear text)."""
+        if not self.run_token:
+            raise ValueError(f"{self.name}: refusing to start an interconnect server without a run secret")
+        if self.tls is None and not is_loopback(self.bind_host):
+            raise ValueError(f"{self.name}: refusing to serve on {self.bind_host} in clear text: "
+                             "a server off loopback needs the run's TLS certificate")
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_InterconnectServicer_to_server(_Servicer(self), self._server)
-        self.port = self._server.add_insecure_port(f"{self.bind_host}:0")
+        self._server.add_generic_rpc_handlers((_Servicer(self).handler(),))
+        address = f"{self.bind_host}:0"
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"{self.name}: could not bind a gRPC port on {self.bind_host}")
         await self._server.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return f"{self.bind_host}:{self.port}"
 
+    async def _sweep(self) -> None:
+        """Expire unclaimed tensors even when no traffic comes (memory comes back without a call)."""
+        while True:
+            await asyncio.sleep(min(EXPIRY_SWEEP_S, self.mailbox.unclaimed_ttl_s / 2))
+            self.mailbox.expire()
+
     async def stop(self, grace_s: float = 0.5) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -160,9 +283,9 @@ class InterconnectServer:
 class _PeerStream:
     """The long-lived stream to one peer: writes chunks, reads acks, remembers how it ended."""
 
-    def __init__(self, peer: str, stub: pb_grpc.InterconnectStub) -> None:
+    def __init__(self, peer: str, stub: pb_grpc.InterconnectStub, metadata: tuple = ()) -> None:
         self.peer = peer
-        self.call = stub.Transfer()
+        self.call = stub.Transfer(metadata=metadata)
         self.failure: str | None = None
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader = asyncio.get_running_loop().create_task(self._read_acks())
@@ -201,12 +324,17 @@ class PeerClient:
     A link to a peer may be made lossy (`set_loss`, fault injection): each message is then lost
     with that probability (seeded, so the same messages are lost every run); the sender notices
     the missing acknowledgement when its deadline expires and sends again, up to
-    `max_attempts` times, and the message arrives one retransmission timeout later per loss."""
+    `max_attempts` times, and the message arrives one retransmission timeout later per loss.
+
+    Every call carries this sender's credential (derived from `run_token`, the run secret, which
+    itself is never sent); with `tls` the channels are mutual TLS with the run's certificate."""
 
     def __init__(self, name: str, resolve: Callable[[str], Awaitable[str]], stats: PlaneStats,
                  run_token: str = "", deadline_s: float = DEFAULT_DEADLINE_S, retransmit_timeout_ns: float = 50_000,
-                 ack_deadline_s: float = 0.05, max_attempts: int = 6) -> None:
+                 ack_deadline_s: float = 0.05, max_attempts: int = 6, tls: PlaneTLS | None = None) -> None:
         self.name = name
+        self.tls = tls
+        self.metadata = call_metadata(run_token, name) if run_token else ()
         self.retransmit_timeout_ns = retransmit_timeout_ns
         self.ack_deadline_s = ack_deadline_s
         self.max_attempts = max_attempts
@@ -225,15 +353,29 @@ class PeerClient:
             self._addresses[peer] = await self.resolve(peer)
         address = self._addresses[peer]
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            if self.tls is not None:
+                self._channels[address] = grpc.aio.secure_channel(address, self.tls.channel_credentials(),
+                                                                  options=GRPC_OPTIONS + self.tls.channel_options)
+            else:
+                self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         return pb_grpc.InterconnectStub(self._channels[address])
 
     async def _stream(self, peer: str) -> _PeerStream:
         stream = self._streams.get(peer)
         if stream is None or not stream.alive:
-            stream = _PeerStream(peer, await self._stub(peer))
+            stream = _PeerStream(peer, await self._stub(peer), self.metadata)
             self._streams[peer] = stream
         return stream
+
+    async def health(self, peer: str, timeout_s: float = 5.0) -> pb.HealthReply:
+        """Ask a peer's server whether it serves (an authenticated call like every other)."""
+        stub = await self._stub(peer)
+        return await stub.Health(pb.HealthRequest(), timeout=timeout_s, metadata=self.metadata)
+
+    async def peer_stats(self, peer: str, timeout_s: float = 5.0) -> pb.StatsReply:
+        """A peer server's plane counters (authenticated)."""
+        stub = await self._stub(peer)
+        return await stub.Stats(pb.StatsRequest(), timeout=timeout_s, metadata=self.metadata)
 
     def set_loss(self, peer: str, probability: float, seed: int = 0) -> None:
         """Lose each message to `peer` with `probability` (0 makes the link healthy again)."""
@@ -263,7 +405,7 @@ class PeerClient:
         """Write one tensor to `header.dst`. With `wait_ack`, return only once the peer accepted it
         (raising `TransferRejected` if it refused); otherwise a refusal surfaces on a later send."""
         header.src = self.name
-        header.run_token = self.run_token
+        header.run_token = ""   # the stream is authenticated by this sender's credential instead
         lost = await self._losses_before_delivery(header.dst, header.tensor_id)
         if lost:
             header.virtual_arrival_ns += int(lost * self.retransmit_timeout_ns)

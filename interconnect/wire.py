@@ -7,18 +7,19 @@ Raw bytes with a dtype/shape header; chunks of at most `MAX_CHUNK_BYTES`; nothin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from protos import interconnect_pb2 as pb
 
-__all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
-           "TensorAssembler", "Received"]
+__all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
+           "TensorAssembler", "Received", "parse_chunk"]
 
 MAX_CHUNK_BYTES = 1 << 20            # 1 MiB: the best chunk size measured on this machine size
 MAX_TENSOR_BYTES = 1 << 30           # refuse anything larger than 1 GiB
+MAX_DIMS = 32                        # numpy's own limit on older versions; no tensor here has more than 4
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int32", "int64", "uint8"})
 
 
@@ -48,11 +49,28 @@ def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
                              last=seq == count - 1)
 
 
-class TensorAssembler:
-    """Rebuilds one tensor from its chunks, enforcing the wire rules."""
+def parse_chunk(raw: bytes) -> pb.TensorChunk:
+    """Decode one chunk off the wire; malformed protobuf is a `WireError` like any broken rule
+    (the server parses itself, so such input gets INVALID_ARGUMENT instead of gRPC's UNKNOWN)."""
+    from google.protobuf.message import DecodeError
 
-    def __init__(self, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> None:
+    try:
+        chunk = pb.TensorChunk.FromString(raw)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise WireError(f"malformed TensorChunk ({len(raw)} bytes): {exc}") from None
+    return chunk
+
+
+class TensorAssembler:
+    """Rebuilds one tensor from its chunks, enforcing the wire rules.
+
+    `admit` (optional) sees a header once its format is checked and before its buffer is
+    allocated, so a server can refuse it (identity, memory budget) without allocating anything."""
+
+    def __init__(self, max_tensor_bytes: int = MAX_TENSOR_BYTES,
+                 admit: Callable[[pb.TensorHeader], None] | None = None) -> None:
         self.max_tensor_bytes = max_tensor_bytes
+        self.admit = admit
         self.header: pb.TensorHeader | None = None
         self.buffer: np.ndarray | None = None    # allocated once the header says how big
         self.filled = 0
@@ -64,21 +82,24 @@ class TensorAssembler:
             raise WireError("chunk after the last chunk")
         if chunk.seq != self.next_seq:
             raise WireError(f"chunk {chunk.seq} out of order (expected {self.next_seq})")
-        if len(chunk.data) > MAX_CHUNK_BYTES:
-            raise WireError(f"chunk of {len(chunk.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        data = chunk.data   # read once: each access of a bytes field may copy it
+        if len(data) > MAX_CHUNK_BYTES:
+            raise WireError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
         if chunk.seq == 0:
             if not chunk.HasField("header"):
                 raise WireError("first chunk carries no header")
             self._check_header(chunk.header)
+            if self.admit is not None:
+                self.admit(chunk.header)
             self.header = chunk.header
             self.buffer = np.empty(self.header.total_bytes, dtype=np.uint8)
         elif chunk.HasField("header"):
             raise WireError("header repeated after the first chunk")
         assert self.header is not None and self.buffer is not None
-        size = len(chunk.data)
+        size = len(data)
         if self.filled + size > self.header.total_bytes:
             raise WireError(f"more data than the {self.header.total_bytes} bytes announced")
-        self.buffer[self.filled:self.filled + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self.buffer[self.filled:self.filled + size] = np.frombuffer(data, dtype=np.uint8)
         self.filled += size
         self.next_seq += 1
         self.done = chunk.last
@@ -88,16 +109,28 @@ class TensorAssembler:
             raise WireError("header has no tensor_id")
         if header.dtype not in ALLOWED_DTYPES:
             raise WireError(f"dtype {header.dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+        if len(header.shape) > MAX_DIMS:
+            raise WireError(f"shape has {len(header.shape)} dimensions, more than {MAX_DIMS}")
         if any(dim < 0 for dim in header.shape):
-            raise WireError(f"negative dimension in shape {list(header.shape)}")
-        expected = int(np.prod(header.shape, dtype=np.int64)) * np.dtype(header.dtype).itemsize
-        if expected != header.total_bytes:
-            raise WireError(f"shape {list(header.shape)} of {header.dtype} is {expected} bytes, "
-                            f"header says {header.total_bytes}")
+            raise WireError(f"negative dimension in shape {_short(header.shape)}")
+        if header.total_bytes < 0:
+            raise WireError(f"negative total_bytes {header.total_bytes}")
         if header.total_bytes > self.max_tensor_bytes:
             raise WireError(f"tensor of {header.total_bytes} bytes exceeds the {self.max_tensor_bytes}-byte limit")
+        expected = _shape_bytes(header.shape, np.dtype(header.dtype).itemsize, self.max_tensor_bytes)
+        if expected is None:
+            raise WireError(f"shape {_short(header.shape)} of {header.dtype} exceeds the "
+                            f"{self.max_tensor_bytes}-byte limit")
+        if expected != header.total_bytes:
+            raise WireError(f"shape {_short(header.shape)} of {header.dtype} is {expected} bytes, "
+                            f"header says {header.total_bytes}")
         if header.virtual_arrival_ns < header.virtual_send_ns or header.virtual_send_ns < 0:
             raise WireError("virtual arrival before virtual send")
+
+    @property
+    def in_progress(self) -> bool:
+        """A tensor has started (its header arrived) but its last chunk has not."""
+        return self.header is not None and not self.done
 
     def result(self) -> Received:
         if self.header is None:
@@ -108,3 +141,23 @@ class TensorAssembler:
             raise WireError(f"received {self.filled} bytes, header announced {self.header.total_bytes}")
         array = self.buffer.view(np.dtype(self.header.dtype)).reshape(tuple(self.header.shape))
         return Received(header=self.header, array=array)
+
+
+def _shape_bytes(shape, itemsize: int, limit_bytes: int) -> int | None:
+    """prod(shape) * itemsize in exact integers, None as soon as it passes `limit_bytes` (a
+    product that would overflow int64 never gets computed, let alone allocated). A zero anywhere
+    makes the tensor empty whatever the other dimensions say."""
+    if any(dim == 0 for dim in shape):
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= int(dim)
+        if total > limit_bytes:
+            return None
+    return total
+
+
+def _short(shape) -> str:
+    """A shape for an error message, cut short when a hostile header sends thousands of dims."""
+    dims = list(shape)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ... ({len(dims)} dims)]"

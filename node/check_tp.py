@@ -93,5 +93,6 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
         "tokens_per_s": round(generated / wall_s, 2) if wall_s > 0 else None,
         "ray_nodes_used": len(set(ray_nodes.values())),
         "interconnect_token": bool(cluster.run_token),
+        "interconnect_tls": cluster.tls is not None,
         "ray_session": "started here" if session.started_here else f"joined {session.address}",
     }

@@ -4,12 +4,17 @@ DDR store actor; one peer registry per run.
 A node's bundle asks for `sockets_per_node` `rdu_socket` resources on one Ray node
 (STRICT_PACK), so on a laptop every emulated node shares the one Ray node, and on a cluster whose
 Ray nodes each advertise one node's worth of sockets every emulated node lands on its own.
+
+The interconnect of a run is always closed: without a `run_token` given, a fresh secret is made
+here; off loopback, a per-run TLS certificate too (both reach the actors through Ray only).
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
+from interconnect.plane_auth import PlaneTLS, is_loopback, make_run_tls
 from interconnect.registry import PeerRegistry
 from interconnect.spec_fields import UserError
 from interconnect.topology import socket_name
@@ -36,6 +41,20 @@ class RayNodes:
     ddr: list = field(default_factory=list)
     placement_groups: list = field(default_factory=list)
     registry: object = None
+    tls: PlaneTLS | None = None
+
+    def __post_init__(self) -> None:
+        """Never an open interconnect: a secret of this run when none was given."""
+        if not self.run_token:
+            self.run_token = secrets.token_hex(16)
+
+    def _actor_kwargs(self) -> dict:
+        """Off loopback the actors get the run's TLS certificate (made here once per run)."""
+        if is_loopback(self.bind_host):
+            return {}
+        if self.tls is None:
+            self.tls = make_run_tls(f"rdu {self.spec.name} x{self.nodes}")
+        return {"tls": self.tls}
 
     @property
     def names(self) -> list[str]:
@@ -57,6 +76,7 @@ class RayNodes:
                 raise UserError(f"emulated node{n} could not be placed: no Ray node offers {per_node} free "
                                 f"'{SOCKET_RESOURCE}' resources")
         members = self.names
+        extra = self._actor_kwargs()
         for n, group in enumerate(self.placement_groups):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
             store = ray.remote(DDRStore).options(num_cpus=0, scheduling_strategy=strategy)
@@ -67,7 +87,7 @@ class RayNodes:
             for s in range(per_node):
                 name = socket_name(n, s)
                 self.sockets[name] = actor.remote(name, self.spec.socket, self.spec.links, self.nodes, per_node,
-                                                  self.registry, members, self.bind_host, self.run_token)
+                                                  self.registry, members, self.bind_host, self.run_token, **extra)
         addresses = ray.get([handle.start.remote() for handle in self.sockets.values()])
         return dict(zip(self.sockets, addresses))
 

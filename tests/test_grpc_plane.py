@@ -11,6 +11,7 @@ import pytest
 from interconnect.collectives import RingCollectives
 from interconnect.collectives_timing import RingTiming
 from interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
+from interconnect.plane_auth import call_metadata
 from interconnect.topology import Topology, socket_name
 from interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
 from node.platform import load_platform
@@ -18,8 +19,11 @@ from protos import interconnect_pb2 as pb
 from protos import interconnect_pb2_grpc as pb_grpc
 
 
+TOKEN = "plane-test-secret"
+
+
 @contextlib.asynccontextmanager
-async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", token: str = ""):
+async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", token: str = TOKEN):
     """Servers, clients and ring collectives of `nodes` x `per_node` sockets in this event loop."""
     spec = load_platform(platform).spec
     members = [socket_name(n, s) for n in range(nodes) for s in range(per_node)]
@@ -84,13 +88,13 @@ def test_all_gather_and_reduce_scatter():
 
 def test_one_stream_carries_many_tensors_and_reopens_after_a_refusal():
     async def main():
-        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"])
+        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"], run_token=TOKEN)
         address = await server.start()
 
         async def resolve(name):
             return address
 
-        client = PeerClient("node0/socket1", resolve, server.stats)
+        client = PeerClient("node0/socket1", resolve, server.stats, run_token=TOKEN)
         try:
             for i in range(5):
                 await client.send(pb.TensorHeader(tensor_id=f"t{i}", dst="node0/socket0"),
@@ -138,19 +142,21 @@ def _raw_stream(header: pb.TensorHeader, payload: bytes, seqs=None):
 ])
 def test_server_rejects_bad_streams_and_keeps_serving(header, payload, seqs, code, message):
     async def main():
-        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"])
+        server = InterconnectServer("node0/socket0", members=["node0/socket0", "node0/socket1"], run_token=TOKEN)
         address = await server.start()
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.InterconnectStub(channel)
-            fields = {"tensor_id": "bad", "dst": "node0/socket0", "src": "node0/socket1", **header}
+            fields = {"tensor_id": "bad", "dst": "node0/socket0", "src": "node0/socket1", "run_token": TOKEN, **header}
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in stub.Transfer(_raw_stream(pb.TensorHeader(**fields), payload, seqs), timeout=5):
                     pass
             assert info.value.code().name == code and message in info.value.details()
             ok = pb.TensorHeader(tensor_id="good", dst="node0/socket0", src="node0/socket1", want_ack=True)
-            acks = [ack async for ack in stub.Transfer(chunk_tensor(ok, np.ones(4, dtype=np.float32)), timeout=5)]
+            creds = call_metadata(TOKEN, "node0/socket1")
+            acks = [ack async for ack in stub.Transfer(chunk_tensor(ok, np.ones(4, dtype=np.float32)), timeout=5,
+                                                       metadata=creds)]
             assert [a.received_bytes for a in acks] == [16]
-            health = await stub.Health(pb.HealthRequest(), timeout=5)
+            health = await stub.Health(pb.HealthRequest(), timeout=5, metadata=creds)
             assert health.status == "serving"
         assert server.stats.rejected == 1
         await server.stop(0)
@@ -162,7 +168,7 @@ def test_token_is_required_when_set():
     async def main():
         async with ring_plane(1, 2, token="s3cret") as (spec, members, servers, rings):
             intruder = PeerClient("node0/socket1", rings[0].client.resolve, servers["node0/socket1"].stats, run_token="guess")
-            with pytest.raises(TransferRejected, match="without the run's token"):
+            with pytest.raises(TransferRejected, match="PERMISSION_DENIED.*bad credential"):
                 await intruder.send(pb.TensorHeader(tensor_id="x", dst="node0/socket0"), np.ones(2, dtype=np.float32),
                                 wait_ack=True)
             await intruder.close()
@@ -198,5 +204,19 @@ def test_lossy_link_resends_and_stays_exact():
             with pytest.raises(Exception, match="the link is down"):
                 await rings[1].client.send(pb.TensorHeader(tensor_id="dead", dst="node0/socket2"),
                                            np.ones(1, np.float32))
+
+    asyncio.run(main())
+
+
+def test_a_ring_rank_takes_a_chunk_only_from_its_predecessor():
+    """An authenticated member (node0/socket2) that sends rank 0 the chunk id rank 0 expects from
+    node0/socket3 is not summed in: the ring refuses a chunk from anyone but its predecessor."""
+    async def main():
+        async with ring_plane(1, 4) as (spec, members, servers, rings):
+            insider = rings[2].client
+            await insider.send(pb.TensorHeader(tensor_id="1/x/rs0/node0/socket3", dst="node0/socket0"),
+                               np.full(4, 1e3, np.float32), wait_ack=True)
+            with pytest.raises(PermissionError, match="came from 'node0/socket2', not from 'node0/socket3'"):
+                await rings[0].all_reduce(np.ones(16, np.float32), 0, "x")
 
     asyncio.run(main())
