@@ -161,6 +161,7 @@ _RUN_FLAGS = {
     "rate": "workload.rate_per_s", "batch": "workload.batch", "prompt": "workload.prompt_tokens",
     "output": "workload.output_tokens", "router_output_tokens": "workload.router_output_tokens",
     "zipf": "workload.popularity.exponent", "policy": "scheduler.policy", "max_batch": "scheduler.max_batch",
+    "scheduler": "scheduler.kind",
     "dispatch": "scheduler.dispatch", "mode": "execution.mode", "orchestration": "execution.orchestration",
     "seed": "seed", "backend": "backend", "out": "out", "address": "address",
 }
@@ -287,6 +288,9 @@ def build_parser() -> OneLineParser:
     popularity = p.add_mutually_exclusive_group()
     popularity.add_argument("--zipf", type=float, help="expert popularity: Zipf exponent (default 1.0)")
     popularity.add_argument("--uniform", action="store_true", help="expert popularity: uniform")
+    p.add_argument("--scheduler", choices=("auto", "static", "continuous"),
+                   help="continuous = iteration-level batching with paged KV (traces, synthetic loads); static = "
+                        "the paper's benchmark cycle (paper-coe); auto (default) picks by workload")
     p.add_argument("--policy", help="residency policy: lru, lfu, belady, prefetch (default lru)")
     p.add_argument("--max-batch", type=_positive_int, help="requests per router batch (default 8)")
     p.add_argument("--dispatch", help="expert-affinity or least-loaded (default expert-affinity)")

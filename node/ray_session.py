@@ -38,9 +38,9 @@ class RaySessionInfo:
         return "node-ip" if self.multi_host else "127.0.0.1"
 
     def run_token(self) -> str:
-        """A fresh secret for this run's interconnect on any cluster of several Ray nodes (every
-        call must carry it); none on a single Ray node, whose servers listen on loopback only."""
-        return secrets.token_hex(16) if self.ray_nodes > 1 else ""
+        """A fresh secret for this run's interconnect (every call must carry it): on a cluster and
+        on one machine alike, since any local process can reach a loopback port."""
+        return secrets.token_hex(16)
 
 
 def socket_capacity() -> int:

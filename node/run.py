@@ -169,7 +169,7 @@ def _serve_ray(config: RunConfig, sinks, records, phases: _Phases, state: dict, 
             _detach(sinks)  # observers sample the actors for the last time, before they go
             backend.shutdown()
         state["ray_info"] = {
-            "ray_nodes": session.ray_nodes, "interconnect_token": session.ray_nodes > 1,
+            "ray_nodes": session.ray_nodes, "interconnect_token": True,
             "grpc_bind": session.bind_host,
             "ray_session": "started here" if session.started_here else f"joined {session.address}"}
     if log_path.exists() and log_path.stat().st_size == 0:

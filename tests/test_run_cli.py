@@ -102,7 +102,7 @@ def test_ray_and_inline_summaries_are_byte_identical(ray_local, tmp_path, capsys
 def test_functional_payloads_inline(tmp_path, capsys):
     """--functional: switches copy real weights and every batch really runs (in-process TP),
     matching the single-process reference; the timing results do not change."""
-    common = ["run", "--backend", "inline", "--limit", "40", "--experts", "20"]
+    common = ["run", "--backend", "inline", "--limit", "40", "--experts", "20", "--scheduler", "static"]
     code, out, _ = run(capsys, *common, "--functional", "--out", str(tmp_path / "f"), "--json")
     checks = json.loads(out)["run"]["backend_checks"]
     assert code == 0 and checks["functional_runs"] > 40 and checks["functional_tokens"] > 0

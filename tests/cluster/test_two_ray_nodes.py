@@ -56,7 +56,7 @@ def test_check_tp_same_virtual_time_on_two_ray_nodes(cluster, one_node_check):
     assert two_nodes["max_abs_err"] <= 1e-4 and two_nodes["tokens_match"]
     assert two_nodes["virtual_ns"] == one_node_check["virtual_ns"]
     assert two_nodes["grpc_bytes"] == one_node_check["grpc_bytes"] > 0
-    assert two_nodes["interconnect_token"] and not one_node_check["interconnect_token"]
+    assert two_nodes["interconnect_token"] and one_node_check["interconnect_token"]  # a secret on one machine too
 
 
 def _fields(tmp_path: Path, name: str) -> dict:
