@@ -9,8 +9,10 @@ A kernel plan cuts the operator graph of a step into kernels:
 * `fused`: one streaming kernel per decoder layer (`fusion_scope: layer`) or for the whole
   decoder (`decoder`): weights and KV read once, activations on chip, collectives streamed over
   P2P without staging. A fused kernel is a pipeline, so its time is its critical path, not a
-  sum: ``max(HBM streaming, compute, P2P bandwidth, SRAM traffic) + collective latencies +
-  fill/drain``. Its on-chip working set (the widest operator's on-chip inputs and outputs) is
+  sum: ``max(HBM streaming, compute, P2P bandwidth, SRAM traffic) + visible collective latencies +
+  fill/drain``, where a latency is visible only when the weight stream cannot hide it (the
+  kernel's final collective always is, unless kernel looping streams the next layer meanwhile).
+  Its on-chip working set (the widest operator's on-chip inputs and outputs) is
   checked against SRAM; what does not fit spills, written to HBM and read back.
 * launches cost `launch.so_ns` (host-orchestrated, SO) or `launch.ho_ns` (on-chip, HO); with
   `kernel_looping`, consecutive decoder-layer calls are one looped kernel: one launch and one
@@ -62,6 +64,7 @@ class CompiledStep:
     kernel_rows: np.ndarray            # rows x distinct kernels: instances of each row in one such kernel
     kernel_count: np.ndarray           # distinct kernels: how many of each a step runs
     kernel_is_layer: np.ndarray        # distinct kernels: whether it is a decoder-layer kernel
+    kernel_last_collective: np.ndarray  # distinct kernels: row of the kernel's final collective (-1: none)
 
 
 def _kernel_of(op, index: int, mode: str, scope: str, groups: tuple[tuple[str, ...], ...]) -> tuple:
@@ -143,35 +146,39 @@ def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
     for kernel in kernels:
         kernel_starts.append(kernel not in seen_kernels)
         seen_kernels.add(kernel)
-    kernel_rows, kernel_count, kernel_is_layer = _distinct_kernels(kernels, instance_rows, len(names))
+    kernel_rows, kernel_count, kernel_is_layer, last = _distinct_kernels(kernels, instance_rows, len(names), colls)
     return CompiledStep(tuple(names), tuple(classes), tuple(colls), np.array(counts, dtype=np.float64),
                         np.array(flops), np.array(hbm), np.array(compulsory), np.array(coll_bytes),
                         len(seen_kernels), tuple(instance_rows), tuple(kernel_starts), np.array(onchip),
-                        kernel_rows, kernel_count, kernel_is_layer)
+                        kernel_rows, kernel_count, kernel_is_layer, last)
 
 
 # tensors a fused kernel streams tile by tile (flash-style attention): never whole on chip
 _TILED = {"scores", "probs", "k_exp", "v_exp"}
 
 
-def _distinct_kernels(kernels: list[tuple], instance_rows: list[int], nrows: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _distinct_kernels(kernels: list[tuple], instance_rows: list[int], nrows: int, collectives: list
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Group identical kernels (same rows, same counts): rows x distinct matrix, multiplicities,
-    and whether each is a decoder-layer kernel (what kernel looping merges)."""
+    whether each is a decoder-layer kernel (what kernel looping merges) and the row of its final
+    collective (whose latency nothing later in the kernel can hide)."""
     members: dict[tuple, np.ndarray] = {}
+    last: dict[tuple, int] = {}
     order: list[tuple] = []
     for kernel, row in zip(kernels, instance_rows):
         if kernel not in members:
             members[kernel] = np.zeros(nrows)
             order.append(kernel)
         members[kernel][row] += 1
+        if collectives[row] is not None:
+            last[kernel] = row
     distinct: dict[tuple, list] = {}
     for kernel in order:
-        key = (tuple(members[kernel]), kernel[0] == "layer")
-        distinct.setdefault(key, [members[kernel], 0, kernel[0] == "layer"])[1] += 1
+        key = (tuple(members[kernel]), kernel[0] == "layer", last.get(kernel, -1))
+        distinct.setdefault(key, [members[kernel], 0, kernel[0] == "layer", last.get(kernel, -1)])[1] += 1
     cols = list(distinct.values())
     return (np.column_stack([c[0] for c in cols]), np.array([c[1] for c in cols], dtype=np.float64),
-            np.array([c[2] for c in cols], dtype=bool))
+            np.array([c[2] for c in cols], dtype=bool), np.array([c[3] for c in cols], dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,7 @@ class Timing:
     total_ns: int
     finish_ns: tuple[int, ...]
     collective_ns: int
+    setup_ns: int = 0          # the run's set-up (program / argument load), part of ttft_ns
 
 
 @dataclass
@@ -221,6 +229,7 @@ class Generation:
     prefill: StepTimes
     decode: StepTimes
     finish_ns: np.ndarray  # per sequence, from the start of prefill
+    setup_ns: int = 0      # the run's set-up charged before the prefill (part of the prefill step)
 
     @property
     def ttft_ns(self) -> int:
@@ -233,11 +242,15 @@ class Generation:
                        if p.collective_step_ns is not None))
 
     def timing(self) -> Timing:
-        return Timing(self.ttft_ns, self.total_ns, tuple(int(f) for f in self.finish_ns), self.collective_ns)
+        return Timing(self.ttft_ns, self.total_ns, tuple(int(f) for f in self.finish_ns), self.collective_ns,
+                      self.setup_ns)
 
     @property
     def total_ns(self) -> int:
         return self.prefill.total_ns + self.decode.total_ns
+
+
+MAX_STEP_NS = 2.0 ** 53   # ~104 days: a step time stays exact in float64 and sums of steps fit int64
 
 
 class CostModel:
@@ -296,12 +309,18 @@ class CostModel:
         return latency, bandwidth
 
     def _fused_kernels(self, compute, memory, coll_lat, coll_bw, onchip):
-        """Critical path of each distinct fused kernel (steps x kernels) and its parts.
+        """Critical path of each distinct fused kernel (steps x kernels): (stream, visible
+        collective latency, spill bytes).
 
         A kernel is a pipeline: HBM streaming, compute, the P2P stream and on-chip traffic run at
-        once, so the slowest sets the pace; the collectives' latencies (start-up, hops) and the
-        fill/drain are on the path once each. A working set larger than SRAM spills: its excess
-        is written to HBM and read back, which the HBM stream must carry too."""
+        once, so the slowest sets the pace. A working set larger than SRAM spills: its excess is
+        written to HBM and read back, which the HBM stream must carry too. Collective latencies
+        (start-up, hops) hold up the activations, not the weights: while an all-reduce is in
+        flight the kernel keeps streaming the weights of the operators after it into SRAM, so a
+        latency is hidden as long as the weight stream outlasts the activations' chain (compute
+        plus latencies). Only the kernel's final collective has nothing left to hide behind — at
+        a call boundary the pipeline drains — unless kernel looping's pipelined outer loop
+        streams the next layer's weights meanwhile."""
         k = self.compiled.kernel_rows
         widest = np.zeros((compute.shape[0], k.shape[1]))
         for j in range(k.shape[1]):
@@ -311,7 +330,14 @@ class CostModel:
         memory_k = memory @ k + spill_bytes / self._bytes_per_ns
         sram_k = (onchip @ k) / self._sram_bytes_per_ns if self._sram_bytes_per_ns else np.zeros_like(memory_k)
         stream = np.maximum.reduce([compute @ k, memory_k, coll_bw @ k, sram_k])
-        return stream, coll_lat @ k, spill_bytes
+        latency = coll_lat @ k
+        last = self.compiled.kernel_last_collective
+        exposed = np.where(last >= 0, coll_lat[:, np.maximum(last, 0)], 0.0)
+        if self.socket.kernel_looping:
+            exposed = np.where(self.compiled.kernel_is_layer, 0.0, exposed)
+        hidden = latency - exposed
+        visible = exposed + np.clip(compute @ k + hidden - stream, 0.0, hidden)
+        return stream, visible, spill_bytes
 
     def row_times(self, shape: PhaseShape, design: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -330,17 +356,23 @@ class CostModel:
             times[:, rows] = coll_lat[:, rows] + coll_bw[:, rows] + memory[:, rows]  # + HBM staging
             return times, flops, traffic, coll_lat + coll_bw
         onchip = x @ c.onchip_bytes.T
-        stream, latency, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
+        stream, visible, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
         own = np.maximum.reduce([compute, memory, coll_bw])
         k = c.kernel_rows
-        # every row's share of the stream of each kernel it belongs to, per instance
+        # every row's share of the stream of each kernel it belongs to, per instance, and of the
+        # kernel's visible collective latency (in proportion to the row's own latency)
         weight = np.where(own @ k > 0, stream / np.where(own @ k > 0, own @ k, 1.0), 0.0)
-        share = np.zeros_like(own)
+        latency = coll_lat @ k
+        seen = np.where(latency > 0, visible / np.where(latency > 0, latency, 1.0), 0.0)
+        share, lat_share = np.zeros_like(own), np.zeros_like(own)
         instances = k @ c.kernel_count
         for j in range(k.shape[1]):
             share += own * weight[:, [j]] * (k[:, j] * c.kernel_count[j])
-        times = share / np.where(instances > 0, instances, 1.0) + coll_lat
-        return times, flops, traffic, coll_lat + np.minimum(coll_bw, times)
+            lat_share += coll_lat * seen[:, [j]] * (k[:, j] * c.kernel_count[j])
+        per = np.where(instances > 0, instances, 1.0)
+        lat_share = lat_share / per
+        times = share / per + lat_share
+        return times, flops, traffic, lat_share + np.minimum(coll_bw, times)
 
     def _step_parts(self, design: np.ndarray) -> dict[str, np.ndarray]:
         """Per step: the named parts of its time (ns), which sum to the step."""
@@ -353,8 +385,8 @@ class CostModel:
             compute, memory = flops / self._flops_per_ns, traffic / self._bytes_per_ns
             coll_lat, coll_bw = self._collective_parts(design, flops.shape)
             onchip = design @ c.onchip_bytes.T
-            stream, latency, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
-            parts = {"ops": (stream + latency) @ c.kernel_count, "collective": latency @ c.kernel_count,
+            stream, visible, spill = self._fused_kernels(compute, memory, coll_lat, coll_bw, onchip)
+            parts = {"ops": (stream + visible) @ c.kernel_count, "collective": visible @ c.kernel_count,
                      "spill_bytes": spill @ c.kernel_count}
         n = len(design)
         parts["launch"] = np.full(n, float(self._launch_ns))
@@ -372,6 +404,10 @@ class CostModel:
         total = parts["ops"] + parts["launch"] + parts["pipeline"] + parts["host"]
         setup_ns = float(self.socket.run_setup_ns) if setup else 0.0
         total[0] += setup_ns
+        if not np.isfinite(total).all() or total.max() >= MAX_STEP_NS:
+            raise UserError(f"{self.model.name}: a step would take {float(np.max(total)):.3g} ns, beyond the "
+                            f"emulator's time range ({MAX_STEP_NS:.2g} ns per step); check the platform's rates "
+                            "and the batch and prompt sizes")
         step_ns = np.ceil(total).astype(np.int64)
         result = StepTimes(step_ns=step_ns, kernels=self.kernel_calls, collective_step_ns=parts["collective"])
         if breakdown:
@@ -403,26 +439,28 @@ class CostModel:
     def decode(self, prompt_lens, output_lens, breakdown: bool = False) -> StepTimes:
         return self.steps(decode_shapes(prompt_lens, output_lens, self.model.sliding_window), breakdown)
 
-    def generate(self, prompt_lens, output_lens, breakdown: bool = False) -> Generation:
-        """Prefill a batch of prompts, then decode until each has its `output_lens` tokens."""
+    def generate(self, prompt_lens, output_lens, breakdown: bool = False, setup: bool = True) -> Generation:
+        """Prefill a batch of prompts, then decode until each has its `output_lens` tokens; `setup`
+        charges the run's set-up (program / argument load) before the prefill."""
         prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
         output_lens = np.asarray(output_lens, dtype=np.int64)
         if prompt_lens.size == 0 or (prompt_lens < 1).any() or (output_lens < 1).any():
             raise UserError("a generation needs at least one prompt, every prompt and output at least 1 token")
         window = self.model.sliding_window
         if breakdown:
-            prefill = self.prefill(prompt_lens, breakdown)
+            prefill = self.prefill(prompt_lens, breakdown, setup)
             decode = self.decode(prompt_lens, output_lens, breakdown)
         else:  # one evaluation for the prefill step and every decode step
             first, rest = prefill_shape(prompt_lens, window), decode_shapes(prompt_lens, output_lens, window)
             both = PhaseShape(*(np.concatenate([getattr(first, k), getattr(rest, k)]) for k in SHAPE_KEYS))
-            times = self.steps(both, setup=True)
+            times = self.steps(both, setup=setup)
             steps, coll = times.step_ns, times.collective_step_ns
             prefill = StepTimes(step_ns=steps[:1], collective_step_ns=coll[:1])
             decode = StepTimes(step_ns=steps[1:], collective_step_ns=coll[1:])
         ends = np.concatenate([[0], np.cumsum(decode.step_ns)])
         finish = prefill.total_ns + ends[output_lens - 1]
-        return Generation(prefill=prefill, decode=decode, finish_ns=finish)
+        setup_ns = int(np.ceil(float(self.socket.run_setup_ns))) if setup else 0
+        return Generation(prefill=prefill, decode=decode, finish_ns=finish, setup_ns=setup_ns)
 
     def segments(self, shape: PhaseShape) -> list[Segment]:
         """One step cut at its collectives: what the functional plane runs between two of them.

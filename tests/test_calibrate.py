@@ -81,3 +81,23 @@ def test_least_squares_recovers_the_nccl_fit_and_predicts_left_out_points():
             assert p.low <= cal.fitted[p.key] <= p.high
     loo = {k: v for k, v in cal.loo.items() if k.startswith("nccl_h100")}
     assert len(loo) == 4 and all(abs(v) <= 0.25 for v in loo.values()), loo
+
+
+def test_recorded_calibration_meets_the_issue_bar():
+    """The committed `rdu calibrate` record: every fitted value inside its bounds and equal to what
+    the preset says, every observation within 10% in sample (0 inside a range) and every
+    leave-one-out prediction within 25%."""
+    import json
+    from importlib import resources
+
+    from node.calibrate import declared_parameters
+
+    record = json.loads((resources.files("node") / "presets" / "calibration.json").read_text())
+    presets = {p.key: p.preset_value for p in declared_parameters()}
+    for p in record["parameters"]:
+        low, high = p["bounds"]
+        assert low <= p["value"] <= high, p
+        assert presets[f"{p['preset']}:{p['path']}"] == pytest.approx(p["value"], rel=1e-3, abs=1.0), p
+    for o in record["observations"]:
+        if o["role"] == "fitted":
+            assert abs(o["error"]) <= 0.10 and abs(o["loo_error"]) <= 0.25, o

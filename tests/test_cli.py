@@ -38,6 +38,51 @@ def test_estimate_table(capsys):
     assert code == 0 and "time per output token" in out and "collective" in out
 
 
+def test_estimate_shows_named_costs_spill_looping_and_algorithms(capsys):
+    """The new costs are in --json: they must move with the preset fields that set them."""
+    def data(*argv):
+        code, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--prompt", "1024", "--output", "4",
+                           "--json", *argv)
+        assert code == 0
+        return json.loads(out)
+
+    plain, looped = data("--platform", "sn40l-node"), data("--platform", "sn40l-node-looped")
+    p = plain["phases"]["decode"]
+    assert p["kernel_calls_per_step"] == p["kernels_per_step"] == 34
+    assert looped["phases"]["decode"]["kernel_calls_per_step"] == 3 and looped["kernel_looping"] is True
+    fill = plain["runtime"]["fill_drain"]
+    assert fill["total_ns"] == fill["unit_ns"] * 34 * 4 > 0            # 34 calls x (prefill + 3 decode steps)
+    assert plain["runtime"]["run_setup"]["total_ns"] > 0 and plain["runtime"]["step_host"]["total_ns"] > 0
+    assert plain["phases"]["prefill"]["spill_bytes"] == 0
+    tiny = data("--platform", "sn40l-node", "--set", "socket.sram.capacity_bytes=1024")
+    assert tiny["phases"]["prefill"]["spill_bytes"] > 0
+    assert tiny["phases"]["prefill"]["hbm_bytes"] > plain["phases"]["prefill"]["hbm_bytes"]
+    a100 = {(c["phase"], c["operator"]): c["algorithm"] for c in data("--platform", "dgx-a100")["collectives"]}
+    assert a100[("decode", "mlp_all_reduce")] == "one_shot" and a100[("prefill", "mlp_all_reduce")] == "ring"
+
+
+def test_estimate_table_lists_runtime_costs_and_collectives(capsys):
+    code, out, _ = run(capsys, "estimate", "--platform", "sn40l-node-looped", "--model", "llama-3.1-8b")
+    assert code == 0
+    for text in ("run set-up", "host work per step", "fill/drain per fused kernel call", "SRAM spill",
+                 "3 (34 before looping)", "mlp_all_reduce", "ring"):
+        assert text in out, text
+
+
+def test_estimate_answers_well_under_a_second():
+    import time
+
+    from node.estimate import estimate
+    from node.platform import load_platform
+    from socket_actor.model_spec import load_model
+
+    platform, model = load_platform("sn40l-node"), load_model("llama-3.1-70b")
+    estimate(platform, model, 8, 8, 4096, 2000)                       # compile once
+    start = time.perf_counter()
+    estimate(platform, model, 8, 8, 4096, 2000)
+    assert time.perf_counter() - start < 0.3
+
+
 def test_presets(capsys):
     code, out, _ = run(capsys, "presets", "--json")
     data = json.loads(out)

@@ -110,3 +110,15 @@ def test_tp_must_split_heads():
     odd = load_model("llama-2-7b").__class__(**{**base, "num_heads": 12, "num_kv_heads": 12, "hidden_size": 4080})
     with pytest.raises(UserError, match="12 attention heads cannot be split over TP 8"):
         build_step_graph(odd, 8, PhaseShape(*[np.ones(1)] * 5))
+
+
+def test_run_setup_is_charged_only_when_asked():
+    """The expert-only claim times execution alone; a run that activates its model pays the set-up once."""
+    cost = cost_model("sn40l-node", "llama-2-7b", 8)
+    with_setup = cost.generate([128], [20])
+    without = cost.generate([128], [20], setup=False)
+    assert cost.socket.run_setup_ns > 0
+    assert abs(with_setup.total_ns - without.total_ns - cost.socket.run_setup_ns) <= 1
+    assert without.decode.total_ns == with_setup.decode.total_ns
+    detailed = cost.generate([128], [20], breakdown=True, setup=False)
+    assert "setup" not in detailed.prefill.class_ns and detailed.total_ns == without.total_ns
