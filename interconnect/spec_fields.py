@@ -12,6 +12,7 @@ the two trees so that specs stay plain data and reports can still cite every num
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -73,6 +74,26 @@ def deep_merge(base: Any, override: Any) -> Any:
     return override
 
 
+# Physically meaningful ranges, by the unit in a field's name: any value inside them keeps every
+# emulated time far inside int64 nanoseconds (~292 years), so no arithmetic overflows and no
+# negative time is ever printed. One rule for every numeric field of every spec.
+UNIT_RANGES: tuple[tuple[str, float, float, str], ...] = (
+    ("_bytes_per_s", 1e6, 1e16, "a bandwidth in bytes/s"),
+    ("_flops_per_s", 1e9, 1e19, "a compute rate in FLOP/s"),
+    ("_ns", 0.0, 1e15, "a time in ns"),
+    ("_bytes", 0.0, 1e17, "a size in bytes"),
+    ("_fraction", 1e-3, 1.0, "a fraction"),
+)
+
+
+def physical_range(key: str) -> tuple[float, float, str] | None:
+    """The (low, high, what) range a numeric field's unit allows, or None for a unitless field."""
+    for suffix, low, high, what in UNIT_RANGES:
+        if key.endswith(suffix):
+            return low, high, what
+    return None
+
+
 class Fields:
     """A view of one mapping in a spec, which reads typed fields and names them on error."""
 
@@ -126,12 +147,16 @@ class Fields:
             self.fail(f"expected a number {'>=' if inclusive else '>'} {minimum:g}, got {raw!r}", key)
         if maximum is not None and value > maximum:
             self.fail(f"expected a number <= {maximum:g}, got {raw!r}", key)
+        physical = physical_range(key)
+        if physical is not None and not physical[0] <= value <= physical[1]:
+            self.fail(f"expected {physical[2]} between {physical[0]:g} and {physical[1]:g} (a physically meaningful "
+                      f"range, which keeps every emulated time inside int64 nanoseconds), got {raw!r}", key)
         return value
 
     def fraction(self, key: str, default: Any = _MISSING) -> float:
         return self.number(key, default, minimum=0.0, maximum=1.0)
 
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 1) -> int:
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int | None = None) -> int:
         raw = self._raw(key, default)
         if raw is default and default is not _MISSING:
             return raw
@@ -144,6 +169,8 @@ class Fields:
                 self.fail(f"expected a whole number, got {raw!r}", key)
         if raw < minimum:
             self.fail(f"expected a whole number >= {minimum}, got {raw}", key)
+        if maximum is not None and raw > maximum:
+            self.fail(f"expected a whole number <= {maximum:,}, got {raw:,}", key)
         return int(raw)
 
     def string(self, key: str, default: Any = _MISSING, *, choices: tuple[str, ...] | None = None) -> str:
@@ -189,3 +216,28 @@ def format_bytes(nbytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+MAX_INPUT_FILE_BYTES = 1 << 30   # a config, model file or trace larger than this is not what the user meant
+
+
+def read_user_text(path: str | Path, what: str = "file") -> str:
+    """The text of a file the user named: UTF-8 (with or without a byte-order mark) or UTF-16 with
+    one; anything else, a folder or an unreadable file is a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        if path.stat().st_size > MAX_INPUT_FILE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes is larger than a {what} can be "
+                            f"({MAX_INPUT_FILE_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                        f"save the {what} as UTF-8") from None

@@ -61,19 +61,55 @@ class EventsWriter:
             self._file.close()
 
 
+_INT64 = 1 << 63
+# What the observers (dashboard, trace export, plots) read of each event type, and its type.
+# A stream that lacks one is not one this version wrote: a one-line error, not a traceback.
+_REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "setup": {"name": str, "nodes": int, "groups": list},
+    "arrival": {"group": str},
+    "router": {"group": str, "end_ns": int, "ttft_ns": int, "requests": list},
+    "switch": {"group": str, "model": str, "ready_ns": int, "victims": list, "prefetch": bool, "arrivals": dict,
+               "shard_bytes": int},
+    "run": {"group": str, "model": str, "end_ns": int, "ttft_ns": int, "requests": list},
+    "done": {"group": str, "ttft_ns": int, "tpot_ns": int},
+    "fault": {"kind": str, "target": str},
+    "end": {"summary": dict},
+}
+
+
+def _check_event(event: object, where: str) -> None:
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise UserError(f"{where}: not an event (expected a map with a type, found {type(event).__name__})")
+    kind = event["type"]
+    fields = {"t_ns": int, **_REQUIRED.get(kind, {})}
+    for name, expected in fields.items():
+        value = event.get(name)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(f"{where} ({kind}): field {name!r} missing or not {getattr(expected, '__name__', expected)}")
+        if expected is int and not 0 <= value < _INT64:
+            raise UserError(f"{where} ({kind}): field {name!r} = {value} is outside 0..2^63 ns")
+    if kind == "setup":
+        for group in event["groups"]:
+            if not (isinstance(group, dict) and isinstance(group.get("name"), str)
+                    and isinstance(group.get("node"), int) and isinstance(group.get("members"), list)
+                    and all(isinstance(m, str) for m in group["members"])):
+                raise UserError(f"{where} (setup): a group is not {{name, node, members}}: {group!r}")
+
+
 def read_events(path: str | Path) -> Iterator[dict]:
     """Every complete event in `path`; a truncated last event (a crash mid-write) is dropped."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such events file")
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    count = 0
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             unpacker.feed(chunk)
             try:
                 for event in unpacker:
-                    if not isinstance(event, dict) or "type" not in event:
-                        raise UserError(f"{path}: not an event stream (found {type(event).__name__})")
+                    count += 1
+                    _check_event(event, f"{path}: event {count}")
                     yield event
             except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
                 raise UserError(f"{path}: corrupt event stream ({exc})") from None

@@ -41,6 +41,7 @@ class InlineBackend:
         self.ddr_capacity_bytes = spec.ddr_capacity_bytes
         self.ddr_tier_name = spec.ddr_tier_name
         self.restart_ns = spec.socket.restart_ns
+        self.max_restarts = spec.socket.max_restarts
         self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
         self.tp_groups = tp_groups(spec, self.topology, tp)
         self.sockets = {name: RDUSocket(name, spec.socket, self.topology)

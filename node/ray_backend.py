@@ -56,6 +56,7 @@ class RayBackend:
         self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
         self.ddr_tier_name = self.shadow.ddr_tier_name
         self.restart_ns = self.shadow.restart_ns
+        self.max_restarts = self.shadow.max_restarts
         self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
         self.on_node_lost = on_node_lost
         self.flush_every = flush_every

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from interconnect.spec_fields import UserError
+from interconnect.spec_fields import UserError, read_user_text
 
 __all__ = ["read_yaml", "parse_yaml", "leaf_paths", "dump_yaml"]
 
@@ -23,14 +23,7 @@ def parse_yaml(text: str, origin: str) -> Any:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot be read ({exc})") from exc
-    return parse_yaml(text, str(path))
+    return parse_yaml(read_user_text(path, "YAML file"), str(path))
 
 
 def leaf_paths(tree: Any, prefix: str = "") -> list[str]:

@@ -36,6 +36,7 @@ class ServingBackend(Protocol):
     ddr_capacity_bytes: int      # per node
     ddr_tier_name: str
     restart_ns: float            # a failed socket is back (empty) after this long
+    max_restarts: int            # restarts of one socket a run survives; one more stops the run
 
     def groups(self) -> list[GroupInfo]: ...
 

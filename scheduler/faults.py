@@ -20,6 +20,7 @@ from interconnect.spec_fields import UserError
 __all__ = ["FaultSpec", "parse_fault", "parse_faults", "FAULT_KINDS"]
 
 FAULT_KINDS = ("kill-socket", "kill-node", "drop-link")
+MAX_VIRTUAL_MS = 1e12   # ~31 years of virtual time: far inside int64 ns
 _SOCKET = r"node\d+/socket\d+"
 _TARGETS = {"kill-socket": re.compile(rf"^{_SOCKET}$"), "kill-node": re.compile(r"^node\d+$"),
             "drop-link": re.compile(rf"^{_SOCKET}-{_SOCKET}$")}
@@ -80,9 +81,11 @@ def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
             if request < 0:
                 fail("request must be >= 0")
         if "virtual_ms" in fields:
-            virtual_ns = int(round(float(fields["virtual_ms"]) * 1e6))
-            if virtual_ns < 0:
-                fail("virtual_ms must be >= 0")
+            virtual_ms = float(fields["virtual_ms"])
+            if not 0.0 <= virtual_ms <= MAX_VIRTUAL_MS:
+                fail(f"virtual_ms must be between 0 and {MAX_VIRTUAL_MS:g} (the emulator's clock), got "
+                     f"{fields['virtual_ms']}")
+            virtual_ns = int(round(virtual_ms * 1e6))
         if "p" in fields:
             probability = float(fields["p"])
             if not 0.0 < probability <= 1.0:
@@ -90,6 +93,9 @@ def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
     except ValueError:
         fail("trigger values must be numbers")
     if kind == "drop-link":
+        a, _, b = target.partition("-node")
+        if a == "node" + b:
+            fail("a link joins two different sockets")
         if probability is None:
             fail("drop-link needs p=PROBABILITY")
         virtual_ns = virtual_ns or 0

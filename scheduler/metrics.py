@@ -48,6 +48,7 @@ class GroupStats:
     expert_ns: int = 0
     stall_ns: int = 0
     collective_ns: int = 0     # part of router_ns + expert_ns spent in TP collectives
+    setup_ns: int = 0          # part of router_ns + expert_ns spent on run set-up (a named, fitted cost)
     switches: int = 0
     prefetches: int = 0
     evictions: int = 0
@@ -160,6 +161,7 @@ def summarize(metrics: MetricsCollector, groups: list[GroupStats], requests_in: 
             "switching_stall": sum(g.stall_ns for g in groups),
             "expert": sum(g.expert_ns for g in groups),
             "collectives_within_runs": sum(g.collective_ns for g in groups),
+            "run_setup_within_runs": sum(g.setup_ns for g in groups),
         },
         "groups": [{"name": g.name, "node": g.node, "expert_slots": g.expert_slots, "batches": g.batches,
                     "switches": g.switches, "prefetches": g.prefetches, "evictions": g.evictions,

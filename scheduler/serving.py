@@ -59,6 +59,10 @@ class CoEServer:
                  on_event: Callable[[dict], None] | None = None,
                  on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
         _check(config, experts)
+        for fault in config.faults:  # a fault that can never fire is a mistake, not a quiet no-op
+            if fault.request is not None and fault.request >= len(workload.requests):
+                raise UserError(f"fault {fault.text!r}: request={fault.request} never arrives: the workload has "
+                                f"{len(workload.requests)} requests (0..{len(workload.requests) - 1})")
         self.kind = config.resolved_kind(workload.kind)
         if config.kind == "auto" and getattr(backend, "functional", False):
             self.kind = "static"   # functional payloads ride on the static cycle's runs

@@ -96,6 +96,7 @@ class StaticServer:
         self.metrics = MetricsCollector(on_record, keep=keep_records, requests=len(workload.requests))
         self.inter_node_bytes = 0
         self.setup_ns = 0
+        self._restarts: dict[str, int] = {}   # kills survived per socket
         self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0,
                             "requests_redispatched": 0}
         self._jobs = 0
@@ -272,6 +273,7 @@ class StaticServer:
         group.router_start_ns, group.router_end_ns = start, result.end_ns
         group.stats.router_ns += result.end_ns - start
         group.stats.collective_ns += result.collective_ns
+        group.stats.setup_ns += result.setup_ns
         group.stats.stall_ns += start - now if start > now else 0
         group.stats.batches += 1
         self.emit({"type": "router", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
@@ -356,6 +358,7 @@ class StaticServer:
         group.stats.stall_ns += stall
         group.stats.expert_ns += result.end_ns - start
         group.stats.collective_ns += result.collective_ns
+        group.stats.setup_ns += result.setup_ns
         group.stats.accesses += 1
         group.stats.hits += hit
         self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
@@ -399,12 +402,14 @@ class StaticServer:
         if group.phase == "router" and now < group.router_end_ns:
             self.backend.abort(group.info.index, group.router_job, now)
             group.stats.router_ns -= group.router_end_ns - max(now, group.router_start_ns)
+            group.stats.stall_ns -= max(0, group.router_start_ns - now)  # it was still waiting to start
             group.queue.extendleft(reversed(group.batch))
             group.batch, group.busy, group.phase = [], False, "idle"
         elif group.running is not None and now < group.running[2].end_ns:
             expert, requests, result, hit, stall, job = group.running
-            self.backend.abort(group.info.index, job, now)
+            self.backend.abort(group.info.index, job, now)  # cut short, or cancelled before it began
             group.stats.expert_ns -= result.end_ns - max(now, result.start_ns)
+            group.stats.stall_ns -= max(0, result.start_ns - now)  # it was still waiting for its switch
             group.plan.appendleft((expert, requests))
             group.running = None
             self.fault_stats["runs_retried"] += 1
@@ -418,6 +423,11 @@ class StaticServer:
         group = next((g for g in self.groups if fault.target in g.info.members), None)
         if group is None or group.dead:
             raise UserError(f"fault {fault.text!r}: no live socket {fault.target} in this cluster")
+        self._restarts[fault.target] = self._restarts.get(fault.target, 0) + 1
+        if self._restarts[fault.target] > self.backend.max_restarts:
+            raise ServingStopped(f"{fault.target} failed at {now} ns for the {self._restarts[fault.target]}th time, "
+                                 f"more than the {self.backend.max_restarts} restarts the platform allows "
+                                 "(socket.max_restarts)", self.result())
         self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)

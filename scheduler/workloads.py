@@ -16,6 +16,7 @@ that names the expert), which is what the paper's router does.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from interconnect.spec_fields import Fields, UserError
+from interconnect.spec_fields import Fields, UserError, read_user_text
 from scheduler.config_table import REQUIRED, ConfigField, Section
 
 __all__ = ["Request", "Workload", "WorkloadSpec", "build_workload", "read_trace", "default_trace_path",
@@ -250,19 +251,32 @@ def _parse_timestamp(text: str, where: str) -> int:
     return int(moment.timestamp()) * 1_000_000_000 + int(fraction)
 
 
+def _rows(reader, path: Path):
+    """(line number, row) of a CSV reader; a malformed line (a field over the size limit, a stray
+    quote) is a one-line error naming it."""
+    line_number = 1
+    while True:
+        line_number += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path}: line {line_number}: not a CSV line ({exc})") from None
+        yield line_number, row
+
+
 def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[int, int, int]]:
     """(arrival_ns relative to the first request, prompt tokens, output tokens) per trace line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such trace file")
     rows: list[tuple[int, int, int]] = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_user_text(path, "trace file"), newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
         if header is None or [h.strip() for h in header] != expected:
             raise UserError(f"{path}: line 1: expected the header {','.join(expected)}, got {header!r}")
-        for line_number, row in enumerate(reader, start=2):
+        for line_number, row in _rows(reader, path):
             if limit is not None and len(rows) >= limit:
                 break
             if not row or all(not cell.strip() for cell in row):
@@ -273,10 +287,10 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[int, in
             arrival = _parse_timestamp(row[0], where)
             lengths = []
             for name, cell in zip(expected[1:], row[1:]):
-                try:
-                    value = int(cell)
-                except ValueError:
-                    raise UserError(f"{where}: {name}: expected a whole number, got {cell!r}") from None
+                text = cell.strip()
+                if not (text.isascii() and text.lstrip("-").isdigit()):
+                    raise UserError(f"{where}: {name}: expected a whole number, got {cell!r}")
+                value = int(text)
                 if value < 1:
                     raise UserError(f"{where}: {name}: expected a number of tokens >= 1, got {value}")
                 lengths.append(value)
@@ -289,6 +303,9 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[tuple[int, in
     return [(arrival - first, prompt, output) for arrival, prompt, output in rows]
 
 
+MAX_ARRIVAL_NS = float(1 << 61)   # leaves room for the serving after the last arrival within int64 ns
+
+
 def build_workload(spec: WorkloadSpec, experts: int, seed: int) -> Workload:
     """The requests of a workload, deterministic in (spec, experts, seed)."""
     rng = np.random.default_rng(seed)
@@ -296,6 +313,10 @@ def build_workload(spec: WorkloadSpec, experts: int, seed: int) -> Workload:
         path = spec.trace or default_trace_path()
         rows = read_trace(path, spec.limit)
         arrivals = np.array([r[0] for r in rows], dtype=np.float64) * spec.time_scale
+        if arrivals[-1] >= MAX_ARRIVAL_NS:
+            raise UserError(f"{path}: the trace spans {arrivals[-1] / 1e9 / 86400 / 365.25:,.0f} years after "
+                            f"time_scale {spec.time_scale:g}; the emulator's clock holds "
+                            f"{MAX_ARRIVAL_NS / 1e9 / 86400 / 365.25:,.0f}")
         choice = spec.popularity.sample(rng, len(rows), experts)
         requests = tuple(Request(i, int(arrivals[i]), rows[i][1], rows[i][2], int(choice[i]))
                          for i in range(len(rows)))
@@ -308,7 +329,12 @@ def build_workload(spec: WorkloadSpec, experts: int, seed: int) -> Workload:
         else:  # gamma with the requested coefficient of variation
             shape = 1.0 / spec.cv ** 2
             gaps = rng.gamma(shape, mean_gap_s / shape, size=n)
-        arrivals = np.concatenate([[0.0], np.cumsum(gaps[:-1])]) * 1e9
+        with np.errstate(over="ignore"):  # an absurd rate overflows to inf: refused just below
+            arrivals = np.concatenate([[0.0], np.cumsum(gaps[:-1])]) * 1e9
+        if not arrivals[-1] < MAX_ARRIVAL_NS:
+            raise UserError(f"workload.rate_per_s: {n:,} requests at {spec.rate_per_s:g} per second span "
+                            f"{arrivals[-1] / 1e9 / 86400 / 365.25:,.0f} years; the emulator's clock holds "
+                            f"{MAX_ARRIVAL_NS / 1e9 / 86400 / 365.25:,.0f}")
         prompts, outputs = spec.prompt.sample(rng, n), spec.output.sample(rng, n)
         choice = spec.popularity.sample(rng, n, experts)
         requests = tuple(Request(i, int(arrivals[i]), int(prompts[i]), int(outputs[i]), int(choice[i]))

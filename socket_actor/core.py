@@ -64,6 +64,7 @@ class RunResult:
     end_ns: int
     busy_ns: int
     collective_ns: int = 0       # part of busy_ns spent in tensor-parallel collectives
+    setup_ns: int = 0            # part of busy_ns spent on the run's set-up (a named, fitted cost)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class RDUSocket:
         self.residents: dict[str, Resident] = {}
         self.counters = SocketCounters()
         self._cost_models: dict[tuple, CostModel] = {}
-        self._last_run: tuple[str, RunRequest, int] | None = None
+        self._last_run: tuple[str, RunRequest, int, int] | None = None  # job, request, busy, clock before
 
     # -- residency ------------------------------------------------------------------------------
     def load(self, model_id: str, shard_bytes: int, ready_at_ns: int, weights: object | None = None) -> None:
@@ -225,7 +226,7 @@ class RDUSocket:
         return resident
 
     def _account(self, request: RunRequest, resident: Resident, busy_ns: int) -> None:
-        self._last_run = (request.job_id, request, busy_ns)
+        self._last_run = (request.job_id, request, busy_ns, self.clock_ns)
         self.clock_ns = request.start_ns + busy_ns
         resident.runs += 1
         self.counters.runs += 1
@@ -246,7 +247,7 @@ class RDUSocket:
         finish = tuple(request.start_ns + f for f in timing.finish_ns)
         return RunResult(job_id=request.job_id, socket=self.name, start_ns=request.start_ns,
                          ttft_ns=timing.ttft_ns, finish_ns=finish, end_ns=self.clock_ns, busy_ns=busy,
-                         collective_ns=timing.collective_ns)
+                         collective_ns=timing.collective_ns, setup_ns=timing.setup_ns)
 
     def follow(self, request: RunRequest, busy_ns: int) -> int:
         """Execute a batch whose timing the group's first member computed; returns the end time."""
@@ -255,19 +256,21 @@ class RDUSocket:
         return self.clock_ns
 
     def abort(self, job_id: str, at_ns: int) -> int:
-        """Cut the batch in progress short at `at_ns` (a member of the group failed): the socket
-        is free from then, and the batch counts as not run. Returns the clock."""
+        """Cut the batch in progress short at `at_ns` (a member of the group failed), or cancel it
+        if it has not begun yet (it was waiting for a switch to land): the socket is free from
+        then, and the batch counts as not run. Returns the clock."""
         if self._last_run is None or self._last_run[0] != job_id:
             raise ValueError(f"{self.name}: {job_id} is not the batch in progress")
-        _, request, busy = self._last_run
-        if not request.start_ns <= at_ns < request.start_ns + busy:
-            raise ValueError(f"{self.name}: {job_id} is not running at {at_ns} ns")
-        self.counters.busy_ns -= request.start_ns + busy - at_ns
+        _, request, busy, clock_before = self._last_run
+        end_ns = request.start_ns + busy
+        if not at_ns < end_ns:
+            raise ValueError(f"{self.name}: {job_id} already ended at {end_ns} ns, before {at_ns} ns")
+        self.counters.busy_ns -= end_ns - max(at_ns, request.start_ns)
         self.counters.runs -= 1
         self.counters.tokens -= int(sum(request.output_lens))
         if request.model_id in self.residents:
             self.residents[request.model_id].runs -= 1
-        self.clock_ns = at_ns
+        self.clock_ns = max(clock_before, at_ns) if at_ns < request.start_ns else at_ns
         self._last_run = None
         return self.clock_ns
 

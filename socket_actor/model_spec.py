@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from interconnect.spec_fields import Fields, UserError
+from interconnect.spec_fields import Fields, UserError, read_user_text
 
 __all__ = ["ModelSpec", "load_model", "model_presets", "DTYPE_BYTES"]
 
@@ -22,6 +22,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "int8": 1}
 
 _FAMILIES = {"llama": "llama", "mistral": "llama", "falcon": "falcon", "RefinedWeb": "falcon",
              "RefinedWebModel": "falcon", "bloom": "bloom"}
+
+# Upper bounds far beyond any published model, so that a typo (1e30 layers) is one line, not a
+# machine that fills its memory building the operator graph.
+_LIMITS = {"hidden_size": 1 << 20, "num_layers": 4096, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
+           "intermediate_size": 1 << 22, "vocab_size": 1 << 24, "positions": 1 << 28}
 
 # Hugging Face configs name the same quantity differently per family.
 _ALIASES = {
@@ -70,7 +75,7 @@ class ModelSpec:
         def pick(quantity: str, default: Any = None) -> int:
             for key in _ALIASES[quantity]:
                 if key in config and config[key] is not None:
-                    return fields.integer(key)
+                    return fields.integer(key, maximum=_LIMITS[quantity])
             if default is not None:
                 return default
             fields.fail(f"missing field (any of: {', '.join(_ALIASES[quantity])})", _ALIASES[quantity][0])
@@ -91,12 +96,14 @@ class ModelSpec:
         intermediate = pick("intermediate_size", 4 * hidden if family != "llama" else None)
         window = config.get("sliding_window")
         if window is not None:
-            window = fields.integer("sliding_window")
+            window = fields.integer("sliding_window", maximum=_LIMITS["positions"])
         max_pos = config.get("max_position_embeddings")
+        if max_pos is not None:
+            max_pos = fields.integer("max_position_embeddings", maximum=_LIMITS["positions"])
         return cls(
             name=name,
             family=family,
-            vocab_size=fields.integer("vocab_size"),
+            vocab_size=fields.integer("vocab_size", maximum=_LIMITS["vocab_size"]),
             hidden_size=hidden,
             num_layers=pick("num_layers"),
             num_heads=heads,
@@ -111,7 +118,7 @@ class ModelSpec:
             tie_embeddings=bool(config.get("tie_word_embeddings", family != "llama")),
             embedding_norm=family == "bloom",
             sliding_window=window,
-            max_position_embeddings=int(max_pos) if isinstance(max_pos, int) else None,
+            max_position_embeddings=max_pos,
             dtype_bytes=dtype_bytes,
         )
 
@@ -171,7 +178,7 @@ def load_model(name_or_path: str, dtype_bytes: int = 2) -> ModelSpec:
     if name_or_path.endswith(".json") or path.is_file():
         if not path.is_file():
             raise UserError(f"{name_or_path}: no such model config file")
-        text, origin, name = path.read_text(encoding="utf-8"), str(path), path.parent.name or path.stem
+        text, origin, name = read_user_text(path, "model config file"), str(path), path.parent.name or path.stem
         if path.name != "config.json":
             name = path.stem
     else:

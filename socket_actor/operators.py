@@ -274,21 +274,44 @@ def decode_step_shape(past_lens, window: int | None = None) -> PhaseShape:
 
 def decode_shapes(prompt_lens, output_lens, window: int | None = None) -> PhaseShape:
     """Decode steps of a static batch: step j (1-based) produces output token j+1 of every
-    sequence still generating; sequence i needs `output_lens[i] - 1` steps after prefill."""
-    n = np.asarray(prompt_lens, dtype=np.float64)[:, None]
-    steps_needed = np.asarray(output_lens, dtype=np.int64) - 1
-    total = int(steps_needed.max(initial=0))
+    sequence still generating; sequence i needs `output_lens[i] - 1` steps after prefill.
+
+    Sequence i attends to min(prompt_i + j, window) keys at step j: linear in j until the window
+    is full, constant after. The per-step sums are built from difference arrays over the steps,
+    so memory is O(batch + steps), never a batch x steps matrix."""
+    n = np.asarray(prompt_lens, dtype=np.float64)
+    steps = np.asarray(output_lens, dtype=np.int64) - 1
+    total = int(steps.max(initial=0))
     if total <= 0:
         empty = np.zeros(0)
         return PhaseShape(empty, empty, empty, empty, empty)
-    j = np.arange(1, total + 1, dtype=np.float64)[None, :]
-    active = (steps_needed[:, None] >= j).astype(np.float64)
-    past = n + j - 1                                   # tokens in the cache before this step
-    cap = np.inf if window is None else window
-    read = np.minimum(past, cap - 1)
-    keys = read + 1
-    return PhaseShape(tokens=active.sum(0), seqs=active.sum(0), attn_pairs=(active * keys).sum(0),
-                      score_elems=(active * keys).sum(0), kv_read_tokens=(active * read).sum(0))
+    live = steps >= 1
+    n, steps = n[live], steps[live]
+    if window is None:
+        linear_end = steps
+    else:  # the first step at which prompt + j reaches the window; before it keys grow with j
+        full_from = np.maximum(1, np.ceil(window - n)).astype(np.int64)
+        linear_end = np.minimum(steps, full_from - 1)
+    size = total + 2
+
+    def ramp(start, stop_exclusive, weights=None):
+        """Per step j in 1..total: the sum of `weights` over sequences with start <= j < stop."""
+        w = np.ones(len(start)) if weights is None else weights
+        diff = np.bincount(start, w, size) - np.bincount(stop_exclusive, w, size)
+        return np.cumsum(diff)[1:total + 1]
+
+    ones = np.ones(len(n), dtype=np.int64)
+    active = ramp(ones, steps + 1)
+    has_linear = linear_end >= 1
+    lin_count = ramp(ones[has_linear], linear_end[has_linear] + 1)
+    lin_prompt = ramp(ones[has_linear], linear_end[has_linear] + 1, n[has_linear])
+    j = np.arange(1, total + 1, dtype=np.float64)
+    keys = lin_prompt + j * lin_count
+    if window is not None:
+        has_flat = steps > linear_end
+        keys = keys + float(window) * ramp(linear_end[has_flat] + 1, steps[has_flat] + 1)
+    return PhaseShape(tokens=active, seqs=active.copy(), attn_pairs=keys, score_elems=keys.copy(),
+                      kv_read_tokens=keys - active)
 
 
 def kv_bytes_per_token_per_socket(model: ModelSpec, tp: int) -> int:

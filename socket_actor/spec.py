@@ -53,6 +53,7 @@ class SocketSpec:
     ddr: TierSpec | None
     hbm_reserved_bytes: int
     restart_ns: float
+    max_restarts: int          # restarts of one socket a run survives (both backends: the Ray actor's limit too)
     fused_compute_fraction: float
     fused_hbm_bandwidth_fraction: float
     unfused_compute_fraction: float
@@ -72,7 +73,7 @@ class SocketSpec:
     @classmethod
     def from_fields(cls, fields: Fields) -> "SocketSpec":
         fields.check_known({"kind", "name", "peak_flops_per_s", "sram", "hbm", "ddr", "hbm_reserved_bytes",
-                            "restart_ns", "efficiency", "launch", "execution", "runtime"})
+                            "restart_ns", "max_restarts", "efficiency", "launch", "execution", "runtime"})
         eff = fields.sub("efficiency")
         eff.check_known({"fused_compute_fraction", "fused_hbm_bandwidth_fraction",
                          "unfused_compute_fraction", "unfused_hbm_bandwidth_fraction"})
@@ -111,6 +112,7 @@ class SocketSpec:
             ddr=TierSpec.from_fields("ddr", fields.sub("ddr")) if fields.has("ddr") else None,
             hbm_reserved_bytes=int(fields.number("hbm_reserved_bytes", minimum=0.0, inclusive=True)),
             restart_ns=fields.number("restart_ns", minimum=0.0, inclusive=True),
+            max_restarts=fields.integer("max_restarts", minimum=0),
             fused_compute_fraction=eff.fraction("fused_compute_fraction", 0.0),
             fused_hbm_bandwidth_fraction=eff.fraction("fused_hbm_bandwidth_fraction", 0.0),
             unfused_compute_fraction=eff.fraction("unfused_compute_fraction"),

@@ -28,7 +28,7 @@ def test_every_value_cites_a_source(name):
 
 @pytest.mark.parametrize("name", ["sn40l-node", "dgx-a100", "dgx-h100"])
 def test_numeric_names_carry_units(name):
-    allowed = ("_bytes", "_per_s", "_ns", "_fraction", "sockets_per_node")
+    allowed = ("_bytes", "_per_s", "_ns", "_fraction", "sockets_per_node", "max_restarts")  # the last two: counts
     for path in leaf_paths(load_platform(name).values):
         leaf = path.split(".")[-1]
         value = load_platform(name).values

@@ -80,7 +80,8 @@ def test_paper_coe_dgx_slower_for_the_papers_reasons():
         g = runs[gpu]
         assert g["virtual_ns"] > 3 * sn["virtual_ns"]
         assert g["time_breakdown_ns"]["switching_stall"] > 10 * sn["time_breakdown_ns"]["switching_stall"]
-        assert g["time_breakdown_ns"]["expert"] > 1.3 * sn["time_breakdown_ns"]["expert"]
+        execution = lambda r: r["time_breakdown_ns"]["expert"] - r["time_breakdown_ns"]["run_setup_within_runs"]  # noqa: E731
+        assert execution(g) > 1.3 * execution(sn)  # unfused GPU decode, leaving out the (named) run set-up
         assert g["switches"] == sn["switches"] == 8
 
 

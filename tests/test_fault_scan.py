@@ -1,0 +1,77 @@
+"""Faults at any moment: a kill at every request position and at virtual times spread over a run
+(inside switches, runs, recoveries) is survived with every request served exactly once, checked
+against requests.csv, not only against the summary's counters."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from node.cli import main
+
+SMALL = ["run", "--backend", "inline", "--experts", "20", "--limit", "60", "--scheduler", "static"]
+
+
+def served_once(out_dir) -> dict:
+    summary = json.loads((out_dir / "summary.json").read_text())
+    ids = [int(row["id"]) for row in csv.DictReader((out_dir / "requests.csv").open())]
+    assert sorted(ids) == list(range(summary["requests_in"])), "a request lost or served twice"
+    assert summary["requests_lost"] == 0 and summary["requests_duplicated"] == 0
+    return summary
+
+
+def rdu(capsys, tmp_path, name, *extra) -> dict:
+    out = tmp_path / name
+    code = main([*SMALL, *extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return served_once(out)
+
+
+def test_kill_socket_at_every_request_position(tmp_path, capsys):
+    for position in range(60):
+        summary = rdu(capsys, tmp_path, f"k{position}", "--fault", f"kill-socket:node0/socket3@request={position}")
+        assert summary["faults_injected"] == summary["faults_recovered"] == 1
+
+
+def test_kill_node_at_every_request_position(tmp_path, capsys):
+    for position in range(0, 60, 3):
+        summary = rdu(capsys, tmp_path, f"n{position}", "--nodes", "2", "--tp", "4",
+                      "--fault", f"kill-node:node1@request={position}")
+        assert summary["faults_injected"] == 1
+
+
+def test_kills_at_virtual_times_across_the_whole_run(tmp_path, capsys):
+    baseline = rdu(capsys, tmp_path, "base")
+    span_ms = (baseline["virtual_ns"]) / 1e6
+    for k in range(1, 40):
+        at_ms = span_ms * k / 40
+        rdu(capsys, tmp_path, f"t{k}", "--nodes", "2", "--tp", "4",
+            "--fault", f"kill-socket:node0/socket1@virtual_ms={at_ms:.3f}",
+            "--fault", f"kill-socket:node1/socket2@virtual_ms={at_ms * 1.01:.3f}")
+
+
+def test_many_kills_of_one_socket_stop_at_the_presets_limit_with_results_kept(tmp_path, capsys):
+    kills = [f"kill-socket:node0/socket3@request={p}" for p in range(2, 40, 2)]  # 19 kills > max_restarts 16
+    out = tmp_path / "many"
+    args = [*SMALL, "--out", str(out)]
+    for kill in kills:
+        args += ["--fault", kill]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "restarts the platform allows" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] and summary["faults_recovered"] == 16
+    assert summary["requests_completed"] < summary["requests_in"]
+
+
+@pytest.mark.parametrize("limit", [4, 16])
+def test_the_restart_limit_comes_from_the_preset(tmp_path, capsys, limit):
+    kills = [f"kill-socket:node0/socket3@request={p}" for p in range(2, 2 + 2 * (limit + 1), 2)]
+    args = [*SMALL, "--out", str(tmp_path / f"l{limit}"), "--set", f"socket.max_restarts={limit}"]
+    for kill in kills:
+        args += ["--fault", kill]
+    code = main(args)
+    assert code == 1 and f"more than the {limit} restarts" in capsys.readouterr().err

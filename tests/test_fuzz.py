@@ -1,0 +1,204 @@
+"""Bad input fuzzed rather than listed: every generated input either works or is refused with one
+line and exit code 2 — never a traceback, a hang, a negative or non-finite time, or a change to
+files the tool did not make. `make test` runs a few dozen examples per target; `make test-scale`
+runs many more (HYPOTHESIS_PROFILE=scale)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import msgpack
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node.cli import main
+from node.platform import load_platform
+
+settings.register_profile("default", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("scale", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+MODELS = Path(__file__).resolve().parent.parent / "socket_actor" / "models"
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+PLATFORM_FIELDS = sorted(k for k, v in _flat(load_platform("sn40l-node").values)
+                         if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+
+numbers = st.one_of(st.integers(-10**30, 10**30), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([0, 1, -1, 1e-300, 1e300, 2**63, 2**64, 0.5, 1e25]))
+scalars = st.one_of(numbers, st.text(max_size=12), st.booleans(), st.none())
+
+
+def rdu(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean(code: int, out: str, err: str) -> None:
+    """Exit 0, exit 1 for a run the emulated cluster could not finish (a dead link, a socket past
+    its restart limit: results kept), or exit 2 with exactly one `rdu: error:` line on stderr."""
+    assert "Traceback" not in out + err
+    assert code in (0, 2) or (code == 1 and "rdu: run stopped" in err), (code, err)
+    if code == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rdu: error:"), err
+
+
+def assert_times_sane(data: object) -> None:
+    """Every `*_ns` number in a JSON result is finite and not negative."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key.endswith("_ns") and isinstance(value, (int, float)):
+                assert math.isfinite(value) and value >= 0, (key, value)
+            assert_times_sane(value)
+    elif isinstance(data, list):
+        for value in data:
+            assert_times_sane(value)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@given(field=st.sampled_from(PLATFORM_FIELDS), value=scalars)
+def test_platform_overrides(capsys, field, value):
+    code, out, err = rdu(capsys, ["estimate", "--set", f"{field}={json.dumps(value)}", "--json"])
+    assert_clean(code, out, err)
+    if code == 0:
+        assert_times_sane(json.loads(out))
+
+
+@given(prompt=st.integers(1, 10**9), output=st.integers(1, 10**6), batch=st.integers(1, 10**6),
+       tp=st.sampled_from([1, 2, 3, 4, 8, 16, 64]))
+def test_estimate_shapes(capsys, prompt, output, batch, tp):
+    code, out, err = rdu(capsys, ["estimate", "--prompt", str(prompt), "--output", str(output), "--batch", str(batch),
+                                  "--tp", str(tp), "--json"])
+    assert_clean(code, out, err)
+    if code == 0:
+        assert_times_sane(json.loads(out))
+
+
+@given(field=st.sampled_from(["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                              "intermediate_size", "vocab_size", "max_position_embeddings", "model_type",
+                              "torch_dtype", "tie_word_embeddings", "sliding_window"]),
+       value=scalars)
+def test_model_configs(capsys, tmp_path_factory, field, value):
+    config = json.loads((MODELS / "llama-2-7b.json").read_text())
+    config[field] = value
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    path.write_text(json.dumps(config))
+    code, out, err = rdu(capsys, ["estimate", "--model", str(path), "--json"])
+    assert_clean(code, out, err)
+    if code == 0:
+        assert_times_sane(json.loads(out))
+
+
+trace_rows = st.lists(st.tuples(st.one_of(st.just("2023-11-16 18:15:46.6805900"), st.text(max_size=30)),
+                                st.one_of(st.integers(-5, 20_000).map(str), st.text(max_size=8)),
+                                st.one_of(st.integers(-5, 3_000).map(str), st.text(max_size=8))),
+                      min_size=0, max_size=8)
+
+
+@given(rows=trace_rows, header=st.booleans(), encoding=st.sampled_from(["utf-8", "utf-16", "latin-1"]))
+def test_traces(capsys, tmp_path_factory, rows, header, encoding):
+    folder = tmp_path_factory.mktemp("trace")
+    lines = (["TIMESTAMP,ContextTokens,GeneratedTokens"] if header else []) + [",".join(r) for r in rows]
+    try:
+        (folder / "t.csv").write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    except UnicodeEncodeError:
+        return
+    code, out, err = rdu(capsys, ["run", "--backend", "inline", "--experts", "3", "--trace", str(folder / "t.csv"),
+                                  "--out", str(folder / "run"), "--json"])
+    assert_clean(code, out, err)
+    if code == 0:
+        assert_times_sane(json.loads(out)["summary"])
+
+
+@given(spec=st.one_of(st.text(max_size=40),
+                      st.builds(lambda kind, target, when: f"{kind}:{target}@{when}",
+                                st.sampled_from(["kill-socket", "kill-node", "drop-link", "melt"]),
+                                st.sampled_from(["node0/socket3", "node0", "node1", "node0/socket1-node0/socket2",
+                                                 "node0/socket1-node0/socket1", "node9/socket0", ""]),
+                                st.sampled_from(["request=3", "request=-1", "request=99999", "virtual_ms=5",
+                                                 "virtual_ms=1e30", "p=0.5", "p=2", "p=nan", "x=1", ""]))))
+def test_fault_specs(capsys, tmp_path_factory, spec):
+    folder = tmp_path_factory.mktemp("fault")
+    code, out, err = rdu(capsys, ["run", "--backend", "inline", "--experts", "5", "--limit", "12", "--fault", spec,
+                                  "--out", str(folder / "run"), "--json"])
+    assert_clean(code, out, err)
+    if code == 0:
+        summary = json.loads(out)["summary"]
+        assert summary["requests_lost"] == 0 and summary["requests_duplicated"] == 0
+
+
+run_fields = st.fixed_dictionaries({}, optional={
+    "nodes": scalars, "tp": scalars, "experts": st.one_of(st.integers(-2, 40), scalars), "seed": scalars,
+    "platform": st.one_of(st.sampled_from(["sn40l-node", "dgx-h100"]), st.text(max_size=10)),
+    "scheduler": st.one_of(scalars, st.fixed_dictionaries({}, optional={
+        "policy": st.one_of(st.sampled_from(["lru", "lfu", "belady", "prefetch"]), scalars),
+        "max_batch": scalars, "dispatch": scalars, "pinned_experts": st.lists(scalars, max_size=3)})),
+    "workload": st.one_of(scalars, st.fixed_dictionaries({"kind": st.sampled_from(["trace", "synthetic",
+                                                                                   "paper-coe", "zzz"])},
+                                                         optional={"limit": st.integers(-1, 30), "requests":
+                                                                   st.integers(-1, 30), "rate_per_s": numbers,
+                                                                   "time_scale": numbers, "batch": scalars,
+                                                                   "prompt_tokens": scalars})),
+    "name": st.text(max_size=12), "bogus": scalars,
+})
+
+
+@given(fields=run_fields)
+def test_run_configs(capsys, tmp_path_factory, fields):
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "mine.txt").write_text("keep me")
+    (folder / "run.yaml").write_text(yaml.safe_dump(fields))
+    before = _snapshot(folder)
+    code, out, err = rdu(capsys, ["run", str(folder / "run.yaml"), "--backend", "inline", "--limit", "10",
+                                  "--out", str(folder / "out"), "--json"])
+    assert_clean(code, out, err)
+    after = _snapshot(folder)
+    assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
+    if code == 0:
+        assert_times_sane(json.loads(out)["summary"])
+
+
+packable = st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(),
+                     st.none())
+events = st.lists(st.dictionaries(st.sampled_from(["type", "t_ns", "group", "model", "end_ns", "request",
+                                                   "requests", "name", "nodes", "groups", "summary", "ttft_ns",
+                                                   "tpot_ns", "members", "node"]),
+                                  st.one_of(st.sampled_from(["setup", "arrival", "run", "switch", "done", "end",
+                                                             "router", "fault", "group0"]), packable,
+                                            st.lists(st.integers(0, 5), max_size=3),
+                                            st.lists(st.fixed_dictionaries({"name": st.just("group0"),
+                                                                            "node": st.integers(0, 3),
+                                                                            "members": st.just(["node0/socket0"])}),
+                                                     max_size=2))),
+                  max_size=10)
+
+
+@pytest.mark.parametrize("command", ["trace", "plot"])
+@given(stream=events)
+def test_event_streams(capsys, tmp_path_factory, command, stream):
+    folder = tmp_path_factory.mktemp("events")
+    with (folder / "events.msgpack").open("wb") as handle:
+        for event in stream:
+            handle.write(msgpack.packb(event))
+    code, out, err = rdu(capsys, [command, str(folder)])
+    assert_clean(code, out, err)
