@@ -337,6 +337,7 @@ class StaticServer:
             group.busy = False
             group.phase = "idle"
             group.batch = []
+            self.backend.set_kv(group.info.index, 0)  # the cycle is over: its KV cache leaves HBM
             self._push(now, "free", group)
             return
         expert, requests = group.plan.popleft()

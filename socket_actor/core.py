@@ -210,7 +210,8 @@ class RDUSocket:
 
     def _admit(self, request: RunRequest) -> Resident:
         """Check that this socket can start `request`: a member, the model resident and ready,
-        the socket free, room in HBM for the batch's KV cache."""
+        the socket free, room in HBM for the batch's KV cache, which the ledger then holds (in
+        place of the previous batch's) until the group goes idle or its next batch starts."""
         if self.name not in request.members:
             raise ValueError(f"{self.name} is not a member of {request.members}")
         resident = self.residents.get(request.model_id)
@@ -220,9 +221,7 @@ class RDUSocket:
             raise ValueError(f"{self.name}: job {request.job_id} starts at {request.start_ns} ns, before the "
                              f"socket is free at {self.free_at_ns(request.model_id)} ns")
         tokens = sum(request.prompt_lens) + sum(request.output_lens)
-        kv = kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens
-        if not self.tiers.hbm.fits(kv):
-            self.tiers.hbm.allocate(f"kv:{request.job_id}", kv)  # raises CapacityError with the details
+        self.set_kv(kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens)
         return resident
 
     def _account(self, request: RunRequest, resident: Resident, busy_ns: int) -> None:
@@ -272,6 +271,7 @@ class RDUSocket:
             self.residents[request.model_id].runs -= 1
         self.clock_ns = max(clock_before, at_ns) if at_ns < request.start_ns else at_ns
         self._last_run = None
+        self.set_kv(0)  # the batch's KV cache goes with it
         return self.clock_ns
 
     def topology_changed(self) -> None:

@@ -1,0 +1,34 @@
+"""The static cycle's KV cache lives in the HBM ledger: each batch holds its KV on every member
+while it runs (sized by its own sequences, no look-ahead), and the ledger returns to the weights
+alone when the group goes idle and at the end of the run."""
+
+from interconnect.spec_fields import Fields
+from node.inline_backend import InlineBackend
+from node.platform import load_platform
+from scheduler.serving import CoEServer, ServingConfig
+from scheduler.workloads import WorkloadSpec, build_workload
+from socket_actor.core import KV_ENTRY
+from socket_actor.model_spec import load_model
+from socket_actor.operators import kv_bytes_per_token_per_socket
+
+LLAMA = load_model("llama-2-7b")
+
+
+def test_each_batch_holds_its_own_kv_while_it_runs_and_none_is_left():
+    backend = InlineBackend(load_platform("sn40l-node").spec, 1, 8)
+    workload = build_workload(WorkloadSpec.from_fields(Fields({"kind": "trace", "limit": 60}, "test", "workload")),
+                              20, 0)
+    seen = []
+
+    def on_event(event):
+        if event["type"] == "run":  # the batch was just admitted on every member
+            lengths = {r.id: r.prompt_tokens + r.output_tokens for r in workload.requests}
+            expected = kv_bytes_per_token_per_socket(LLAMA, 8) * sum(lengths[i] for i in event["requests"])
+            held = {name: core.tiers.hbm._items.get(KV_ENTRY, 0) for name, core in backend.sockets.items()}
+            seen.append((expected, set(held.values())))
+
+    server = CoEServer(backend, LLAMA, 20, LLAMA, workload, ServingConfig(kind="static"), on_event)
+    server.run()
+    assert seen and all(values == {expected} for expected, values in seen)
+    weights = {name: sum(r.shard_bytes for r in core.residents.values()) for name, core in backend.sockets.items()}
+    assert {name: core.tiers.hbm.used_bytes for name, core in backend.sockets.items()} == weights
