@@ -28,6 +28,7 @@ test: $(STAMP)
 
 test-scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m scale
+	HYPOTHESIS_PROFILE=scale $(BIN)/python -m pytest -q tests/test_fuzz.py $(wildcard tests/test_fuzz_more.py)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
