@@ -125,11 +125,6 @@ class RingTiming:
         steps = np.array([self.steps(kind) for kind in kinds], dtype=np.float64)
         return steps * (math.ceil(hop.latency_ns) + serialisation_ns(self.chunk_bytes(nbytes), hop.bandwidth_bytes_per_s))
 
-    def wire_bytes(self, kind: str, nbytes):
-        """Bytes each rank puts on the wire for collective `kind`."""
-        if self.ranks == 1:
-            return nbytes * 0
-        return self.steps(kind) * self.chunk_bytes(nbytes)
 
     # -- what the hardware and its collective library do ---------------------------------------
     def _scaled(self) -> "RingTiming":

@@ -22,9 +22,3 @@ class PeerRegistry:
         if name not in self._addresses:
             raise KeyError(f"no socket named {name!r} is registered")
         return self._addresses[name]
-
-    def addresses(self) -> dict[str, str]:
-        return dict(sorted(self._addresses.items()))
-
-    def generation(self, name: str) -> int:
-        return self._generation.get(name, 0)

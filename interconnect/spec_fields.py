@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["UserError", "Fields", "split_sources", "deep_merge", "parse_bytes", "format_bytes"]
 
@@ -109,7 +109,7 @@ class Fields:
         path = self.path if key is None else (f"{self.path}.{key}" if self.path else key)
         return f"{self.origin}: {path}" if path else self.origin
 
-    def fail(self, message: str, key: str | None = None) -> None:
+    def fail(self, message: str, key: str | None = None) -> NoReturn:
         raise UserError(f"{self.where(key)}: {message}")
 
     # -- structure -----------------------------------------------------------------------------
@@ -205,7 +205,6 @@ class Fields:
                 hint = " (a number, optionally with KiB/MiB/GiB/TiB/KB/MB/GB/TB)" if bytes_ok else ""
                 self.fail(f"expected a number{hint}, got {raw!r}", key)
         self.fail(f"expected a number, got {type(raw).__name__} {raw!r}", key)
-        raise AssertionError("unreachable")
 
 
 def format_bytes(nbytes: float) -> str:

@@ -47,9 +47,6 @@ class DDRStore:
             raise KeyError(f"{self.node} ddr: {model_id} is not stored")
         return [refs[rank]] if rank in refs else []
 
-    def remove(self, model_id: str) -> None:
-        self.ledger.release(model_id)
-        self._refs.pop(model_id, None)
 
     def snapshot(self) -> dict:
         return {"node": self.node, **self.ledger.snapshot(), "models": len(self._refs)}

@@ -154,7 +154,6 @@ class SocketCounters:
     runs: int = 0
     tokens: int = 0
     busy_ns: int = 0
-    copy_ns: int = 0
 
 
 class RDUSocket:

@@ -492,6 +492,3 @@ class CostModel:
         x = np.column_stack([np.ones(len(shape.matrix())), shape.matrix()])
         return np.maximum(x @ c.flops.T / (self.socket.peak_flops_per_s / 1e9),
                           x @ c.compulsory_bytes.T / (self.socket.hbm.bandwidth_bytes_per_s / 1e9))
-
-    def describe(self) -> str:
-        return f"{self.model.name} TP{self.tp} {self.mode}/{self.orchestration} on {self.socket.name}"

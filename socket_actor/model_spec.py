@@ -16,9 +16,7 @@ from typing import Any
 
 from interconnect.spec_fields import Fields, UserError, read_user_text
 
-__all__ = ["ModelSpec", "load_model", "model_presets", "DTYPE_BYTES"]
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "int8": 1}
+__all__ = ["ModelSpec", "load_model", "model_presets"]
 
 _FAMILIES = {"llama": "llama", "mistral": "llama", "falcon": "falcon", "RefinedWeb": "falcon",
              "RefinedWebModel": "falcon", "bloom": "bloom"}
@@ -79,7 +77,6 @@ class ModelSpec:
             if default is not None:
                 return default
             fields.fail(f"missing field (any of: {', '.join(_ALIASES[quantity])})", _ALIASES[quantity][0])
-            raise AssertionError
 
         hidden = pick("hidden_size")
         heads = pick("num_heads")
