@@ -3,13 +3,17 @@ well-nested spans in time order, and a trace even from a truncated events file."
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
 from interconnect.spec_fields import UserError
 from node.cli import main
-from node.events_log import read_events
+from node import trace_export
+from node.events_log import EventsWriter, read_events
 from node.run import execute_run
 from node.run_config import resolve_run_config
 from node.trace_export import build_trace_json, write_trace
@@ -169,3 +173,96 @@ def test_faults_cut_the_interrupted_runs_and_are_marked(tmp_path):
     assert sorted(e["args"]["kind"] for e in faults) == ["kill-node", "kill-socket"]
     cut = [e for e in spans(trace) if "interrupted_at_ns" in e.get("args", {})]
     assert cut and all(e["pid"] == 2 for e in cut)  # both faults hit node1
+
+
+# -- streaming: memory bounded by the cluster, not by the number of requests ----------------------
+
+_TIME_FIELDS = ("t_ns", "end_ns", "ready_ns")
+
+
+def _repeat_events(events, times, path):
+    """The events of a run replayed `times` times back to back in virtual time: a longer run of
+    the same cluster, made without running one."""
+    setup, body = events[0], [e for e in events[1:] if e["type"] != "end"]
+    period = 1 + max(max(int(e.get(f, 0)) for f in _TIME_FIELDS) for e in body)
+    period = max(period, 1 + max((t for e in body for t in e.get("arrivals", {}).values()), default=0))
+    writer = EventsWriter(path)
+    writer(setup)
+    for k in range(times):
+        for event in body:
+            shifted = dict(event)
+            for field in _TIME_FIELDS:
+                if field in shifted:
+                    shifted[field] = int(shifted[field]) + k * period
+            if "arrivals" in shifted:
+                shifted["arrivals"] = {m: t + k * period for m, t in shifted["arrivals"].items()}
+            writer(shifted)
+    writer(events[-1])
+    writer.close()
+    return path
+
+
+def test_spilled_trace_is_the_in_memory_trace_and_leaves_nothing_behind(two_nodes, tmp_path, monkeypatch):
+    _, _, events = two_nodes
+    run_dir = tmp_path / "long"
+    run_dir.mkdir()
+    _repeat_events(events, 3, run_dir / "events.msgpack")
+    in_memory = build_trace_json(run_dir / "events.msgpack")
+    runs = []
+    original = trace_export._SpillSorter._write
+    monkeypatch.setattr(trace_export, "SPILL_ITEMS", 97)  # many sorted runs, cut mid-track, merged on 2 levels
+    monkeypatch.setattr(trace_export._SpillSorter, "_write", lambda self, items: runs.append(1) or original(self, items))
+    path = write_trace(run_dir)
+    assert len(runs) > trace_export._SpillSorter.FAN_IN ** 2  # so a second-level merge happened
+    assert path.read_text() == in_memory  # byte for byte: the merge of the runs is the full sort
+    trace = json.loads(in_memory)
+    assert_well_formed(trace)
+    assert Counter(e["name"] for e in spans(trace))["prefill"] == 3 * 4 * sum(e["type"] in ("router", "run")
+                                                                               for e in events)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["events.msgpack", "trace.json"]
+
+
+_PEAK_RSS = """
+import resource, sys
+from node import trace_export
+trace_export.SPILL_ITEMS = 2000
+trace_export._SpillSorter.FAN_IN = 4
+trace_export.write_trace(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(run_dir):
+    """Peak RSS of a fresh process that exports `run_dir`'s trace (KiB on Linux)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(run_dir)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    return int(done.stdout.split()[-1])
+
+
+def test_export_memory_does_not_grow_with_the_run(two_nodes, tmp_path):
+    _, _, events = two_nodes
+    short, long = tmp_path / "short", tmp_path / "long"
+    for run_dir, times in ((short, 4), (long, 40)):
+        run_dir.mkdir()
+        _repeat_events(events, times, run_dir / "events.msgpack")
+    short_kib, long_kib = _peak_rss_kib(short), _peak_rss_kib(long)
+    grown_bytes = (long / "trace.json").stat().st_size - (short / "trace.json").stat().st_size
+    assert grown_bytes > 40 << 20
+    # holding the trace in memory costs more than its size again; streaming, only read buffers differ
+    assert (long_kib - short_kib) * 1024 < grown_bytes / 8, (short_kib, long_kib, grown_bytes)
+
+
+def test_a_failed_export_keeps_the_existing_trace_and_leaves_no_partial(two_nodes, tmp_path, capsys):
+    run_dir, _, _ = two_nodes
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "trace.json").read_bytes()
+    (copy / "events.msgpack").write_bytes((copy / "events.msgpack").read_bytes()[:200] + b"\xc1" * 64)
+    assert main(["trace", str(copy)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert (copy / "trace.json").read_bytes() == before
+    assert not [p.name for p in copy.iterdir() if p.name.startswith(".")]
+    (copy / "trace.json").unlink()
+    (copy / "trace.json").mkdir()
+    assert main(["trace", str(copy)]) == 2
+    assert "is a directory" in capsys.readouterr().err
