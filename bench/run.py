@@ -152,6 +152,77 @@ def bench_trace() -> list[Row]:
     return rows
 
 
+# The conversation-shaped synthetic load of issue 12: lognormal prompts (mean ~1,150 tokens, max
+# 14,000) and outputs (mean ~210, max 1,000), Poisson arrivals at 5.5 requests/s.
+SERVING_REQUESTS = 20_000
+SERVING_WORKLOAD = {"kind": "synthetic", "requests": SERVING_REQUESTS, "rate_per_s": 5.5,
+                    "prompt_tokens": {"kind": "lognormal", "median": 750, "sigma": 0.9, "max": 14000},
+                    "output_tokens": {"kind": "lognormal", "median": 150, "sigma": 0.8, "max": 1000}}
+SERVING_CASES = (("sn40l-node", 150, ("inline",)), ("dgx-h100", 1, ("inline", "ray")))
+
+
+class _EventCounter:
+    """An event sink that only counts (the run writes its events anyway; this adds a call each)."""
+
+    def __init__(self) -> None:
+        self.events = 0
+
+    def __call__(self, event: dict) -> None:
+        self.events += 1
+
+
+def _serving_case(platform: str, experts: int, backend: str, out: str) -> tuple[dict, float, float, int, bytes]:
+    """(summary, whole wall, serving wall, events, summary.json bytes) of one continuous run."""
+    from node.run import execute_run
+    from node.run_config import resolve_run_config
+
+    config = resolve_run_config(None, {"backend": backend, "out": out, "platform": platform, "experts": experts,
+                                       "scheduler": {"kind": "continuous"}, "workload": SERVING_WORKLOAD})
+    counter = _EventCounter()
+    started = time.perf_counter()
+    output = execute_run(config, [counter])
+    wall = time.perf_counter() - started
+    return (output.result.summary, wall, _serving_wall_s(output.run_info), counter.events,
+            (Path(out) / "summary.json").read_bytes())
+
+
+def bench_serving() -> list[Row]:
+    """The continuous engine on 20,000 conversation-shaped requests: 150 experts on one SN40L
+    node (inline) and one model on a DGX H100 (inline and Ray, whose summaries must match)."""
+    import tempfile
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for platform, experts, backends in SERVING_CASES:
+            what = f"{platform}, {experts} expert{'s' if experts > 1 else ''}"
+            walls, serve, sums = {}, {}, {}
+            for backend in backends:
+                summary, walls[backend], serve[backend], events, sums[backend] = _serving_case(
+                    platform, experts, backend, f"{tmp}/{platform}-{backend}")
+                inline = backend == "inline"
+                rows.append(Row("serving", f"{what}, {backend}: wall", walls[backend], "s",
+                                "<= 30" if inline else "", walls[backend] <= 30 if inline else None))
+                rows.append(Row("serving", f"{what}, {backend}: events per wall second", events / serve[backend],
+                                "events/s"))
+                rows.append(Row("serving", f"{what}, {backend}: emulated requests per wall second",
+                                summary["requests_completed"] / walls[backend], "req/s"))
+                if inline:
+                    rows.append(Row("serving", f"{what}: served (emulated)", summary["throughput_requests_per_s"],
+                                    "req/s"))
+                    rows.append(Row("serving", f"{what}: TTFT p99 (emulated)", summary["ttft_ns"]["p99"] / 1e6,
+                                    "ms"))
+            if "ray" in backends:
+                ratio = serve["ray"] / serve["inline"]
+                rows.append(Row("serving", f"{what}: ray / inline wall, serving only", ratio, "x", "<= 1.5",
+                                ratio <= 1.5))
+                rows.append(Row("serving", f"{what}: ray / inline wall, whole command", walls["ray"] / walls["inline"],
+                                "x"))
+                same = sums["ray"] == sums["inline"]
+                rows.append(Row("serving", f"{what}: summary.json identical across backends", float(same), "bool",
+                                "yes", same))
+    return rows
+
+
 class _TimedSink:
     """Wraps an event sink and adds up the wall time spent inside it."""
 
@@ -284,7 +355,7 @@ def bench_soak(requests: int = 100_000) -> list[Row]:
 
 
 BENCHES: dict[str, Callable[[], list[Row]]] = {"plane": bench_plane, "trace": bench_trace, "soak": bench_soak,
-                                               "dashboard": bench_dashboard}
+                                               "dashboard": bench_dashboard, "serving": bench_serving}
 
 
 def _crash_row(group: str, error: BaseException) -> Row:

@@ -26,7 +26,7 @@ from rich.text import Text
 from interconnect.spec_fields import UserError, format_bytes
 from interconnect.topology import Topology
 from node.events_log import read_events
-from node.live_stats import LiveStats, SocketView, StatsSnapshot, format_virtual_s
+from node.live_stats import GroupView, LiveStats, SocketView, StatsSnapshot, format_virtual_s
 
 __all__ = ["LiveDashboard", "render", "one_line", "replay", "load_events"]
 
@@ -247,12 +247,26 @@ def _links(s: StatsSnapshot) -> _Block:
     return _block(lines)
 
 
-def _queues(s: StatsSnapshot) -> _Block:
+def _kv_cell(group: GroupView, bar_w: int) -> Text:
+    """KV blocks held, as a share of the pool the resident weights leave (vLLM's "KV cache usage")."""
+    if group.kv_bytes is None or group.kv_pool_bytes <= 0:
+        return Text("-")
+    return _bar(group.kv_bytes / group.kv_pool_bytes, bar_w)
+
+
+def _queues(s: StatsSnapshot, width: int = 120) -> _Block:
+    """Per group: requests waiting, the batch it runs (sequences, for the continuous engine) and
+    its KV use; the KV bar is 2 cells on an 80-column terminal, where the block must still fit
+    beside the latency block."""
     name_w = max([len("queue"), *(len(g.name) for g in s.groups)])
     now_w = max([len("now"), *(len(g.activity) for g in s.groups)])
-    lines = [_row((_title("queue"), name_w), ("waiting", 7), ("batch", 5), ("now", now_w))]
+    kv = any(g.kv_bytes is not None for g in s.groups)
+    bar_w = 2 if width < 100 else 8
+    kv_col = [("KV use", bar_w + 5)] if kv else []
+    lines = [_row((_title("queue"), name_w), ("waiting", 7), ("batch", 5), *kv_col, ("now", now_w))]
     for group in s.groups:
-        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 7), (f"{group.batch:>5}", 5),
+        kv_col = [(_kv_cell(group, bar_w), bar_w + 5)] if kv else []
+        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 7), (f"{group.batch:>5}", 5), *kv_col,
                           (group.activity, now_w)))
     return _block(lines, cut_cells=max(0, now_w - 12))  # `expert0042 …` still says who runs
 
@@ -312,8 +326,8 @@ def _plan(s: StatsSnapshot, width: int, height: int, header_lines: int) -> _Plan
     then the links block, then socket rows; the latency percentiles, the request queue and at
     least two lines of the log always stay."""
     rows = len(_socket_rows(s))
-    core_h = len(_flow([_latency(s), _queues(s)], width))
-    full_h = len(_flow([_latency(s), _queues(s), _links(s)], width))
+    core_h = len(_flow([_latency(s), _queues(s, width)], width))
+    full_h = len(_flow([_latency(s), _queues(s, width), _links(s)], width))
     fixed = header_lines + 2 + 1 + 2     # header panel, sockets' column header, log panel borders
     for spacious, links, min_log in ((True, True, 4), (False, True, 3), (False, False, 2)):
         left = height - fixed - (full_h if links else core_h) - (2 if spacious else 0) - rows
@@ -330,7 +344,7 @@ def render(snapshot: StatsSnapshot, width: int = 120, max_socket_rows: int = 16,
     header_lines = _header_lines(snapshot, width - 4)
     plan = _Plan(max_socket_rows, log_lines, True, True) if height is None else \
         _plan(snapshot, width, height, len(header_lines))
-    blocks = [_latency(snapshot), _queues(snapshot), *([_links(snapshot)] if plan.links else [])]
+    blocks = [_latency(snapshot), _queues(snapshot, width), *([_links(snapshot)] if plan.links else [])]
     gap = [Text("")] if plan.spacious else []
     sockets = _sockets(snapshot, plan.socket_rows, width, title=plan.spacious)
     body = Text("\n", no_wrap=True).join([*sockets, *gap, *_flow(blocks, width)])

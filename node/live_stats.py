@@ -39,12 +39,26 @@ def format_virtual_s(t_ns: float) -> str:
 # -- shared derivations: memory and links from events ------------------------------------------
 
 class Residency:
-    """The model shards in the HBM of one group's members (identical on every member), from the
-    group's switch events; ordered least recently used first."""
+    """The HBM of one group's members (identical on every member) from the group's events: the
+    model shards (switch and evict events), ordered least recently used first, and the KV entry
+    the continuous engine keeps in the ledgers (the `kv_bytes` of switch, run and kv events)."""
 
     def __init__(self) -> None:
         self.shard_bytes: dict[str, int] = {}
         self.ready_ns: dict[str, int] = {}
+        self.kv_bytes = 0
+
+    def apply(self, event: dict) -> None:
+        """Any event of the group: those that change its HBM update it, the rest are ignored."""
+        kind = event["type"]
+        if kind == "switch":
+            self.apply_switch(event)
+        elif kind == "evict":
+            self.apply_evict(event)
+        elif kind in ("run", "kv"):
+            if kind == "run":
+                self.touch(event["model"])
+            self.kv_bytes = int(event.get("kv_bytes", self.kv_bytes))
 
     def apply_switch(self, event: dict) -> None:
         for victim in event["victims"]:
@@ -52,6 +66,13 @@ class Residency:
             self.ready_ns.pop(victim, None)
         self.shard_bytes[event["model"]] = int(event["shard_bytes"])
         self.ready_ns[event["model"]] = int(event["ready_ns"])
+        self.kv_bytes = int(event.get("kv_bytes", self.kv_bytes))
+
+    def apply_evict(self, event: dict) -> None:
+        """Models evicted without a switch (the continuous engine made room for KV blocks)."""
+        for victim in event["models"]:
+            self.shard_bytes.pop(victim, None)
+            self.ready_ns.pop(victim, None)
 
     def touch(self, model: str) -> None:
         """A run used `model`: move it to the most recently used end."""
@@ -59,8 +80,13 @@ class Residency:
             self.shard_bytes[model] = self.shard_bytes.pop(model)
 
     @property
-    def used_bytes(self) -> int:
+    def weights_bytes(self) -> int:
         return sum(self.shard_bytes.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Weights and KV: what the sockets' HBM ledgers hold."""
+        return self.weights_bytes + self.kv_bytes
 
     def loading(self, now_ns: int) -> list[str]:
         """Models whose DDR -> HBM copy has not landed by `now_ns`."""
@@ -162,13 +188,15 @@ class IntervalMeter:
 
 
 def log_line(event: dict) -> str:
-    """One line of the dashboard's log for a switch, fault or end event."""
+    """One line of the dashboard's log for a switch, evict, fault or end event."""
     when = format_virtual_s(event.get("t_ns", 0))
     if event["type"] == "switch":
         kind = "prefetch" if event["prefetch"] else "switch"
         evicted = f", evicts {', '.join(event['victims'])}" if event["victims"] else ""
         return (f"{when}  {event['group']}  {kind} {event['model']}{evicted}; "
                 f"in HBM after {(event['ready_ns'] - event['t_ns']) / 1e6:,.1f} ms")
+    if event["type"] == "evict":
+        return f"{when}  {event['group']}  evicts {', '.join(event['models'])} for KV blocks"
     if event["type"] == "end":
         if event.get("stopped"):
             return f"{when}  run stopped: {event['stopped']}"
@@ -216,8 +244,10 @@ class GroupView:
     node: int
     sockets: int
     waiting: int                         # requests queued for the group's next router batch
-    batch: int                           # requests in the batch it is serving
+    batch: int                           # requests (continuous engine: sequences) in the batch it is serving
     activity: str                        # what it does now: router / expertN prefill|decode / idle
+    kv_bytes: int | None = None          # KV blocks per member socket (None: the engine keeps none)
+    kv_pool_bytes: int = 0               # what HBM leaves for KV next to the resident weights
 
 
 @dataclass(frozen=True)
@@ -276,6 +306,7 @@ class _Group:
         self.current: tuple[str, int, int, int] | None = None   # model, start, first token, end
         self.failed = False                  # its node died (kill-node fault)
         self.restarting_until_ns = 0         # a member is restarting (kill-socket fault)
+        self.kv_known = False                # a run event said how much KV the group holds
 
     def interrupt(self, at_ns: int) -> None:
         """A fault stopped what the group was doing at `at_ns`."""
@@ -308,6 +339,7 @@ class LiveStats:
         self._latencies: dict[str, list[int]] = {"ttft_ns": [], "tpot_ns": [], "e2e_ns": []}
         self._handlers = {"setup": self._on_setup, "arrival": self._on_arrival, "router": self._on_router,
                           "switch": self._on_switch, "run": self._on_run, "done": self._on_done,
+                          "evict": self._on_evict, "kv": self._on_kv,
                           "fault": self._on_fault, "end": self._on_end}
 
     # -- feeding --------------------------------------------------------------------------------
@@ -352,9 +384,16 @@ class LiveStats:
 
     def _on_run(self, event: dict) -> None:
         group = self._start_run(event)
-        self.runs += 1
-        self.hits += bool(event["hit"])
-        group.residency.touch(event["model"])
+        if "accesses" in event:   # the continuous engine: requests first admitted in this span
+            self.runs += event["accesses"]
+            self.hits += event["hits"]
+        else:                     # the static cycle: every expert run is one access
+            self.runs += 1
+            self.hits += bool(event["hit"])
+        group.residency.apply(event)
+        if "kv_bytes" in event:   # the continuous engine: the batch is the sequences of this span
+            group.batch = len(event["requests"])
+            group.kv_known = True
 
     def _start_run(self, event: dict) -> _Group:
         start, end = event["t_ns"], event["end_ns"]
@@ -392,6 +431,16 @@ class LiveStats:
                 self.host_busy[host].add(start, arrival)
                 self.host_bytes[host] += shard
         self.log.append(event)  # formatted when drawn: only the last few lines ever are
+
+    def _on_evict(self, event: dict) -> None:
+        """Idle models evicted to make room for KV blocks (no switch says so)."""
+        self._advance(event["t_ns"])
+        self._group(event["group"]).residency.apply_evict(event)
+        self.evictions += len(event["models"])
+        self.log.append(event)
+
+    def _on_kv(self, event: dict) -> None:
+        self._group(event["group"]).residency.apply(event)
 
     def _on_done(self, event: dict) -> None:
         self._pending_done.append((event["t_ns"], event["output_tokens"], event["ttft_ns"], event["tpot_ns"],
@@ -498,6 +547,7 @@ class LiveStats:
 
     def _group_views(self, now: int) -> list[GroupView]:
         views = []
+        usable = int((self.setup or {}).get("hbm_usable_bytes", 0))
         for group in self.groups.values():
             activity = "idle"
             if group.failed:
@@ -511,7 +561,9 @@ class LiveStats:
                 elif now < start:
                     activity = f"waits for {model}"
             batch = group.batch if activity != "idle" else 0
-            views.append(GroupView(group.name, group.node, len(group.members), group.waiting, batch, activity))
+            kv = group.residency.kv_bytes if group.kv_known else None
+            views.append(GroupView(group.name, group.node, len(group.members), group.waiting, batch, activity,
+                                   kv, max(0, usable - group.residency.weights_bytes)))
         return views
 
     def _link_views(self, now: int) -> list[LinkView]:

@@ -47,8 +47,11 @@ class _RunData:
     """What the plots need, gathered in one pass over the events."""
 
     setup: dict
-    hbm: dict[str, list[tuple[int, int]]] = field(default_factory=dict)            # group -> (t_ns, bytes)
+    hbm: dict[str, list[tuple[int, int]]] = field(default_factory=dict)            # group -> (t_ns, weight bytes)
+    kv: dict[str, list[tuple[int, int]]] = field(default_factory=dict)             # group -> (t_ns, KV bytes)
+    batch: dict[str, list[tuple[int, int]]] = field(default_factory=dict)          # group -> (t_ns, sequences)
     switches: list[tuple[int, bool, int]] = field(default_factory=list)            # (t_ns, prefetch, victims)
+    evictions: list[tuple[int, int]] = field(default_factory=list)                 # (t_ns, models): switch or evict
     intervals: dict[str, dict[str, list[tuple[int, int]]]] = field(default_factory=dict)  # group -> kind -> spans
     latencies: dict[str, list[int]] = field(default_factory=lambda: {"ttft_ns": [], "tpot_ns": [], "e2e_ns": []})
     faults: list[tuple[int, str]] = field(default_factory=list)                   # (t_ns, "kill-node node1")
@@ -75,9 +78,18 @@ def _gather(events_path: Path) -> _RunData:
         group = event.get("group")
         if group is not None and group not in residency:
             continue
+        if kind in ("switch", "evict"):
+            residency[group].apply(event)
+            data.hbm[group].append((event["t_ns"], residency[group].weights_bytes))
+        if kind == "kv" or (kind == "run" and "kv_bytes" in event):   # the continuous engine's KV blocks
+            data.kv.setdefault(group, []).append((event["t_ns"], int(event["kv_bytes"])))
+            if kind == "run":
+                data.batch.setdefault(group, []).append((event["t_ns"], len(event["requests"])))
+        if kind == "evict":
+            data.evictions.append((event["t_ns"], len(event["models"])))
         if kind == "switch":
-            residency[group].apply_switch(event)
-            data.hbm[group].append((event["t_ns"], residency[group].used_bytes))
+            if event["victims"]:
+                data.evictions.append((event["t_ns"], len(event["victims"])))
             if event["model"] != ROUTER_ID:
                 data.switches.append((event["t_ns"], bool(event["prefetch"]), len(event["victims"])))
         elif kind in ("router", "run"):
@@ -204,8 +216,8 @@ def _switches_panel(axes: Axes, data: _RunData) -> None:
     prefetch = np.asarray([p for _, p, _ in data.switches], dtype=bool)
     demand_counts, _ = np.histogram(times[~prefetch] if len(times) else [], bins=bins)
     prefetch_counts, _ = np.histogram(times[prefetch] if len(times) else [], bins=bins)
-    evictions, _ = np.histogram(times if len(times) else [], bins=bins,
-                                weights=[v for _, _, v in data.switches] if len(times) else None)
+    evicted_s = [t / 1e9 for t, _ in data.evictions]
+    evictions, _ = np.histogram(evicted_s, bins=bins, weights=[n for _, n in data.evictions] or None)
     width = bins[1] - bins[0]
     axes.bar(bins[:-1], demand_counts, width=width, align="edge", label="switches on demand", color="tab:red")
     axes.bar(bins[:-1], prefetch_counts, width=width, align="edge", bottom=demand_counts,
@@ -213,16 +225,22 @@ def _switches_panel(axes: Axes, data: _RunData) -> None:
     axes.step(bins[:-1], evictions, where="post", color="black", label="evictions")
     axes.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # counts: 0, 2, 4, never 2.5
     _mark_faults(axes, data)
-    style_axes(axes, f"DDR -> HBM expert switches ({len(data.switches):,} in total)", "virtual time (s)",
+    style_axes(axes, f"DDR -> HBM expert switches ({len(data.switches):,} in total; evictions "
+               f"{sum(n for _, n in data.evictions):,}, for switches or KV blocks)", "virtual time (s)",
                f"count per {width:,.2f} s")
     legend_outside(axes)
 
 
-def _step_at(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
-    """GiB of a (t_ns, bytes) step function sampled at `grid_s`, so many groups share one time grid."""
+def _sample(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
+    """A (t_ns, value) step function sampled at `grid_s`, so many groups share one time grid."""
     times_s = np.asarray([t / 1e9 for t, _ in points])
-    used_gib = np.asarray([b / _GIB for _, b in points])
-    return used_gib[np.clip(np.searchsorted(times_s, grid_s, side="right") - 1, 0, len(used_gib) - 1)]
+    values = np.asarray([v for _, v in points], dtype=float)
+    return values[np.clip(np.searchsorted(times_s, grid_s, side="right") - 1, 0, len(values) - 1)]
+
+
+def _step_at(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
+    """GiB of a (t_ns, bytes) step function sampled at `grid_s`."""
+    return _sample(points, grid_s) / _GIB
 
 
 def _band(axes: Axes, x: np.ndarray, series: list[np.ndarray], what: str, step: bool = False) -> None:
@@ -236,12 +254,52 @@ def _band(axes: Axes, x: np.ndarray, series: list[np.ndarray], what: str, step: 
          **({"where": "post"} if step else {}))
 
 
+def _kv_panel(axes: Axes, data: _RunData) -> None:
+    """KV blocks held per socket of each TP group over virtual time (the continuous engine's
+    paged KV, as the ledgers hold it), and, on the right axis, the sequences of each step."""
+    end_s = max(data.end_ns, 1) / 1e9
+    if not data.kv:
+        axes.text(0.5, 0.5, "no KV blocks in the events (the static cycle reserves KV up front)", ha="center",
+                  va="center", transform=axes.transAxes, fontsize="small")
+        style_axes(axes, "KV cache per socket", "", "KV (GiB per socket)")
+        return
+    many = len(data.kv) > _MAX_GROUP_LINES
+    grid_s = np.linspace(0, end_s, 400)
+    if many:
+        _band(axes, grid_s, [_step_at(points, grid_s) for points in data.kv.values()], "TP groups", step=True)
+    for i, (group, points) in enumerate(sorted(data.kv.items()) if not many else ()):
+        times_s = [t / 1e9 for t, _ in points] + [end_s]
+        used_gib = [b / _GIB for _, b in points] + [points[-1][1] / _GIB]
+        axes.step(times_s, used_gib, where="post", color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
+                  label=f"{group} KV")
+    peak = max(b for points in data.kv.values() for _, b in points)
+    axes.set_ylim(bottom=0)
+    right = axes.twinx()
+    batches = [_sample(points, grid_s) for points in data.batch.values()]
+    if batches:   # the mean over groups of the sequences per step, sampled on the grid
+        right.plot(grid_s, np.mean(batches, axis=0), color="black", linewidth=0.8, alpha=0.6,
+                   label="sequences per step (mean over groups)")
+        right.set_ylim(bottom=0)
+        right.set_ylabel("sequences per step")
+        right.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        right.grid(False)
+    _mark_faults(axes, data)
+    style_axes(axes, f"KV cache per socket (paged blocks; peak {peak / _GIB:,.2f} GiB) and batch size", "",
+               "KV (GiB per socket)")
+    handles, labels = axes.get_legend_handles_labels()
+    more_handles, more_labels = right.get_legend_handles_labels()
+    axes.legend(handles + more_handles, labels + more_labels, loc="upper left", bbox_to_anchor=(1.06, 1.0),
+                fontsize="small", frameon=False)
+
+
 def hbm_figure(data: _RunData) -> Figure:
-    """HBM occupancy over virtual time above the expert switches per interval, on one time axis."""
-    figure = new_figure(13, 7.5)
-    figure.suptitle(f"HBM occupancy and expert switches over virtual time\n{_title(data)}")
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    """HBM occupancy by weights, then KV and batch size, above the expert switches per interval,
+    on one time axis."""
+    figure = new_figure(13, 10)
+    figure.suptitle(f"HBM occupancy, KV cache and expert switches over virtual time\n{_title(data)}")
+    top, middle, bottom = figure.subplots(3, 1, sharex=True, height_ratios=(3, 2, 2))
     _hbm_panel(top, data)
+    _kv_panel(middle, data)
     _switches_panel(bottom, data)
     return figure
 

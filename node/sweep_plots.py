@@ -4,6 +4,16 @@ Drawn in the shared style of `node.plot_style` (object API on the Agg canvas, no
 such as TP degree, nodes or experts get integer ticks on the measured values, a y axis whose values
 span a decade or more is drawn in log scale unless the study's plot spec says `logy: false`, legends
 sit outside the data, and failures are explained in a wrapped footnote instead of a cut annotation.
+
+Two options for load studies: `series` may be a list of fields (one line per combination, e.g.
+`[platform, experts]`), and `knee` marks where each line saturates, the first offered load at which
+served throughput falls below `ratio` (default 0.95) of what was offered, or the latency field goes
+over its SLO:
+
+    knee: {offered: rate, served: throughput_requests_per_s, ratio: 0.95,
+           latency: ttft_ns.p99, slo_ns: 2.0e9}
+
+`diagonal: true` adds the served = offered line.
 """
 
 from __future__ import annotations
@@ -14,21 +24,106 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from interconnect.spec_fields import UserError
 from node.plot_style import (count_axis, footnote, legend_outside, log_axis, new_figure, plain_number, save_figure,
                              spans_decades, style_axes)
 
-__all__ = ["plot_study", "build_study_figure"]
+__all__ = ["plot_study", "build_study_figure", "check_knee", "find_knees"]
+
+_KNEE_KEYS = {"offered", "served", "ratio", "latency", "slo_ns"}
 
 _FAILED_COLOUR = "tab:red"
 _ERROR_CHARS = 220
 
 
-def _series_groups(rows: list[dict], series: str | None) -> dict:
-    """Rows grouped by the value of the series field, in first-seen order (the study's axis order)."""
+def _series_key(row: dict, series):
+    """The series value of a row: one field's value, or the tuple of several fields' values."""
+    if not series:
+        return ""
+    if isinstance(series, (list, tuple)):
+        return tuple(row.get(name) for name in series)
+    return row.get(series)
+
+
+def _series_groups(rows: list[dict], series) -> dict:
+    """Rows grouped by the value of the series field(s), in first-seen order (the study's axis order)."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault(row.get(series) if series else "", []).append(row)
+        groups.setdefault(_series_key(row, series), []).append(row)
     return groups
+
+
+def _series_title(series) -> str | None:
+    return ", ".join(series) if isinstance(series, (list, tuple)) else series
+
+
+def check_knee(spec: dict) -> dict | None:
+    """The plot's `knee` option with its defaults, or None; a malformed one is a one-line UserError
+    (a study should call this when it loads, before hours of points)."""
+    knee = spec.get("knee")
+    if knee is None:
+        return None
+    where = f"plot {spec.get('y')!r} vs {spec.get('x')!r}: knee"
+    if not isinstance(knee, dict) or "served" not in knee:
+        raise UserError(f"{where}: expected a mapping with at least `served` (the served-throughput field)")
+    unknown = set(knee) - _KNEE_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(sorted(_KNEE_KEYS))})")
+    ratio = knee.get("ratio", 0.95)
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise UserError(f"{where}: ratio must be a number in (0, 1], got {ratio!r}")
+    if ("latency" in knee) != ("slo_ns" in knee):
+        raise UserError(f"{where}: `latency` and `slo_ns` go together (the field and its SLO in ns)")
+    return {"offered": knee.get("offered", spec["x"]), "served": knee["served"], "ratio": float(ratio),
+            "latency": knee.get("latency"), "slo_ns": float(knee["slo_ns"]) if "slo_ns" in knee else None}
+
+
+def _knee_of(members: list[dict], knee: dict) -> tuple[float, str] | None:
+    """(offered load, why) of the first saturated point of one series, in offered order; None if
+    every measured point keeps up."""
+    ok = sorted((r for r in members if r.get("status") == "ok" and r.get(knee["served"]) is not None
+                 and r.get(knee["offered"]) is not None), key=lambda r: r[knee["offered"]])
+    for r in ok:
+        offered, served = float(r[knee["offered"]]), float(r[knee["served"]])
+        if served < knee["ratio"] * offered:
+            return offered, f"served {served:.3g} < {knee['ratio']:.0%} of offered"
+        latency = r.get(knee["latency"]) if knee["latency"] else None
+        if latency is not None and float(latency) > knee["slo_ns"]:
+            return offered, f"{knee['latency']} {float(latency) / 1e9:.3g} s > SLO {knee['slo_ns'] / 1e9:.3g} s"
+    return None
+
+
+def find_knees(spec: dict, rows: list[dict]) -> dict:
+    """Series value -> (offered load, why) of its knee, or None, for a plot spec with `knee`."""
+    knee = check_knee(spec)
+    if knee is None:
+        return {}
+    return {value: _knee_of(members, knee) for value, members in _series_groups(rows, spec.get("series")).items()}
+
+
+_KNEE_DASHES = ((0, (5, 3)), (0, (2, 2)), (0, (8, 2, 2, 2)), (0, (1, 3)))
+
+
+def _mark_knees(axes: Axes, spec: dict, rows: list[dict], colours: dict, scale: float) -> None:
+    """At each knee: a vertical line in the series' colour (its own dash pattern, so knees at the
+    same load stay apart) and a hollow ring on the series' point there, named in the legend. A
+    knee at the lowest measured load reads "<=": the machine saturates there or earlier."""
+    for i, (value, found) in enumerate(find_knees(spec, rows).items()):
+        name = _label(spec, value)
+        colour = colours.get(value, "black")
+        if found is None:
+            axes.plot([], [], linestyle="none", label=f"{name}: no knee up to the highest load")
+            continue
+        members = _series_groups(rows, spec.get("series"))[value]
+        offered = [float(r[spec["x"]]) for r in _ok(members, spec["y"])]
+        at_lowest = bool(offered) and found[0] <= min(offered)
+        axes.axvline(found[0], linestyle=_KNEE_DASHES[i % len(_KNEE_DASHES)], color=colour, alpha=0.9,
+                     linewidth=1.3, label=f"{name}: knee at {'<= ' if at_lowest else ''}{plain_number(found[0])}")
+        point = [r for r in _ok(members, spec["y"]) if float(r[spec["x"]]) == found[0]]
+        if point:
+            axes.plot([found[0]], [point[0][spec["y"]] * scale], marker="o", markersize=13, fillstyle="none",
+                      markeredgewidth=1.6, color=colour, linestyle="none")
 
 
 def _ok(members: list[dict], y_name: str) -> list[dict]:
@@ -38,6 +133,8 @@ def _ok(members: list[dict], y_name: str) -> list[dict]:
 
 def _label(spec: dict, value) -> str:
     """Legend text of one series: its value under a legend titled by the series field."""
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
     return str(value) if spec.get("series") else spec["y"]
 
 
@@ -60,15 +157,18 @@ def _bars(axes: Axes, spec: dict, groups: dict, scale: float) -> list[float]:
     return heights
 
 
-def _lines(axes: Axes, spec: dict, groups: dict, scale: float) -> list[float]:
-    """Numeric x: one line per series, failed x values marked by dotted red lines; returns the y values."""
+def _lines(axes: Axes, spec: dict, groups: dict, scale: float, colours: dict | None = None) -> list[float]:
+    """Numeric x: one line per series, failed x values marked by dotted red lines; returns the y
+    values (and fills `colours`, series value -> line colour)."""
     x_name, y_name = spec["x"], spec["y"]
     ys_all: list[float] = []
     for value, members in groups.items():
         ok = sorted(_ok(members, y_name), key=lambda r: r[x_name])
         if ok:
             ys = [r[y_name] * scale for r in ok]
-            axes.plot([r[x_name] for r in ok], ys, marker="o", label=_label(spec, value))
+            line, = axes.plot([r[x_name] for r in ok], ys, marker="o", label=_label(spec, value))
+            if colours is not None:
+                colours[value] = line.get_color()
             ys_all += ys
     return ys_all
 
@@ -124,7 +224,15 @@ def build_study_figure(spec: dict, rows: list[dict], study_name: str) -> Figure:
     axes = figure.subplots()
     groups = _series_groups(rows, spec.get("series"))
     categorical = spec.get("kind") == "bar"
-    ys = _bars(axes, spec, groups, scale) if categorical else _lines(axes, spec, groups, scale)
+    colours: dict = {}
+    ys = _bars(axes, spec, groups, scale) if categorical else _lines(axes, spec, groups, scale, colours)
+    if spec.get("diagonal") and not categorical:   # y = x: where served equals offered
+        xs = [r[spec["x"]] for r in rows if isinstance(r.get(spec["x"]), (int, float))]
+        if xs:
+            axes.plot([min(xs), max(xs)], [min(xs) * scale, max(xs) * scale], color="grey", linestyle=":",
+                      linewidth=1, label="served = offered")
+    if not categorical:
+        _mark_knees(axes, spec, rows, colours, scale)
     _mark_failures(axes, spec, groups, categorical)
     if not categorical:
         _x_axis(axes, spec, rows)
@@ -133,7 +241,7 @@ def build_study_figure(spec: dict, rows: list[dict], study_name: str) -> Figure:
                spec.get("xlabel", spec["x"]), spec.get("ylabel", spec["y"]))
     if categorical:
         axes.grid(False, axis="x")
-    legend_outside(axes, title=spec.get("series"))
+    legend_outside(axes, title=_series_title(spec.get("series")))
     return figure
 
 

@@ -38,7 +38,8 @@ __all__ = ["ContinuousServer"]
 
 _TOKEN_BYTES = 4
 _ARRIVAL, _ENQUEUE, _READY, _STEP = range(4)      # event classes: their order at equal times
-_FIRST_QUERY = 64                                  # iterations timed by the first query of a span
+_FIRST_QUERY = 64                                  # iterations timed by the first query of a span (no history)
+_MIN_QUERY = 16                                    # ... and at least this many when guessed from the last step
 
 
 class _Group:
@@ -65,6 +66,8 @@ class _Group:
         self.span = None
         self.admissions = 0
         self.blocked_switch = False
+        self.blocked_position = 1 << 62   # oldest request of the needed model whose switch waits for room
+        self.last_step_ns = 0              # the last iteration's time: sizes the next span's first query
         self._block_bytes = {ROUTER_KEY: engine.step.block_size * kv_bytes_per_token_per_socket(
             engine.router_model, info.tp)}
         self._expert_block_bytes = engine.step.block_size * kv_bytes_per_token_per_socket(engine.expert_model,
@@ -89,19 +92,22 @@ class _Group:
         loading = {m for m, ready in self.residency.resident.items() if ready > now}
         return {m for m, seqs in self.running.items() if seqs} | loading
 
-    def needed_models(self) -> set[int]:
-        return {m for m, q in self.waiting.items() if q}
+    def needed_models(self) -> dict[int, int]:
+        """Models somebody waits for -> their oldest waiting request (the head of the queue)."""
+        return {m: q[0].request.id for m, q in self.waiting.items() if q}
 
     def make_room(self, nbytes: int) -> bool:
         now = self.engine.now
-        return self.residency.make_room(nbytes, self.busy_models(now), self.needed_models())
+        return self.residency.make_room(nbytes, self.busy_models(now), self.needed_models(), now)
 
     def evictable_bytes(self) -> int:
         return self.residency.evictable_bytes(self.busy_models(self.engine.now), self.needed_models())
 
-    def admitting(self) -> bool:
-        """No admissions while a needed model's switch waits for room: KV drains for it."""
-        return not self.blocked_switch
+    def admitting(self, seq: Seq) -> bool:
+        """While a needed model's switch waits for room, only requests older than the one it
+        waits for are admitted: KV drains for it, and the older requests (whose models it may
+        not evict) still make progress, so the wait always ends."""
+        return not self.blocked_switch or seq.request.id < self.blocked_position
 
     def youngest_running(self) -> Seq:
         return max((s for seqs in self.running.values() for s in seqs), key=lambda s: s.order)
@@ -143,11 +149,14 @@ class _Group:
         """Start the switches of needed models that are not resident (in order of their oldest
         waiting request); with `prefetch`, also those of requests still waiting for the router."""
         self.blocked_switch = False
+        self.blocked_position = 1 << 62
         wanted = sorted((m for m, q in self.waiting.items() if q and m not in self.residency.resident),
                         key=lambda m: (self.waiting[m][0].request.id, m))
         for m in wanted:
-            if not self._start(m, now, prefetch=False, position=self.waiting[m][0].request.id):
+            position = self.waiting[m][0].request.id
+            if not self._start(m, now, prefetch=False, position=position):
                 self.blocked_switch = True
+                self.blocked_position = position
                 break
         if self.policy.prefetch and not self.blocked_switch:
             routing = list(self.running.get(ROUTER_KEY, ())) + list(self.waiting.get(ROUTER_KEY, ()))
@@ -246,7 +255,7 @@ class ContinuousServer:
                 if key != ROUTER_KEY and i >= len(self.config.pinned_experts) + (1 if self.use_router else 0):
                     if g.memory.free_bytes - g.residency.shard_bytes(key) < g.memory.usable_bytes // 2:
                         break   # popularity placement keeps half of HBM for KV and switches
-                ready = g.residency.start(key, 0, set(), set(), prefetch=key != ROUTER_KEY)
+                ready = g.residency.start(key, 0, set(), {}, prefetch=key != ROUTER_KEY)
                 if ready is None:
                     raise CapacityError(f"{g.info.name}: {model_id(key)} does not fit in HBM with the pinned models")
                 g.residency.pinned.add(key)
@@ -283,6 +292,8 @@ class ContinuousServer:
                     self._on_ready(*event[3][1:])
         for g in self.groups:
             self.backend.set_kv(g.info.index, 0)
+            if self.listening:   # the ledgers' KV entries empty: observers of the events see it too
+                self.emit({"type": "kv", "t_ns": self.now, "group": g.info.name, "kv_bytes": 0})
         if self.metrics.completed != len(self.workload.requests):
             raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
         return self.result()
@@ -401,7 +412,7 @@ class ContinuousServer:
         if limit == 1:
             return 1
         horizon = self._next_external_ns()
-        n = min(limit, _FIRST_QUERY)
+        n = min(limit, self._first_query(group, horizon - now))
         while True:
             steps, _ = self.backend.span_times(group.info.index, request, n)
             ends = now + np.cumsum(steps)
@@ -412,11 +423,21 @@ class ContinuousServer:
                 return limit
             n = min(limit, n * 8)
 
+    @staticmethod
+    def _first_query(group: "_Group", room_ns: int) -> int:
+        """Iterations to time first: enough, by the group's last step time with a margin, to
+        reach the horizon `room_ns` ahead, so most spans cost one cost-model evaluation (the
+        answer does not depend on it: a short query is extended, extra rows are not used)."""
+        if group.last_step_ns <= 0:
+            return _FIRST_QUERY
+        return max(_MIN_QUERY, int(room_ns / group.last_step_ns * 1.25) + 2)
+
     def _commit(self, group: _Group) -> None:
         """Apply the span that just ended: tokens, finished sequences, metrics."""
         batch, request, steps, result = group.span
         group.span = None
         k = len(steps)
+        group.last_step_ns = int(steps[-1])
         start = request.start_ns
         end0 = start + int(steps[0])
         end = result.end_ns
@@ -431,6 +452,7 @@ class ContinuousServer:
         gaps = []
         finished = []
         expert = model != ROUTER_KEY
+        firsts = [s for s, _ in batch.chunks if s.computed == 0 and s.preemptions == 0] if expert else []
         for s, c in batch.chunks:
             s.computed += c
             if s.computed >= s.prompt:
@@ -466,7 +488,9 @@ class ContinuousServer:
             event = {"type": kind, "t_ns": start, "end_ns": end, "ttft_ns": int(steps[0]),
                      "collective_ns": result.collective_ns, "group": group.info.name, "model": model_id(model),
                      "requests": sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
-                     "hit": True, "stall_ns": 0, "iterations": k, "kv_bytes": group.memory.kv_bytes,
+                     # accesses: requests first admitted in this span; a hit: its expert was resident when decided
+                     "accesses": len(firsts), "hits": sum(s.hit for s in firsts),
+                     "iterations": k, "kv_bytes": request.kv_bytes,
                      "prefill_tokens": sum(c for _, c in batch.chunks), "decodes": len(batch.decodes)}
             if kind == "router":
                 event["queued"] = len(group.waiting.get(ROUTER_KEY, ()))

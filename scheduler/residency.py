@@ -56,19 +56,24 @@ class Residency:
             free += self.shard_bytes(victim)
         return chosen, free
 
-    def _victims(self, nbytes: int, busy: set[int], needed: set[int], position: int,
+    def _victims(self, nbytes: int, busy: set[int], needed: dict[int, int], position: int,
                  spare_needed: bool = False) -> list[int] | None:
         """Victims that free `nbytes` (None if all candidates would not): models with no sequence
-        in flight (`busy` holds those and models still arriving), nobody-waits-for ones first."""
+        in flight (`busy` holds those and models still arriving), nobody-waits-for ones first.
+        `needed` maps a model somebody waits for to its oldest waiting request; such a model is
+        evicted for a switch only when that request is younger than the switch's (`position`):
+        evicting a model older requests wait for, to serve younger ones, is how a CoE under
+        load thrashes (every boundary swapping out what the last one brought in)."""
         free = self.memory.free_bytes
         idle = [k for k in self.resident if k not in self.pinned and k not in busy]
         chosen, free = self._pick([k for k in idle if k not in needed], free, nbytes, position)
         if free < nbytes and not spare_needed:
-            more, free = self._pick([k for k in idle if k in needed], free, nbytes, position)
+            younger = [k for k in idle if k in needed and needed[k] > position]
+            more, free = self._pick(younger, free, nbytes, position)
             chosen += more
         return chosen if free >= nbytes else None
 
-    def evictable_bytes(self, busy: set[int], needed: set[int]) -> int:
+    def evictable_bytes(self, busy: set[int], needed: dict[int, int]) -> int:
         """HBM that evicting idle models nobody waits for would free (what KV may claim)."""
         return sum(self.shard_bytes(k) for k in self.resident
                    if k not in self.pinned and k not in busy and k not in needed)
@@ -80,20 +85,26 @@ class Residency:
             self.memory.weights_bytes -= self.shard_bytes(victim)
             self.stats.evictions += 1
 
-    def make_room(self, nbytes: int, busy: set[int], needed: set[int], position: int = 1 << 62) -> bool:
-        """Evict idle models nobody waits for until `nbytes` are free (room for KV blocks)."""
+    def make_room(self, nbytes: int, busy: set[int], needed: dict[int, int], now: int,
+                  position: int = 1 << 62) -> bool:
+        """Evict idle models nobody waits for until `nbytes` are free (room for KV blocks). The
+        `evict` event says so: observers track HBM from events alone, so every eviction shows."""
         victims = self._victims(nbytes, busy, needed, position, spare_needed=True)
         if victims is None:
             return False
         self._evict(victims)
+        if victims and self.emit is not None:
+            self.emit({"type": "evict", "t_ns": now, "group": self.info.name,
+                       "models": [model_id(v) for v in victims], "reason": "room for KV",
+                       "kv_bytes_needed": int(nbytes)})
         return True
 
-    def start(self, key: int, now: int, busy: set[int], needed: set[int], prefetch: bool,
+    def start(self, key: int, now: int, busy: set[int], needed: dict[int, int], prefetch: bool,
               position: int = 1 << 62) -> int | None:
         """Start copying `key` into HBM at `now`; returns when it is ready, or None if the room is
         not there (the switch waits). A prefetch evicts nobody anyone waits for."""
         shard = self.shard_bytes(key)
-        victims = self._victims(shard, busy, needed | {key}, position, spare_needed=prefetch)
+        victims = self._victims(shard, busy, {**needed, key: position}, position, spare_needed=prefetch)
         if victims is None:
             return None
         self._evict(victims)
@@ -109,5 +120,6 @@ class Residency:
         if self.emit is not None:
             self.emit({"type": "switch", "t_ns": now, "ready_ns": ready, "group": self.info.name,
                        "model": model_id(key), "victims": [model_id(v) for v in victims], "prefetch": prefetch,
-                       "arrivals": arrivals, "shard_bytes": shard})
+                       "arrivals": arrivals, "shard_bytes": shard,
+                       "kv_bytes": self.memory.kv_bytes})   # what the ledgers' KV entry holds from now
         return ready

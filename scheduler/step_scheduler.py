@@ -102,7 +102,7 @@ def build_batch(group, model: int, now: int, config: StepConfig) -> Batch | None
             batch.chunks.append((s, chunk))
             budget -= chunk
     waiting = group.waiting[model]
-    while waiting and budget > 0 and group.n_running < config.max_num_seqs and group.admitting():
+    while waiting and budget > 0 and group.n_running < config.max_num_seqs and group.admitting(waiting[0]):
         head = waiting[0]
         need = blocks_for(head.prompt, bs) * block_bytes
         if need > group.memory.free_bytes and not group.make_room(need):
@@ -133,7 +133,7 @@ def span_limit(group, batch: Batch, config: StepConfig) -> tuple[int, np.ndarray
         return 1, contexts, held
     waiting = group.waiting[batch.model]
     if waiting and group.n_running < config.max_num_seqs and config.max_num_batched_tokens > len(seqs) \
-            and group.admitting():
+            and group.admitting(waiting[0]):
         need = blocks_for(waiting[0].prompt, bs) * group.block_bytes(batch.model)
         if need <= group.memory.free_bytes + group.evictable_bytes():
             return 1, contexts, held

@@ -24,26 +24,45 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]")
 
 
 class BackendGrab:
-    """A sink that keeps the backend, to compare its ledgers with the stats at the end."""
+    """A sink that keeps the backend, to compare its ledgers with the stats at the end, and, at
+    every event that changes a group's HBM, compares the group's HBM as derived from the events
+    so far (weights and KV) with each member's own ledger at that moment."""
 
     def __init__(self):
         self.backend = None
+        self.stats = LiveStats()
+        self.checked = 0
+        self.mismatches = []
 
     def __call__(self, event):
-        pass
+        self.stats.feed(event)
+        if self.backend is None or event["type"] not in ("run", "switch", "evict", "kv"):
+            return
+        group = self.stats.groups[event["group"]]
+        for member in group.members:
+            ledger = self.backend.sockets[member].tiers.hbm.used_bytes
+            self.checked += 1
+            if ledger != group.residency.used_bytes:
+                self.mismatches.append((event["type"], event["t_ns"], member, ledger, group.residency.used_bytes))
 
     def attach(self, backend):
         self.backend = backend
 
 
 @pytest.fixture(scope="module")
-def two_node_run(tmp_path_factory):
+def two_node_grabbed(tmp_path_factory):
     out = tmp_path_factory.mktemp("dash") / "n2"
     grab = BackendGrab()
     config = resolve_run_config(None, {"backend": "inline", "nodes": 2, "tp": 4, "out": str(out),
                                        "workload": {"limit": 300}})
     output = execute_run(config, [grab])
-    return output, grab.backend, list(read_events(out / "events.msgpack"))
+    return output, grab, list(read_events(out / "events.msgpack"))
+
+
+@pytest.fixture(scope="module")
+def two_node_run(two_node_grabbed):
+    output, grab, events = two_node_grabbed
+    return output, grab.backend, events
 
 
 def recorded(width=140, height=60):
@@ -74,6 +93,35 @@ def test_stats_agree_with_the_summary_and_the_backend_ledgers(two_node_run):
     for view in snapshot.sockets:  # HBM occupancy and residents tracked from events == the sockets' own ledgers
         assert view.hbm_used_bytes == ledgers[view.name]["tiers"]["hbm"]["used_bytes"]
         assert sorted(view.resident) == ledgers[view.name]["resident"]
+
+
+def test_hbm_from_the_events_equals_the_ledgers_at_every_change(two_node_grabbed):
+    """Every eviction (a switch's victims, or an `evict` making room for KV) and every resize of
+    the KV entry is in the events: the derived HBM equals the ledgers at each of them, not only
+    at the end."""
+    _, grab, events = two_node_grabbed
+    assert grab.checked > 1000 and grab.mismatches == []
+    assert any(e["type"] == "evict" for e in events)             # the case the switch events alone missed
+    assert max(e.get("kv_bytes", 0) for e in events if e["type"] == "run") > 0
+    assert [e["kv_bytes"] for e in events if e["type"] == "kv"] == [0, 0, 0, 0]   # emptied at the end
+
+
+def test_the_queue_shows_kv_use_and_the_batch_of_sequences(two_node_run):
+    _, _, events = two_node_run
+    runs = [i for i, e in enumerate(events) if e["type"] == "run" and e["kv_bytes"] > 0]
+    index = runs[len(runs) // 2]
+    snapshot = stats_after(events, index + 1).snapshot(1.0)
+    run = events[index]
+    view = next(g for g in snapshot.groups if g.name == run["group"])
+    assert view.kv_bytes == run["kv_bytes"] and 0 < view.kv_bytes < view.kv_pool_bytes
+    assert view.batch == len(run["requests"])
+    for width in (80, 140):
+        console = recorded(width=width)
+        console.print(render(snapshot, width=width))
+        text = console.export_text()
+        assert "KV use" in text
+        share = f"{view.kv_bytes / view.kv_pool_bytes:4.0%}"
+        assert any(re.search(rf"{view.name} +\d+ +{view.batch} .*{share}", line) for line in text.splitlines()), share
 
 
 def test_done_events_count_only_once_virtual_time_has_passed_them(two_node_run):

@@ -140,3 +140,58 @@ def test_ray_backend_gives_the_same_summary(ray_local):
         backend.shutdown()
     inline, _ = serve("sn40l-node", 6, RANDOM)
     assert on_ray.summary == inline.summary and info["verified"] == info["commands"] > 0
+
+
+class _StubBackend:
+    """Only what Residency calls: copies land 1 us after they start."""
+
+    def __init__(self):
+        self.evicted, self.kv = [], []
+
+    def evict(self, group, model_id):
+        self.evicted.append(model_id)
+
+    def set_kv(self, group, kv_bytes):
+        self.kv.append(kv_bytes)
+
+    def copy_in(self, group, model_id, model, now):
+        return {"node0/socket0": now + 1000}
+
+
+def _residency(resident_shards=2):
+    from scheduler.backend import GroupInfo
+    from scheduler.kv import GroupMemory
+    from scheduler.metrics import GroupStats
+    from scheduler.policies import make_policy
+    from scheduler.residency import Residency
+    from socket_actor.operators import shard_weight_bytes
+
+    shard = shard_weight_bytes(LLAMA, 1)
+    info = GroupInfo(0, "group0", 0, ("node0/socket0",), resident_shards * shard + shard // 2)
+    events, backend = [], _StubBackend()
+    residency = Residency(backend, info, GroupMemory(info.hbm_usable_bytes, 16), make_policy("lru", [0, 1, 2, 3]),
+                          LLAMA, LLAMA, GroupStats(name="group0", node=0, expert_slots=0), events.append)
+    for key in range(resident_shards):
+        assert residency.start(key, 0, set(), {}, prefetch=False) == 1000
+    return residency, backend, events
+
+
+def test_a_switch_evicts_a_waited_for_model_only_for_an_older_request():
+    """The rule that stops a CoE under load from thrashing: expert 0's requests (oldest 5) are
+    older than the switch's (10), expert 1's (50) younger: only expert 1 may go."""
+    residency, backend, events = _residency()
+    assert residency.start(2, 2000, set(), {0: 5, 1: 50}, prefetch=False, position=10) == 3000
+    assert backend.evicted == ["expert0001"] and events[-1]["victims"] == ["expert0001"]
+    assert residency.start(3, 4000, set(), {0: 5, 2: 10}, prefetch=False, position=60) is None  # both older
+    assert residency.start(3, 4000, {0}, {2: 70}, prefetch=False, position=60) is not None     # 2 is younger
+    assert backend.evicted == ["expert0001", "expert0002"]
+
+
+def test_making_room_for_kv_says_which_models_it_evicted():
+    residency, backend, events = _residency()
+    need = residency.memory.free_bytes + 1
+    assert residency.make_room(need, {1}, {}, now=5000)
+    assert backend.evicted == ["expert0000"]
+    assert events[-1] == {"type": "evict", "t_ns": 5000, "group": "group0", "models": ["expert0000"],
+                          "reason": "room for KV", "kv_bytes_needed": need}
+    assert not residency.make_room(residency.memory.free_bytes + 1, {1}, {}, now=6000)   # 1 is busy: no room

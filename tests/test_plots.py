@@ -5,6 +5,7 @@ texts, axis scales, where legends sit relative to every data area, and whether a
 outside the figure.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -91,6 +92,40 @@ def test_faults_are_named_in_the_legend_not_written_over_the_data(run_dir):
     top = hbm.axes[0]
     assert any(re.fullmatch(r"fault at 20\.\d\d s: kill-node node1", t.get_text()) for t in top.get_legend().texts)
     assert not top.texts  # no rotated labels inside the data area
+
+
+@pytest.fixture(scope="module")
+def continuous_run_dir(tmp_path_factory):
+    """A CoE run of the continuous engine: KV blocks come and go, idle experts make room for them."""
+    config = resolve_run_config(None, {"backend": "inline", "nodes": 2, "tp": 4,
+                                       "out": str(tmp_path_factory.mktemp("plots") / "c"), "workload": {"limit": 300}})
+    return execute_run(config).out_dir
+
+
+def test_the_kv_panel_follows_the_kv_blocks_and_the_batch(continuous_run_dir):
+    from node.events_log import read_events
+    from node.plots import _gather
+
+    events = list(read_events(continuous_run_dir / "events.msgpack"))
+    data = _gather(continuous_run_dir / "events.msgpack")
+    runs = [e for e in events if e["type"] == "run"]
+    peak = max(e["kv_bytes"] for e in runs)
+    assert peak > 0 and max(b for points in data.kv.values() for _, b in points) == peak
+    assert all(points[-1][1] == 0 for points in data.kv.values())        # the blocks all come back
+    summary = json.loads((continuous_run_dir / "summary.json").read_text())
+    assert sum(n for _, n in data.evictions) == summary["evictions"]      # evictions for KV included
+    figure = run_figures(continuous_run_dir)["hbm_and_switches.png"]
+    assert_readable(figure)
+    kv = next(a for a in figure.axes if a.get_title().startswith("KV cache per socket"))
+    assert f"peak {peak / 2**30:,.2f} GiB" in kv.get_title()
+    assert max(max(line.get_ydata()) for line in kv.get_lines()) == pytest.approx(peak / 2**30)
+    assert any(a.get_ylabel() == "sequences per step" for a in figure.axes)
+
+
+def test_a_static_run_says_it_has_no_kv_blocks(run_dir):
+    figure = run_figures(run_dir)["hbm_and_switches.png"]
+    kv = next(a for a in figure.axes if a.get_title().startswith("KV cache per socket"))
+    assert [t.get_text() for t in kv.texts] == ["no KV blocks in the events (the static cycle reserves KV up front)"]
 
 
 def test_a_crashed_run_is_plotted_from_its_events(run_dir, tmp_path):

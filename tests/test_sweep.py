@@ -9,7 +9,7 @@ from interconnect.spec_fields import UserError
 from node.sweep import load_study, run_study, study_points
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = ("scale-up", "scale-out", "expert-count", "policies")
+STUDIES = ("scale-up", "scale-out", "expert-count", "policies", "load")
 
 @pytest.mark.ray
 @pytest.mark.parametrize("name", STUDIES)
@@ -268,3 +268,60 @@ def test_plain_progress_prints_periodic_lines_with_an_eta():
     for _ in range(7):
         progress.point_done("p", {"status": "ok"})
     assert lines[-1] == "sweep scale-up: 12/12 points done, 31 s elapsed"
+
+
+# --- the saturation knee of load studies -----------------------------------------------------------------
+
+def _load_rows():
+    """Three machines: one falls behind at 8 requests/s, one breaks its TTFT SLO at 2, one keeps up."""
+    served = {"a": [1.0, 2.0, 3.9, 5.0], "b": [1.0, 2.0, 4.0, 8.0], "c": [1.0, 2.0, 4.0, 8.0]}
+    ttft_s = {"a": [0.1, 0.1, 0.2, 9.0], "b": [0.5, 2.5, 3.0, 4.0], "c": [0.1, 0.1, 0.1, 0.2]}
+    return [{"machine": m, "rate": rate, "status": "ok", "served": served[m][i], "ttft": ttft_s[m][i] * 1e9}
+            for m in served for i, rate in enumerate((1, 2, 4, 8))]
+
+
+KNEE = {"offered": "rate", "served": "served", "ratio": 0.95, "latency": "ttft", "slo_ns": 2.0e9}
+
+
+def test_the_knee_is_the_first_load_not_served_or_over_the_slo():
+    from node.sweep_plots import find_knees
+
+    knees = find_knees({"x": "rate", "y": "served", "series": "machine", "knee": KNEE}, _load_rows())
+    assert {m: k[0] if k else None for m, k in knees.items()} == {"a": 8.0, "b": 2.0, "c": None}
+    assert "served 5 < 95% of offered" in knees["a"][1] and "ttft 2.5 s > SLO 2 s" in knees["b"][1]
+    no_slo = {"x": "rate", "y": "served", "series": "machine", "knee": {"served": "served"}}
+    assert find_knees(no_slo, _load_rows())["b"] is None      # served keeps up; only the SLO said no
+
+
+def test_knees_are_marked_in_the_series_colour_and_named_in_the_legend():
+    from node.sweep_plots import build_study_figure
+
+    spec = {"x": "rate", "y": "served", "series": "machine", "kind": "line", "knee": KNEE, "diagonal": True}
+    axes = build_study_figure(spec, _load_rows(), "load").axes[0]
+    labels = [t.get_text() for t in axes.get_legend().texts]
+    assert {"a: knee at 8", "b: knee at 2", "c: no knee up to the highest load", "served = offered"} <= set(labels)
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert lines["a: knee at 8"].get_xdata()[0] == 8 and lines["a: knee at 8"].get_color() == lines["a"].get_color()
+
+
+def test_series_of_several_fields_get_one_line_each():
+    from node.sweep_plots import build_study_figure
+
+    rows = [{"platform": p, "experts": e, "rate": r, "status": "ok", "y": r * (e + 1)}
+            for p in ("x", "z") for e in (1, 150) for r in (1, 2)]
+    axes = build_study_figure({"x": "rate", "y": "y", "series": ["platform", "experts"]}, rows, "t").axes[0]
+    assert sorted(t.get_text() for t in axes.get_legend().texts) == ["x, 1", "x, 150", "z, 1", "z, 150"]
+    assert axes.get_legend().get_title().get_text() == "platform, experts"
+
+
+@pytest.mark.parametrize("knee, message", [
+    ("yes", "expected a mapping with at least `served`"),
+    ({"served": "s", "ratio": 1.5}, r"ratio must be a number in \(0, 1\]"),
+    ({"served": "s", "latency": "ttft_ns.p99"}, "`latency` and `slo_ns` go together"),
+    ({"served": "s", "slo": 1}, "unknown key"),
+])
+def test_a_malformed_knee_is_one_line_error(knee, message):
+    from node.sweep_plots import check_knee
+
+    with pytest.raises(UserError, match=message):
+        check_knee({"x": "rate", "y": "served", "knee": knee})
