@@ -52,6 +52,7 @@ __all__ = ["Study", "Axis", "Point", "load_study", "study_points", "run_study", 
 
 METRICS = ("requests_in", "requests_completed", "throughput_tokens_per_s", "ttft_ns.p50", "ttft_ns.p99",
            "tpot_ns.p50", "tpot_ns.p99", "e2e_ns.p50", "e2e_ns.p90", "e2e_ns.p99", "switches", "hbm_hit_rate",
+           "throughput_requests_per_s",
            "switch_time_share", "collective_time_share", "inter_node_bytes", "virtual_ns", "switches_per_node",
            "nodes", "sockets")
 POINT_RECORD_SUFFIX = ".point.json"
@@ -134,6 +135,25 @@ def _axis(raw: Any, where: Fields, index: int) -> Axis:
     return Axis(name=fields.string("name", dotted.split(".")[-1]), field=dotted, values=tuple(values))
 
 
+def _check_plots(plots: list[dict], axes: list["Axis"], fields: Fields) -> None:
+    """A plot names columns of results.csv: x and series an axis or a metric, y a metric; a typo
+    is a one-line error before any point runs, not a KeyError after all of them."""
+    from node.sweep_plots import check_knee
+
+    columns = {a.name for a in axes} | set(METRICS)
+    for i, plot in enumerate(plots):
+        series = plot.get("series")
+        named = [("x", plot["x"]), *(("series", s) for s in (series if isinstance(series, list) else
+                                                             [series] if series is not None else []))]
+        for key, column in named:
+            if column not in columns:
+                fields.fail(f"{column!r} is neither an axis ({', '.join(a.name for a in axes)}) nor a metric "
+                            f"({', '.join(METRICS)})", f"plots[{i}].{key}")
+        if plot["y"] not in METRICS:
+            fields.fail(f"{plot['y']!r} is not a metric ({', '.join(METRICS)})", f"plots[{i}].y")
+        check_knee(plot)
+
+
 def load_study(path: str, fast: bool = False, backend: str | None = None) -> Study:
     raw = read_yaml(path)
     fields = Fields(raw, str(path))
@@ -162,6 +182,7 @@ def load_study(path: str, fast: bool = False, backend: str | None = None) -> Stu
     plots = raw.get("plots") or []
     if not isinstance(plots, list) or not all(isinstance(p, dict) and "x" in p and "y" in p for p in plots):
         fields.fail("expected a list of plots, each with at least x and y", "plots")
+    _check_plots(plots, axes, fields)
     name = fields.string("name", Path(path).stem) + ("-fast" if fast else "")
     return Study(name=name, description=fields.string("description", ""), base=base, axes=axes, plots=plots,
                  origin=str(path))

@@ -230,6 +230,7 @@ class _TraceBuilder:
         self._hold_run(event, "router")
 
     def _on_run(self, event: dict) -> None:
+        self._hbm(event)  # a continuous span resizes the group's KV entry
         self._hold_run(event, "expert")
 
     def _hold_run(self, event: dict, category: str) -> None:
@@ -268,13 +269,27 @@ class _TraceBuilder:
                        "collective", start, end, {"collective_ns": collective_ns, "run_ns": planned_end - start,
                                                   "aggregated": True})
 
-    def _on_switch(self, event: dict) -> None:
+    def _hbm(self, event: dict) -> None:
+        """Apply an event to its group's HBM residency (the one reducer the dashboard uses too) and
+        draw the HBM counter of every member when what the ledgers hold changed."""
         group = event["group"]
         residency = self.residency[group]
-        residency.apply_switch(event)
+        before = residency.used_bytes
+        residency.apply(event)
+        if residency.used_bytes == before and event["type"] != "switch":
+            return
         used = f'{{"GiB":{round(residency.used_bytes / _GIB, 3)}}}'
         for member in self.members[group]:
             self._counter(node_of(member) + 1, f"{member} HBM used", event["t_ns"], used)
+
+    def _on_evict(self, event: dict) -> None:
+        self._hbm(event)
+
+    def _on_kv(self, event: dict) -> None:
+        self._hbm(event)
+
+    def _on_switch(self, event: dict) -> None:
+        self._hbm(event)
         verb = "prefetch" if event["prefetch"] else "copy"
         for copy in self.copy_links.copies(event):
             args = {"sent_ns": copy.sent_ns, "arrival_ns": copy.arrival_ns, "waited_for_link_ns": copy.start_ns -

@@ -72,7 +72,8 @@ class ConfigField:
             return None
         default = () if self.default is REQUIRED else (self.default,)
         if self.type == "integer":
-            return fields.integer(key, *default, minimum=int(self.minimum if self.minimum is not None else 1))
+            return fields.integer(key, *default, minimum=int(self.minimum if self.minimum is not None else 1),
+                                  maximum=None if self.maximum is None else int(self.maximum))
         if self.type == "number":
             return fields.number(key, *default, minimum=self.minimum if self.minimum is not None else 0.0,
                                  inclusive=self.inclusive, maximum=self.maximum)
@@ -141,6 +142,8 @@ class ConfigField:
             return "a non-empty path"
         if self.type in ("integer", "integer-or-auto", "length"):
             parts.append(f">= {int(self.minimum if self.minimum is not None else 1)}")
+            if self.maximum is not None:
+                parts.append(f"<= {int(self.maximum):,}")
         elif self.type == "number":
             parts.append(f"{'>=' if self.inclusive else '>'} {self.minimum if self.minimum is not None else 0:g}")
             if self.maximum is not None:

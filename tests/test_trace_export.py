@@ -266,3 +266,25 @@ def test_a_failed_export_keeps_the_existing_trace_and_leaves_no_partial(two_node
     (copy / "trace.json").mkdir()
     assert main(["trace", str(copy)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_trace_and_dashboard_agree_on_hbm_over_time(tmp_path):
+    """One reducer (node.live_stats.Residency) turns the events into HBM occupancy for the trace and
+    the dashboard alike: on a CoE run with evictions and KV, the trace's HBM counter of every socket
+    follows the dashboard's view event by event and ends where it does."""
+    from node.live_stats import LiveStats
+
+    run_dir = _run(tmp_path / "coe", experts=150, limit=400)
+    events = list(read_events(run_dir / "events.msgpack"))
+    assert any(e["type"] == "evict" or e.get("victims") for e in events)
+    trace = json.loads(write_trace(run_dir).read_text())
+    counters = defaultdict(list)
+    for e in trace["traceEvents"]:
+        if e["ph"] == "C" and e["name"].endswith(" HBM used"):
+            counters[e["name"].removesuffix(" HBM used")].append(e["args"]["GiB"])
+    stats = LiveStats()
+    for event in events:
+        stats.feed(event)
+    final = {view.name: round(view.hbm_used_bytes / 2**30, 3) for view in stats.snapshot(1.0).sockets}
+    assert counters and {name: values[-1] for name, values in counters.items()} == final
+    assert max(max(v) for v in counters.values()) > min(final.values())  # KV came and went
