@@ -46,18 +46,18 @@ def run(config: str | None = None, *, force: bool = False, perfetto: bool = Fals
 
 def requests(run_dir: str | Path) -> list[dict[str, Any]]:
     """A run's `requests.csv` as one dict per request, whole numbers as ints."""
-    path = Path(run_dir) / "requests.csv"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no requests.csv (not a run directory)")
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+    return _rows(Path(run_dir) / "requests.csv", f"{run_dir}: no requests.csv (not a run directory)")
 
 
 def sweep_results(study_dir: str | Path) -> list[dict[str, Any]]:
     """A finished study's `results.csv` as one dict per point, in the study's point order."""
-    path = Path(study_dir) / "results.csv"
+    return _rows(Path(study_dir) / "results.csv",
+                 f"{study_dir}: no results.csv (run `rdu sweep STUDY.yaml --out {study_dir}` first)")
+
+
+def _rows(path: Path, missing: str) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise UserError(f"{study_dir}: no results.csv (run `rdu sweep STUDY.yaml --out {study_dir}` first)")
+        raise UserError(missing)
     with path.open(newline="", encoding="utf-8") as handle:
         return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 

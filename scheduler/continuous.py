@@ -243,8 +243,6 @@ class ContinuousServer:
     def run(self):
         """Load the router and the placement's HBM-resident experts everywhere, then serve; the
         workload's clock starts when they are resident (`setup_ns`)."""
-        from scheduler.serving import ServingResult  # noqa: F401  (result() builds it)
-
         setup_ns = 0
         pinned = list(self.config.pinned_experts)
         if self.config.placement == "popularity":

@@ -10,7 +10,6 @@ chunk ends short of its prompt, a waiting prompt becomes admissible, or a block 
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -211,14 +211,7 @@ class RDUSocket:
         """Check that this socket can start `request`: a member, the model resident and ready,
         the socket free, room in HBM for the batch's KV cache, which the ledger then holds (in
         place of the previous batch's) until the group goes idle or its next batch starts."""
-        if self.name not in request.members:
-            raise ValueError(f"{self.name} is not a member of {request.members}")
-        resident = self.residents.get(request.model_id)
-        if resident is None:
-            raise UserError(f"{self.name}: {request.model_id} is not resident in HBM")
-        if request.start_ns < self.free_at_ns(request.model_id):
-            raise ValueError(f"{self.name}: job {request.job_id} starts at {request.start_ns} ns, before the "
-                             f"socket is free at {self.free_at_ns(request.model_id)} ns")
+        resident = self._startable(request, "job")
         tokens = sum(request.prompt_lens) + sum(request.output_lens)
         self.set_kv(kv_bytes_per_token_per_socket(request.model, len(request.members)) * tokens)
         return resident
@@ -300,15 +293,21 @@ class RDUSocket:
         return hbm.used_bytes
 
     def _admit_span(self, request: SpanRequest) -> Resident:
+        resident = self._startable(request, "span")
+        self.set_kv(request.kv_bytes)
+        return resident
+
+    def _startable(self, request: RunRequest | SpanRequest, what: str) -> Resident:
+        """The resident model `request` runs, after checking that this socket may start it now: a
+        member of its group, the model in HBM and ready, the socket free."""
         if self.name not in request.members:
             raise ValueError(f"{self.name} is not a member of {request.members}")
         resident = self.residents.get(request.model_id)
         if resident is None:
             raise UserError(f"{self.name}: {request.model_id} is not resident in HBM")
         if request.start_ns < self.free_at_ns(request.model_id):
-            raise ValueError(f"{self.name}: span {request.job_id} starts at {request.start_ns} ns, before the "
+            raise ValueError(f"{self.name}: {what} {request.job_id} starts at {request.start_ns} ns, before the "
                              f"socket is free at {self.free_at_ns(request.model_id)} ns")
-        self.set_kv(request.kv_bytes)
         return resident
 
     def run_span(self, request: SpanRequest, busy_ns: int | None = None) -> SpanResult:

@@ -16,3 +16,20 @@ def group_for(platform: str, tp: int, overrides: dict | None = None):
 
 def cost_model(platform: str, model: str, tp: int, mode=None, orchestration=None):
     return group_for(platform, tp).cost_model(load_model(model), mode, orchestration)
+
+
+def wait_until_serving(process, folder, timeout_s: float = 120.0, min_bytes: int = 5_000) -> None:
+    """Wait until the `rdu run` child `process` is serving: its hidden run folder under `folder`
+    has a requests.csv of at least `min_bytes` (so a signal lands mid-run, not during start-up)."""
+    import glob
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        partial = glob.glob(os.path.join(str(folder), ".*.partial-*", "requests.csv"))
+        if partial and os.path.getsize(partial[0]) > min_bytes:
+            return
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not start serving within {timeout_s:.0f} s")

@@ -1,9 +1,7 @@
 """Ctrl-C during a run with the Ray backend: the results so far are written, the run is marked
 interrupted, Ray is shut down and no process of ours is left behind."""
 
-import glob
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from leftovers import ray_processes  # noqa: E402
+from tests.helpers import wait_until_serving  # noqa: E402
 
 RDU = str(Path(sys.executable).with_name("rdu"))
 
@@ -21,13 +20,7 @@ def test_sigint_keeps_results_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([RDU, "run", "--limit", "4000", "--out", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # wait until it is serving: requests.csv grows
-        partial = glob.glob(str(tmp_path / ".run.partial-*" / "requests.csv"))
-        if partial and os.path.getsize(partial[0]) > 5_000:
-            break
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.2)
+    wait_until_serving(process, tmp_path, timeout_s=90)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=90)
     assert process.returncode == 130, err.decode()

@@ -2,7 +2,6 @@
 signals stop it cleanly with the right exit code, a closed pipe is not an error, and an
 unreachable cluster fails quickly with one line."""
 
-import glob
 import json
 import os
 import signal
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import wait_until_serving
 
 RDU = str(Path(sys.executable).with_name("rdu"))
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -31,13 +32,7 @@ def test_sigterm_keeps_results_and_exits_143(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([RDU, "run", "--limit", "4000", "--out", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env=ENV)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until it is serving: requests.csv grows
-        partial = glob.glob(str(tmp_path / ".run.partial-*" / "requests.csv"))
-        if partial and os.path.getsize(partial[0]) > 5_000:
-            break
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.2)
+    wait_until_serving(process, tmp_path)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err.decode()
