@@ -154,9 +154,11 @@ def _serve_ray(config: RunConfig, sinks, records, phases: _Phases, state: dict, 
 
     spec = config.platform.spec
     with native_output_to(log_path), ray_session(config.address, config.sockets) as session:
+        # Actors restart only where a fault is injected: the limit is the preset's, as on the inline
+        # backend; Ray warns about restartable actors otherwise for nothing.
+        restarts = spec.socket.max_restarts if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
         backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
-                             bind_host=session.bind_host, max_restarts=spec.socket.max_restarts,
-                             functional=config.functional,
+                             bind_host=session.bind_host, max_restarts=restarts, functional=config.functional,
                              **(ray_options or {}))
         try:
             backend.start()

@@ -194,12 +194,46 @@ def weighted_percentiles(values: np.ndarray, weights: np.ndarray) -> dict[str, i
     return out
 
 
+class WeightedValues:
+    """A multiset of integers given as (value, count) pairs, in memory bounded by the number of
+    distinct values (plus a buffer) rather than by the pairs: the buffer is folded into sorted
+    unique values with their total counts whenever it fills. Percentiles stay exact."""
+
+    def __init__(self, buffer_pairs: int = 1 << 18) -> None:
+        self.buffer_pairs = buffer_pairs
+        self._values, self._counts = array("q"), array("q")
+        self._unique = np.zeros(0, dtype=np.int64)
+        self._unique_counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, values, count: int) -> None:
+        values = list(values)
+        self._values.extend(values)
+        self._counts.extend([count] * len(values))
+        if len(self._values) >= self.buffer_pairs:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not len(self._values):
+            return
+        values = np.concatenate([self._unique, np.frombuffer(self._values, dtype=np.int64)])
+        counts = np.concatenate([self._unique_counts, np.frombuffer(self._counts, dtype=np.int64)])
+        self._unique, inverse = np.unique(values, return_inverse=True)
+        self._unique_counts = np.zeros(len(self._unique), dtype=np.int64)
+        np.add.at(self._unique_counts, inverse, counts)
+        self._values, self._counts = array("q"), array("q")
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted distinct values and how often each occurs."""
+        self._fold()
+        return self._unique, self._unique_counts
+
+
 class EngineMetrics:
     """What the continuous engine adds to the summary, kept as flat arrays: inter-token gaps as
-    (value, count) pairs per span, never an object per token."""
+    (value, count) pairs per span folded by value, never an object per token."""
 
     def __init__(self) -> None:
-        self.itl_value, self.itl_count = array("q"), array("q")
+        self.itl = WeightedValues()
         self.preemptions = 0
         self.iterations = 0
         self.step_tokens = 0
@@ -211,12 +245,10 @@ class EngineMetrics:
         self.pool_bytes = 0
 
     def itl_values(self, gaps: list[int]) -> None:
-        self.itl_value.extend(gaps)
-        self.itl_count.extend([1] * len(gaps))
+        self.itl.add(gaps, 1)
 
     def itl_weighted(self, steps: np.ndarray, count: int) -> None:
-        self.itl_value.extend(steps.tolist())
-        self.itl_count.extend([count] * len(steps))
+        self.itl.add(steps.tolist(), count)
 
     def span(self, model: int, busy_ns: int, batch, k: int, rest: int) -> None:
         """Per iteration: tokens and sequences of the step (iteration 0 mixed, then `rest` decodes)."""
@@ -236,8 +268,7 @@ class EngineMetrics:
 
     def summary(self, metrics: MetricsCollector, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
                 virtual_ns: int, peak_kv_bytes: list[int]) -> dict:
-        values = np.frombuffer(self.itl_value, dtype=np.int64) if len(self.itl_value) else np.zeros(0, np.int64)
-        counts = np.frombuffer(self.itl_count, dtype=np.int64) if len(self.itl_count) else np.zeros(0, np.int64)
+        values, counts = self.itl.arrays()
         busy = sum(self.model_ns.values())
         router = self.model_ns.get(-1, 0)
         experts = {m: ns for m, ns in self.model_ns.items() if m >= 0}
