@@ -75,3 +75,25 @@ def test_the_restart_limit_comes_from_the_preset(tmp_path, capsys, limit):
         args += ["--fault", kill]
     code = main(args)
     assert code == 1 and f"more than the {limit} restarts" in capsys.readouterr().err
+
+
+def test_the_issues_unlucky_kill_is_survived(tmp_path, capsys):
+    """The repro of the issue: a kill while the group's next expert waits for its switch."""
+    summary = rdu(capsys, tmp_path, "repro", "--limit", "300", "--fault", "kill-socket:node0/socket3@request=32")
+    assert summary["faults_recovered"] == 1 and summary["requests_completed"] == 300
+
+
+@pytest.mark.ray
+def test_the_restart_limit_is_the_same_on_the_ray_backend(ray_local, tmp_path, capsys):
+    """Four kills of one socket actor are survived (Ray really restarts it four times); a fifth
+    stops the run with its results, as on the inline backend, instead of failing inside Ray."""
+    kills = [f"kill-socket:node0/socket3@request={p}" for p in (4, 8, 12, 16, 20)]
+    base = ["run", "--experts", "10", "--limit", "24", "--scheduler", "static", "--set", "socket.max_restarts=4"]
+    four = base + ["--out", str(tmp_path / "four"), "--json"] + [a for k in kills[:4] for a in ("--fault", k)]
+    assert main(four) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["backend_checks"]["actor_restarts"] == 4 and out["summary"]["faults_recovered"] == 4
+    five = base + ["--out", str(tmp_path / "five")] + [a for k in kills for a in ("--fault", k)]
+    assert main(five) == 1
+    assert "more than the 4 restarts" in capsys.readouterr().err
+    assert json.loads((tmp_path / "five" / "summary.json").read_text())["stopped"]
