@@ -15,7 +15,6 @@ for every preset built on the one that declares it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -318,7 +317,3 @@ def fitted_overlay(cal: Calibration) -> dict[str, dict[str, Any]]:
         value = cal.fitted[p.key]
         out.setdefault(p.origin, {})[p.path] = round(value, 4) if abs(value) < 10 else int(round(value))
     return out
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -5,7 +5,7 @@
     runs/<name>/requests.csv           one row per request (in the order served), times in ns
     runs/<name>/summary.json           emulated results only: byte-identical across runs, backends, layouts
     runs/<name>/run.json               the emulator's own measurements (wall time, backend, host)
-    runs/<name>/trace.json             Chrome/Perfetto trace, only when asked (`--trace`, or `rdu trace` later)
+    runs/<name>/trace.json             Chrome/Perfetto trace, only when asked (`--perfetto`, or `rdu trace` later)
     runs/<name>/ray.log                what Ray's processes printed (Ray backend, from the CLI)
 
 The directory is built under a hidden temporary name and renamed only when complete, so a

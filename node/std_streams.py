@@ -26,11 +26,9 @@ _saved: dict[int, int] = {}
 
 
 def _wrap(fd: int, like: io.TextIOBase) -> io.TextIOWrapper:
-    stream = io.TextIOWrapper(os.fdopen(fd, "wb", buffering=0 if fd == 2 else -1),
-                              encoding=getattr(like, "encoding", None) or "utf-8",
-                              errors=getattr(like, "errors", None) or "strict",
-                              line_buffering=True, write_through=True)
-    return stream
+    return io.TextIOWrapper(os.fdopen(fd, "wb"), encoding=getattr(like, "encoding", None) or "utf-8",
+                            errors=getattr(like, "errors", None) or "strict", line_buffering=True,
+                            write_through=True)
 
 
 def protect_std_streams() -> None:
@@ -54,17 +52,14 @@ def native_output_to(path: Path) -> Iterator[None]:
     if not _saved:
         yield
         return
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     user_stdout = sys.stdout
-    log = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
-    try:
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        sys.stdout = log  # Ray's driver threads print the raylet's warnings to sys.stdout
-        yield
-    finally:
-        sys.stdout = user_stdout
-        log.close()
-        os.dup2(_saved[1], 1)
-        os.dup2(_saved[2], 2)
-        os.close(log_fd)
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            sys.stdout = log  # Ray's driver threads print the raylet's warnings to sys.stdout
+            yield
+        finally:
+            sys.stdout = user_stdout
+            os.dup2(_saved[1], 1)
+            os.dup2(_saved[2], 2)

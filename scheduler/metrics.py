@@ -242,7 +242,6 @@ class EngineMetrics:
         self.max_step_seqs = 0
         self.model_ns: dict[int, int] = {}
         self.kv_samples = array("d")
-        self.pool_bytes = 0
 
     def itl_values(self, gaps: list[int]) -> None:
         self.itl.add(gaps, 1)

@@ -26,7 +26,7 @@ class Seq:
 
     __slots__ = ("request", "model", "prompt", "output", "computed", "generated", "blocks", "order",
                  "admitted_ns", "decided_ns", "first_token_ns", "last_token_ns", "preemptions", "switch_wait_ns",
-                 "waiting_since_ns", "hit", "router_ns", "queue_ns", "batch")
+                 "hit", "router_ns", "queue_ns", "batch")
 
     def __init__(self, request, model: int, prompt: int, output: int) -> None:
         self.request, self.model, self.prompt, self.output = request, model, prompt, output
@@ -35,7 +35,6 @@ class Seq:
         self.admitted_ns = self.first_token_ns = self.last_token_ns = -1
         self.decided_ns = 0
         self.preemptions = self.switch_wait_ns = self.router_ns = self.queue_ns = self.batch = 0
-        self.waiting_since_ns = -1          # waiting for its model's switch since then (-1: not)
         self.hit = True
 
 

@@ -18,7 +18,7 @@ from interconnect.collectives_timing import RingTiming
 from interconnect.spec_fields import UserError
 from socket_actor.cost_model import CostModel, Timing
 from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket
+from socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket, window_pairs
 from socket_actor.spec import SocketSpec
 from socket_actor.tiers import MemoryTiers
 
@@ -109,15 +109,6 @@ class SpanResult:
     collective_ns: int = 0
 
 
-def _window_pairs(tokens: np.ndarray, window: int | None) -> np.ndarray:
-    """Causal (query, key) pairs of the first `tokens` positions, each query seeing `window` keys at most."""
-    full = tokens * (tokens + 1) / 2
-    if window is None:
-        return full
-    over = np.maximum(tokens - window, 0)
-    return full - over * (over + 1) / 2
-
-
 def span_shape(request: SpanRequest, iterations: int, window: int | None) -> PhaseShape:
     """The PhaseShape rows of a span's first `iterations` steps (see `SpanRequest`): every
     sequence contributes its own tokens, attention pairs and cache reads, so the mixed step is
@@ -128,7 +119,7 @@ def span_shape(request: SpanRequest, iterations: int, window: int | None) -> Pha
     cap = np.inf if window is None else float(window)
     read0 = np.minimum(ctx0, cap - 1)
     first = [lens.sum() + ctx0.size, float(lens.size + ctx0.size),
-             (_window_pairs(offsets + lens, window) - _window_pairs(offsets, window)).sum() + (read0 + 1).sum(),
+             (window_pairs(offsets + lens, window) - window_pairs(offsets, window)).sum() + (read0 + 1).sum(),
              (lens * (offsets + lens)).sum() + (read0 + 1).sum(),
              np.minimum(offsets, cap).sum() + read0.sum()]
     rest = iterations - 1

@@ -246,8 +246,9 @@ def build_step_graph(model: ModelSpec, tp: int, shape: PhaseShape) -> StepGraph:
     return StepGraph(ops=ops, tensor_bytes=tensors, persistent=persistent)
 
 
-def _window_pairs(prompt: np.ndarray, window: int | None) -> np.ndarray:
-    """Causal (query, key) pairs of prompts of the given lengths, each query seeing `window` keys at most."""
+def window_pairs(prompt: np.ndarray, window: int | None) -> np.ndarray:
+    """Causal (query, key) pairs of the first `prompt` positions, each query seeing `window` keys at
+    most (also used by the span shapes of socket_actor/core.py, for chunks at an offset)."""
     full = prompt * (prompt + 1) / 2
     if window is None:
         return full
@@ -259,7 +260,7 @@ def prefill_shape(prompt_lens, window: int | None = None) -> PhaseShape:
     """One prefill step over a batch of fresh prompts (no prefix in the cache)."""
     n = np.asarray(prompt_lens, dtype=np.float64)
     return PhaseShape(tokens=np.array([n.sum()]), seqs=np.array([float(n.size)]),
-                      attn_pairs=np.array([_window_pairs(n, window).sum()]),
+                      attn_pairs=np.array([window_pairs(n, window).sum()]),
                       score_elems=np.array([(n * n).sum()]), kv_read_tokens=np.array([0.0]))
 
 

@@ -138,10 +138,6 @@ class SocketSpec:
         return spec
 
     @property
-    def ddr_bandwidth_bytes_per_s(self) -> float | None:
-        return None if self.ddr is None else self.ddr.bandwidth_bytes_per_s
-
-    @property
     def hbm_usable_bytes(self) -> int:
         """HBM left for weights and KV cache after the runtime's reserve."""
         return self.hbm.capacity_bytes - self.hbm_reserved_bytes
