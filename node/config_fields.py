@@ -36,7 +36,7 @@ TOP = Section("", "Top level", fields=(
                 default_text="`{}`", allowed_text="dotted platform field: value",
                 example={"links.p2p.latency_ns": 500}),
     ConfigField("nodes", "integer-or-auto", "emulated nodes (`auto`: as many as one TP group needs)", 1,
-                unit="nodes", example=2),
+                unit="nodes", maximum=4096, example=2),
     ConfigField("tp", "integer", "tensor-parallel degree: sockets per group (divides the sockets of the nodes)",
                 8, unit="sockets", example=4),
     ConfigField("model", "text", "the expert model", "llama-2-7b",

@@ -30,6 +30,7 @@ from socket_actor.spec import SocketSpec, TierSpec
 
 __all__ = ["NodeSpec", "Platform", "load_platform", "platform_presets", "apply_overrides", "Fitted"]
 
+MAX_SOCKETS_PER_NODE = 1024   # far beyond any built node; bounds the topology the emulator builds
 _TOP_KEYS = {"base", "name", "description", "sockets_per_node", "socket", "links", "host_dram"}
 
 
@@ -75,7 +76,7 @@ class NodeSpec:
         return cls(
             name=fields.string("name"),
             description=fields.string("description", ""),
-            sockets_per_node=fields.integer("sockets_per_node"),
+            sockets_per_node=fields.integer("sockets_per_node", maximum=MAX_SOCKETS_PER_NODE),
             socket=socket,
             links=links,
             host_dram=host,

@@ -110,8 +110,10 @@ def _tree(path: str | None, overrides: dict[str, Any]) -> dict:
         raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise UserError(f"{path}: expected a mapping of run fields, got {type(raw).__name__}")
-        for section in ("workload", "scheduler", "execution", "platform_overrides"):
-            if section in raw and raw[section] is not None and not isinstance(raw[section], dict):
+        sections = ("workload", "scheduler", "execution", "platform_overrides")
+        raw = {key: value for key, value in raw.items() if not (key in sections and value is None)}  # empty: defaults
+        for section in sections:
+            if section in raw and not isinstance(raw[section], dict):
                 raise UserError(f"{path}: {section}: expected a mapping of fields, got {raw[section]!r}")
         tree = deep_merge(tree, raw)
         if "workload" in raw and isinstance(raw["workload"], dict) and "kind" in raw["workload"] \

@@ -88,7 +88,8 @@ class ConfigField:
         if self.type == "integer-or-auto":
             if fields.data.get(key) == "auto":
                 return "auto"
-            return fields.integer(key, *default, minimum=int(self.minimum if self.minimum is not None else 1))
+            return fields.integer(key, *default, minimum=int(self.minimum if self.minimum is not None else 1),
+                                  maximum=None if self.maximum is None else int(self.maximum))
         if self.type == "integer-list":
             raw = fields.data.get(key) if fields.has(key) else list(self.default)
             if not isinstance(raw, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in raw):

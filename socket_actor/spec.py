@@ -112,7 +112,7 @@ class SocketSpec:
             ddr=TierSpec.from_fields("ddr", fields.sub("ddr")) if fields.has("ddr") else None,
             hbm_reserved_bytes=int(fields.number("hbm_reserved_bytes", minimum=0.0, inclusive=True)),
             restart_ns=fields.number("restart_ns", minimum=0.0, inclusive=True),
-            max_restarts=fields.integer("max_restarts", minimum=0),
+            max_restarts=fields.integer("max_restarts", minimum=0, maximum=1_000_000),
             fused_compute_fraction=eff.fraction("fused_compute_fraction", 0.0),
             fused_hbm_bandwidth_fraction=eff.fraction("fused_hbm_bandwidth_fraction", 0.0),
             unfused_compute_fraction=eff.fraction("unfused_compute_fraction"),

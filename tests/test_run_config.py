@@ -280,3 +280,12 @@ def test_every_run_flag_sets_a_field_of_the_table():
         path, _, key = dotted.rpartition(".")
         section = sections[path]
         assert any(f.key == key for f in section.fields), f"--{flag} sets {dotted}, which the table does not define"
+
+
+@pytest.mark.parametrize("section", ["workload", "scheduler", "execution", "platform_overrides"])
+def test_an_empty_section_in_a_file_means_its_defaults(section, tmp_path):
+    """`workload:` with nothing under it (YAML null) is the section's defaults, not a crash (the
+    fuzzer found it)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"backend: inline\n{section}:\n", encoding="utf-8")
+    assert resolve_run_config(str(path), {}).resolved == resolve_run_config(None, {"backend": "inline"}).resolved
