@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interconnect.spec_fields import UserError
+from rdu.base import UserError
 
 BEGIN_MARKER = "<!-- bench-table:begin -->"
 END_MARKER = "<!-- bench-table:end -->"

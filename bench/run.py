@@ -41,7 +41,7 @@ from rich.table import Table  # noqa: E402
 from bench.progress import BenchProgress, stdout_to_stderr  # noqa: E402
 from bench.report import (BenchRecord, Row, check_complete, check_writable, exit_code, format_value,  # noqa: E402
                           load_record, save_record, verdict_lines, write_readme)
-from interconnect.spec_fields import UserError  # noqa: E402
+from rdu.base import UserError  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
@@ -53,10 +53,10 @@ def bench_plane() -> list[Row]:
     """Data plane, control plane and object store between socket actors on the local Ray."""
     import ray
 
-    from node.check_tp import check_tp
-    from node.platform import load_platform
-    from node.ray_nodes import RayNodes
-    from socket_actor.numerics import Shard, TinyConfig
+    from rdu.node.studies.check_tp import check_tp
+    from rdu.node.cluster.platform import load_platform
+    from rdu.node.cluster.ray_nodes import RayNodes
+    from rdu.socket_actor.numerics import Shard, TinyConfig
 
     rows: list[Row] = []
     ray.init(num_cpus=os.cpu_count() or 2, resources={"rdu_socket": 8}, include_dashboard=False,
@@ -122,8 +122,8 @@ def bench_trace() -> list[Row]:
     Ray backend and in-process; the two summaries must be byte-identical."""
     import tempfile
 
-    from node.run import execute_run
-    from node.run_config import resolve_run_config
+    from rdu.node.runs.run import execute_run
+    from rdu.node.runs.run_config import resolve_run_config
 
     rows: list[Row] = []
     walls, serve = {}, {}
@@ -173,8 +173,8 @@ class _EventCounter:
 
 def _serving_case(platform: str, experts: int, backend: str, out: str) -> tuple[dict, float, float, int, bytes]:
     """(summary, whole wall, serving wall, events, summary.json bytes) of one continuous run."""
-    from node.run import execute_run
-    from node.run_config import resolve_run_config
+    from rdu.node.runs.run import execute_run
+    from rdu.node.runs.run_config import resolve_run_config
 
     config = resolve_run_config(None, {"backend": backend, "out": out, "platform": platform, "experts": experts,
                                        "scheduler": {"kind": "continuous"}, "workload": SERVING_WORKLOAD})
@@ -258,9 +258,9 @@ def bench_dashboard() -> list[Row]:
     import io
     import tempfile
 
-    from node.dashboard import LiveDashboard
-    from node.run import execute_run
-    from node.run_config import resolve_run_config
+    from rdu.node.observe.dashboard import LiveDashboard
+    from rdu.node.runs.run import execute_run
+    from rdu.node.runs.run_config import resolve_run_config
 
     def timed_run(config, with_dashboard: bool, out: str) -> tuple[float, float, int]:
         """(wall, wall inside the dashboard sink, redraws) of one run, written to its own `out`
@@ -319,7 +319,7 @@ class _MemoryProbe:
         if self.done in self.marks:
             import ray
 
-            from socket_actor.actor import process_memory
+            from rdu.socket_actor.actor import process_memory
 
             actors = ray.get([h.memory.remote() for h in self.backend.cluster.sockets.values()])
             self.samples[self.marks[self.done]] = {"driver": process_memory()["peak_rss_bytes"],
@@ -330,10 +330,10 @@ def bench_soak(requests: int = 100_000) -> list[Row]:
     """100,000 synthetic requests in timing mode on the Ray backend: memory must stay flat."""
     import tempfile
 
-    from node.run import execute_run
-    from node.run_config import resolve_run_config
+    from rdu.node.runs.run import execute_run
+    from rdu.node.runs.run_config import resolve_run_config
 
-    from socket_actor.actor import reset_peak_memory
+    from rdu.socket_actor.actor import reset_peak_memory
 
     probe = _MemoryProbe(requests)
     reset_peak_memory()  # earlier benchmark groups in this process must not count

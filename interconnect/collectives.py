@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.grpc_plane import Mailbox, PeerClient
-from interconnect.links import transmit_path
-from interconnect.topology import Topology
-from protos import interconnect_pb2 as pb
+from rdu.interconnect.grpc_plane import Mailbox, PeerClient
+from rdu.interconnect.links import transmit_path
+from rdu.interconnect.topology import Topology
+from rdu.protos import interconnect_pb2 as pb
 
 __all__ = ["RingCollectives", "CollectiveResult"]
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.links import LinkDown, LinkSpec, path_spec, serialisation_ns
-from interconnect.topology import CollectiveSpec, Topology
+from rdu.interconnect.links import LinkDown, LinkSpec, path_spec, serialisation_ns
+from rdu.interconnect.topology import CollectiveSpec, Topology
 
 __all__ = ["RingTiming", "ALGORITHMS"]
 

@@ -25,12 +25,12 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
+from rdu.interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
     MailboxFull
-from interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
-from interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor, parse_chunk
-from protos import interconnect_pb2 as pb
-from protos import interconnect_pb2_grpc as pb_grpc
+from rdu.interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor, parse_chunk
+from rdu.protos import interconnect_pb2 as pb
+from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
 __all__ = ["GRPC_OPTIONS", "DEFAULT_DEADLINE_S", "Mailbox", "InterconnectServer", "PeerClient", "PlaneStats",
            "TransferRejected", "LinkLost", "SERVICE_NAME"]

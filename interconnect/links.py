@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.spec_fields import Fields
+from rdu.base import Fields
 
 __all__ = ["LinkSpec", "Link", "LinkDown", "serialisation_ns", "transmit_path", "path_spec"]
 

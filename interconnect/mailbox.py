@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from interconnect.wire import Received
+from rdu.interconnect.wire import Received
 
 __all__ = ["Mailbox", "MailboxFull", "ReplayRefused", "DEFAULT_DEADLINE_S", "DEFAULT_PEER_BUDGET_BYTES",
            "DEFAULT_UNCLAIMED_TTL_S"]

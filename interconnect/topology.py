@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interconnect.links import Link, LinkSpec
-from interconnect.spec_fields import Fields, UserError
+from rdu.interconnect.links import Link, LinkSpec
+from rdu.base import Fields, UserError
 
 __all__ = ["TopologySpec", "CollectiveSpec", "Topology", "socket_name", "TOPOLOGY_KINDS"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos import interconnect_pb2 as pb
+from rdu.protos import interconnect_pb2 as pb
 
 __all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
            "TensorAssembler", "Received", "parse_chunk"]

@@ -1,6 +1,6 @@
 """The Python API, for notebooks and scripts: the same work as the `rdu` commands, plain data out.
 
-    from node import api
+    from rdu.node import api
     api.estimate(platform="dgx-h100", model="llama-2-7b", tp=8)["tpot_ns"]
     result = api.run(out="runs/nb-1", backend="inline", experts=20, workload={"kind": "trace", "limit": 200})
     result["summary"]["ttft_ns"]["p99"]
@@ -17,7 +17,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from interconnect.spec_fields import UserError
+from rdu.base import UserError
 
 __all__ = ["estimate", "run", "requests", "sweep_results", "UserError"]
 
@@ -26,9 +26,9 @@ def estimate(platform: str = "sn40l-node", model: str = "llama-2-7b", tp: int = 
              prompt_tokens: int = 128, output_tokens: int = 20, mode: str | None = None,
              orchestration: str | None = None, platform_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """`rdu estimate --json`: one generation on one tensor-parallel group, analytically."""
-    from node.estimate import estimate as _estimate
-    from node.platform import load_platform
-    from socket_actor.model_spec import load_model
+    from rdu.node.studies.estimate import estimate as _estimate
+    from rdu.node.cluster.platform import load_platform
+    from rdu.socket_actor.model_spec import load_model
 
     return _estimate(load_platform(platform, platform_overrides or {}), load_model(model), tp, batch, prompt_tokens,
                      output_tokens, mode, orchestration).data
@@ -37,8 +37,8 @@ def estimate(platform: str = "sn40l-node", model: str = "llama-2-7b", tp: int = 
 def run(config: str | None = None, *, force: bool = False, perfetto: bool = False, **fields: Any) -> dict[str, Any]:
     """`rdu run --json`: serve a workload and write the run directory. `fields` are run-config
     fields (nested dicts for sections, as in the YAML file) over the optional YAML `config`."""
-    from node.run import execute_run
-    from node.run_config import resolve_run_config
+    from rdu.node.runs.run import execute_run
+    from rdu.node.runs.run_config import resolve_run_config
 
     output = execute_run(resolve_run_config(config, fields), force=force, trace=perfetto)
     return {"summary": output.result.summary, "run": output.run_info, "out": str(output.out_dir)}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import interconnect_pb2 as protos_dot_interconnect__pb2
+from rdu.protos import interconnect_pb2 as rdu_dot_protos_dot_interconnect__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/interconnect_pb2_grpc.py depends on'
+        + ' but the generated code in rdu/protos/interconnect_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class InterconnectStub:
         """
         self.Transfer = channel.stream_stream(
                 '/rdu.interconnect.Interconnect/Transfer',
-                request_serializer=protos_dot_interconnect__pb2.TensorChunk.SerializeToString,
-                response_deserializer=protos_dot_interconnect__pb2.Ack.FromString,
+                request_serializer=rdu_dot_protos_dot_interconnect__pb2.TensorChunk.SerializeToString,
+                response_deserializer=rdu_dot_protos_dot_interconnect__pb2.Ack.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/rdu.interconnect.Interconnect/Health',
-                request_serializer=protos_dot_interconnect__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_interconnect__pb2.HealthReply.FromString,
+                request_serializer=rdu_dot_protos_dot_interconnect__pb2.HealthRequest.SerializeToString,
+                response_deserializer=rdu_dot_protos_dot_interconnect__pb2.HealthReply.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/rdu.interconnect.Interconnect/Stats',
-                request_serializer=protos_dot_interconnect__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_interconnect__pb2.StatsReply.FromString,
+                request_serializer=rdu_dot_protos_dot_interconnect__pb2.StatsRequest.SerializeToString,
+                response_deserializer=rdu_dot_protos_dot_interconnect__pb2.StatsReply.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_InterconnectServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Transfer': grpc.stream_stream_rpc_method_handler(
                     servicer.Transfer,
-                    request_deserializer=protos_dot_interconnect__pb2.TensorChunk.FromString,
-                    response_serializer=protos_dot_interconnect__pb2.Ack.SerializeToString,
+                    request_deserializer=rdu_dot_protos_dot_interconnect__pb2.TensorChunk.FromString,
+                    response_serializer=rdu_dot_protos_dot_interconnect__pb2.Ack.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=protos_dot_interconnect__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_interconnect__pb2.HealthReply.SerializeToString,
+                    request_deserializer=rdu_dot_protos_dot_interconnect__pb2.HealthRequest.FromString,
+                    response_serializer=rdu_dot_protos_dot_interconnect__pb2.HealthReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=protos_dot_interconnect__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_interconnect__pb2.StatsReply.SerializeToString,
+                    request_deserializer=rdu_dot_protos_dot_interconnect__pb2.StatsRequest.FromString,
+                    response_serializer=rdu_dot_protos_dot_interconnect__pb2.StatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class Interconnect:
             request_iterator,
             target,
             '/rdu.interconnect.Interconnect/Transfer',
-            protos_dot_interconnect__pb2.TensorChunk.SerializeToString,
-            protos_dot_interconnect__pb2.Ack.FromString,
+            rdu_dot_protos_dot_interconnect__pb2.TensorChunk.SerializeToString,
+            rdu_dot_protos_dot_interconnect__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class Interconnect:
             request,
             target,
             '/rdu.interconnect.Interconnect/Health',
-            protos_dot_interconnect__pb2.HealthRequest.SerializeToString,
-            protos_dot_interconnect__pb2.HealthReply.FromString,
+            rdu_dot_protos_dot_interconnect__pb2.HealthRequest.SerializeToString,
+            rdu_dot_protos_dot_interconnect__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Interconnect:
             request,
             target,
             '/rdu.interconnect.Interconnect/Stats',
-            protos_dot_interconnect__pb2.StatsRequest.SerializeToString,
-            protos_dot_interconnect__pb2.StatsReply.FromString,
+            rdu_dot_protos_dot_interconnect__pb2.StatsRequest.SerializeToString,
+            rdu_dot_protos_dot_interconnect__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,

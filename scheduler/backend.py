@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult
-from socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.socket_actor.model_spec import ModelSpec
 
 __all__ = ["GroupInfo", "ServingBackend"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from interconnect.spec_fields import Fields
+from rdu.base import Fields
 
 __all__ = ["ConfigField", "Section", "REQUIRED", "TYPES"]
 

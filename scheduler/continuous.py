@@ -20,19 +20,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from interconnect.spec_fields import UserError, format_bytes
-from scheduler.backend import GroupInfo, ServingBackend
-from scheduler.dispatch import choose_group, hot_experts, place_experts
-from scheduler.kv import GroupMemory, blocks_for
-from scheduler.metrics import EngineMetrics, GroupStats, MetricsCollector, RequestRecord, summarize
-from scheduler.policies import make_policy
-from scheduler.residency import ROUTER_KEY, Residency, model_id
-from scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
-from scheduler.workloads import Request, Workload
-from socket_actor.core import SpanRequest
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import kv_bytes_per_token_per_socket
-from socket_actor.tiers import CapacityError
+from rdu.base import UserError, format_bytes
+from rdu.scheduler.backend import GroupInfo, ServingBackend
+from rdu.scheduler.dispatch import choose_group, hot_experts, place_experts
+from rdu.scheduler.kv import GroupMemory, blocks_for
+from rdu.scheduler.metrics import EngineMetrics, GroupStats, MetricsCollector, RequestRecord, summarize
+from rdu.scheduler.policies import make_policy
+from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
+from rdu.scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
+from rdu.scheduler.workloads import Request, Workload
+from rdu.socket_actor.core import SpanRequest
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import kv_bytes_per_token_per_socket
+from rdu.socket_actor.tiers import CapacityError
 
 __all__ = ["ContinuousServer"]
 
@@ -297,7 +297,7 @@ class ContinuousServer:
         return self.result()
 
     def result(self):
-        from scheduler.serving import ServingResult
+        from rdu.scheduler.serving import ServingResult
 
         stats = [g.stats for g in self.groups]
         summary = summarize(self.metrics, stats, len(self.workload.requests), self.inter_node_bytes, self.setup_ns)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from socket_actor.tiers import CapacityError
+from rdu.socket_actor.tiers import CapacityError
 
 __all__ = ["DISPATCH", "PLACEMENT", "choose_group", "place_experts", "hot_experts"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from interconnect.spec_fields import UserError
+from rdu.base import UserError
 
 __all__ = ["FaultSpec", "parse_fault", "parse_faults", "FAULT_KINDS"]
 

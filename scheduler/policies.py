@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 
-from interconnect.spec_fields import UserError
+from rdu.base import UserError
 
 __all__ = ["ResidencyPolicy", "make_policy", "POLICIES"]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from scheduler.backend import GroupInfo, ServingBackend
-from scheduler.kv import GroupMemory
-from scheduler.policies import ResidencyPolicy
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import shard_weight_bytes
+from rdu.scheduler.backend import GroupInfo, ServingBackend
+from rdu.scheduler.kv import GroupMemory
+from rdu.scheduler.policies import ResidencyPolicy
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import shard_weight_bytes
 
 __all__ = ["Residency", "ROUTER_KEY", "model_id"]
 

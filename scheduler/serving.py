@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from interconnect.spec_fields import UserError
-from scheduler.backend import ServingBackend
-from scheduler.dispatch import DISPATCH, PLACEMENT
-from scheduler.metrics import RequestRecord
-from scheduler.policies import make_policy
-from scheduler.serving_types import (PREEMPTION, ROUTER_ID, SCHEDULER_KINDS, ServingConfig, ServingResult,
+from rdu.base import UserError
+from rdu.scheduler.backend import ServingBackend
+from rdu.scheduler.dispatch import DISPATCH, PLACEMENT
+from rdu.scheduler.metrics import RequestRecord
+from rdu.scheduler.policies import make_policy
+from rdu.scheduler.serving_types import (PREEMPTION, ROUTER_ID, SCHEDULER_KINDS, ServingConfig, ServingResult,
                                      ServingStopped, expert_id)
-from scheduler.step_scheduler import MODEL_SELECTION, StepConfig
-from scheduler.workloads import Workload
-from socket_actor.model_spec import ModelSpec
+from rdu.scheduler.step_scheduler import MODEL_SELECTION, StepConfig
+from rdu.scheduler.workloads import Workload
+from rdu.socket_actor.model_spec import ModelSpec
 
 __all__ = ["ServingConfig", "CoEServer", "ServingResult", "ServingStopped", "DISPATCH", "PLACEMENT", "ROUTER_ID",
            "expert_id", "SCHEDULER_KINDS", "PREEMPTION", "MODEL_SELECTION"]
@@ -70,14 +70,14 @@ class CoEServer:
             if config.faults or getattr(backend, "functional", False):
                 raise UserError("scheduler.kind: continuous does not inject faults or carry functional payloads "
                                 "yet; use scheduler.kind: static")
-            from scheduler.continuous import ContinuousServer
+            from rdu.scheduler.continuous import ContinuousServer
 
             step = StepConfig(config.max_num_batched_tokens, config.max_num_seqs, config.block_size,
                               config.model_selection, config.max_span_iterations)
             self.engine = ContinuousServer(backend, expert_model, experts, router_model, workload, config, step,
                                            on_event, on_record, keep_records)
         else:
-            from scheduler.static import StaticServer
+            from rdu.scheduler.static import StaticServer
 
             self.engine = StaticServer(backend, expert_model, experts, router_model, workload, config, on_event,
                                        on_record, keep_records)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.faults import FaultSpec
-from scheduler.metrics import GroupStats, RequestRecord
+from rdu.scheduler.faults import FaultSpec
+from rdu.scheduler.metrics import GroupStats, RequestRecord
 
 __all__ = ["ServingConfig", "ServingResult", "ServingStopped", "ROUTER_ID", "expert_id", "SCHEDULER_KINDS",
            "PREEMPTION"]

@@ -18,18 +18,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from interconnect.spec_fields import UserError, format_bytes
-from interconnect.links import LinkDown
-from scheduler.backend import GroupInfo, ServingBackend
-from scheduler.faults import FaultSpec
-from scheduler.metrics import GroupStats, MetricsCollector, RequestRecord, summarize
-from scheduler.policies import ResidencyPolicy, make_policy
-from scheduler.serving_types import ROUTER_ID, ServingConfig, ServingResult, ServingStopped, expert_id
-from scheduler.workloads import Request, Workload
-from socket_actor.core import RunRequest
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
-from socket_actor.tiers import CapacityError
+from rdu.base import UserError, format_bytes
+from rdu.interconnect.links import LinkDown
+from rdu.scheduler.backend import GroupInfo, ServingBackend
+from rdu.scheduler.faults import FaultSpec
+from rdu.scheduler.metrics import GroupStats, MetricsCollector, RequestRecord, summarize
+from rdu.scheduler.policies import ResidencyPolicy, make_policy
+from rdu.scheduler.serving_types import ROUTER_ID, ServingConfig, ServingResult, ServingStopped, expert_id
+from rdu.scheduler.workloads import Request, Workload
+from rdu.socket_actor.core import RunRequest
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
+from rdu.socket_actor.tiers import CapacityError
 
 __all__ = ["StaticServer"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.kv import blocks_for
+from rdu.scheduler.kv import blocks_for
 
 __all__ = ["Seq", "Batch", "StepConfig", "MODEL_SELECTION", "select_model", "build_batch", "span_limit"]
 

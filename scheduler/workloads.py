@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from interconnect.spec_fields import Fields, UserError, read_user_text
-from scheduler.config_table import REQUIRED, ConfigField, Section
+from rdu.base import Fields, UserError, read_user_text
+from rdu.scheduler.config_table import REQUIRED, ConfigField, Section
 
 __all__ = ["Request", "Workload", "WorkloadSpec", "build_workload", "read_trace", "default_trace_path",
            "WORKLOAD_KINDS", "WORKLOAD_SECTIONS"]
@@ -37,7 +37,7 @@ _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})(?:\.(\d{1,
 
 def default_trace_path() -> Path:
     """The Azure 2023 code trace shipped with the package."""
-    return Path(str(resources.files("scheduler") / "data" / "azure_llm_code_2023.csv"))
+    return Path(str(resources.files("rdu.scheduler") / "data" / "azure_llm_code_2023.csv"))
 
 
 @dataclass(frozen=True)

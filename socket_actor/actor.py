@@ -12,15 +12,15 @@ import os
 
 import numpy as np
 
-from interconnect.collectives import RingCollectives
-from interconnect.plane_auth import PlaneTLS
-from interconnect.grpc_plane import InterconnectServer, PeerClient
-from interconnect.spec_fields import UserError
-from interconnect.topology import Topology, TopologySpec
-from socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
-from socket_actor.numerics import KVCache, Shard, TinyConfig, forward_shard
-from socket_actor.operators import decode_step_shape, prefill_shape
-from socket_actor.spec import SocketSpec
+from rdu.interconnect.collectives import RingCollectives
+from rdu.interconnect.plane_auth import PlaneTLS
+from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient
+from rdu.base import UserError
+from rdu.interconnect.topology import Topology, TopologySpec
+from rdu.socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.socket_actor.numerics import KVCache, Shard, TinyConfig, forward_shard
+from rdu.socket_actor.operators import decode_step_shape, prefill_shape
+from rdu.socket_actor.spec import SocketSpec
 
 __all__ = ["SocketActor"]
 
@@ -201,8 +201,8 @@ class SocketActor:
     async def send_to(self, peer: str, tensor_id: str, nbytes: int) -> int:
         """Send `nbytes` of activations to `peer` now (virtual time: this socket's clock); returns
         the modelled arrival time. The peer collects it with `receive_from`."""
-        from protos import interconnect_pb2 as pb
-        from interconnect.links import transmit_path
+        from rdu.protos import interconnect_pb2 as pb
+        from rdu.interconnect.links import transmit_path
 
         array = np.zeros(nbytes // 4, dtype=np.float32)
         arrival = transmit_path(self.topology.path(self.name, peer), array.nbytes, self.core.clock_ns)

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.topology import Topology
-from interconnect.collectives_timing import RingTiming
-from interconnect.spec_fields import UserError
-from socket_actor.cost_model import CostModel, Timing
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket, window_pairs
-from socket_actor.spec import SocketSpec
-from socket_actor.tiers import MemoryTiers
+from rdu.interconnect.topology import Topology
+from rdu.interconnect.collectives_timing import RingTiming
+from rdu.base import UserError
+from rdu.socket_actor.cost_model import CostModel, Timing
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket, window_pairs
+from rdu.socket_actor.spec import SocketSpec
+from rdu.socket_actor.tiers import MemoryTiers
 
 __all__ = ["RDUSocket", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape",
            "KV_ENTRY"]

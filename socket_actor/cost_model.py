@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from interconnect.collectives_timing import RingTiming
-from interconnect.spec_fields import UserError
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, decode_shapes, prefill_shape,
+from rdu.interconnect.collectives_timing import RingTiming
+from rdu.base import UserError
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, decode_shapes, prefill_shape,
                                     shard_weight_bytes)
-from socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
+from rdu.socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
 
 __all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "Timing", "Segment", "compile_step"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from socket_actor.numerics import (KVCache, Shard, TinyConfig, forward_shard, init_weights, run_lockstep,
+from rdu.socket_actor.numerics import (KVCache, Shard, TinyConfig, forward_shard, init_weights, run_lockstep,
                                    run_reference, shard_weights)
 
 __all__ = ["FUNCTIONAL_MODEL", "PROMPT_CAP", "OUTPUT_CAP", "model_shards", "batch_payload", "reference",

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from interconnect.spec_fields import Fields, UserError, read_user_text
+from rdu.base import Fields, UserError, read_user_text
 
 __all__ = ["ModelSpec", "load_model", "model_presets"]
 
@@ -165,7 +165,7 @@ class ModelSpec:
 
 def model_presets() -> list[str]:
     """Names of the shipped model presets."""
-    folder = resources.files("socket_actor") / "models"
+    folder = resources.files("rdu.socket_actor") / "models"
     return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
@@ -182,7 +182,7 @@ def load_model(name_or_path: str, dtype_bytes: int = 2) -> ModelSpec:
         if name_or_path not in model_presets():
             raise UserError(f"unknown model {name_or_path!r}; presets: {', '.join(model_presets())} "
                             f"(or a path to a config.json)")
-        resource = resources.files("socket_actor") / "models" / f"{name_or_path}.json"
+        resource = resources.files("rdu.socket_actor") / "models" / f"{name_or_path}.json"
         text, origin, name = resource.read_text(encoding="utf-8"), f"model preset {name_or_path}", name_or_path
     try:
         config = json.loads(text)

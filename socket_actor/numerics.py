@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interconnect.spec_fields import UserError
-from socket_actor.model_spec import ModelSpec
+from rdu.base import UserError
+from rdu.socket_actor.model_spec import ModelSpec
 
 __all__ = ["TinyConfig", "Collective", "KVCache", "init_weights", "shard_weights", "forward_shard",
            "run_lockstep", "run_reference", "Shard"]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from interconnect.spec_fields import UserError
-from socket_actor.model_spec import ModelSpec
+from rdu.base import UserError
+from rdu.socket_actor.model_spec import ModelSpec
 
 __all__ = ["PhaseShape", "Operator", "StepGraph", "build_step_graph", "shard_weight_bytes",
            "prefill_shape", "decode_shapes", "decode_step_shape", "kv_bytes_per_token_per_socket", "SHAPE_KEYS",

@@ -3,7 +3,7 @@
 The same spec describes an SN40L RDU (SRAM / HBM / socket-attached DDR, fusion, software- or
 hardware-orchestrated launches) and a GPU (L2+shared memory / HBM, no socket DDR: its third tier
 is the node's host DRAM, no whole-layer fusion, one launch cost). Values come from platform
-presets; see `node/presets/`.
+presets; see `node/cluster/presets/`.
 
 A field that cannot change any result on the socket it describes is refused rather than
 silently ignored (fused-kernel efficiencies on a socket without fusion, an SRAM bandwidth where
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interconnect.spec_fields import Fields
+from rdu.base import Fields
 
 __all__ = ["TierSpec", "SocketSpec", "MODES", "ORCHESTRATIONS", "FUSION_SCOPES"]
 

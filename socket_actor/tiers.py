@@ -8,9 +8,9 @@ copy path instead, where they can contend (see `interconnect.topology.Topology.c
 
 from __future__ import annotations
 
-from interconnect.links import LinkSpec
-from interconnect.spec_fields import UserError, format_bytes
-from socket_actor.spec import SocketSpec
+from rdu.interconnect.links import LinkSpec
+from rdu.base import UserError, format_bytes
+from rdu.socket_actor.spec import SocketSpec
 
 __all__ = ["CapacityError", "Ledger", "MemoryTiers"]
 

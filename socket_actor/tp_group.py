@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interconnect.collectives_timing import RingTiming
-from interconnect.links import transmit_path
-from interconnect.topology import Topology
-from socket_actor.cost_model import CostModel
-from socket_actor.model_spec import ModelSpec
-from socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
-from socket_actor.spec import SocketSpec
+from rdu.interconnect.collectives_timing import RingTiming
+from rdu.interconnect.links import transmit_path
+from rdu.interconnect.topology import Topology
+from rdu.socket_actor.cost_model import CostModel
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
+from rdu.socket_actor.spec import SocketSpec
 
 __all__ = ["TPGroup"]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from interconnect.topology import Topology
-from node.layout import nodes_for_tp, tp_groups
-from node.platform import load_platform
-from socket_actor.model_spec import load_model
+from rdu.interconnect.topology import Topology
+from rdu.node.cluster.layout import nodes_for_tp, tp_groups
+from rdu.node.cluster.platform import load_platform
+from rdu.socket_actor.model_spec import load_model
 
 
 def group_for(platform: str, tp: int, overrides: dict | None = None):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from interconnect.grpc_plane import InterconnectServer
-from interconnect.wire import chunk_tensor
-from node.cli import main
-from protos import interconnect_pb2 as pb
-from protos import interconnect_pb2_grpc as pb_grpc
+from rdu.interconnect.grpc_plane import InterconnectServer
+from rdu.interconnect.wire import chunk_tensor
+from rdu.node.cli.main import main
+from rdu.protos import interconnect_pb2 as pb
+from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 TOKEN = "corpus-token"

@@ -15,7 +15,7 @@ from bench.progress import BenchProgress
 from bench.report import (BEGIN_MARKER, END_MARKER, BenchRecord, Row, check_writable, exit_code, format_value,
                           load_record, markdown_table, missed, record_block, save_record, splice_readme,
                           verdict_lines)
-from interconnect.spec_fields import UserError
+from rdu.base import UserError
 
 REPO_README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.calibrate import declared_parameters, evaluate, load_observations, rel_error, calibrate
-from node.platform import load_platform
+from rdu.base import UserError
+from rdu.node.studies.calibrate import declared_parameters, evaluate, load_observations, rel_error, calibrate
+from rdu.node.cluster.platform import load_platform
 
 
 @pytest.mark.parametrize("platform", ["dgx-a100", "dgx-h100"])
@@ -90,9 +90,9 @@ def test_recorded_calibration_meets_the_issue_bar():
     import json
     from importlib import resources
 
-    from node.calibrate import declared_parameters
+    from rdu.node.studies.calibrate import declared_parameters
 
-    record = json.loads((resources.files("node") / "presets" / "calibration.json").read_text())
+    record = json.loads((resources.files("rdu.node.cluster") / "presets" / "calibration.json").read_text())
     presets = {p.key: p.preset_value for p in declared_parameters()}
     for p in record["parameters"]:
         low, high = p["bounds"]

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from node.check_tp import check_tp
-from node.platform import load_platform
-from node.ray_nodes import RayNodes
+from rdu.node.studies.check_tp import check_tp
+from rdu.node.cluster.platform import load_platform
+from rdu.node.cluster.ray_nodes import RayNodes
 
 pytestmark = pytest.mark.ray
 

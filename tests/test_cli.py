@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from node.cli import main
+from rdu.node.cli.main import main
 
 
 def run(capsys, *argv):
@@ -72,9 +72,9 @@ def test_estimate_table_lists_runtime_costs_and_collectives(capsys):
 def test_estimate_answers_well_under_a_second():
     import time
 
-    from node.estimate import estimate
-    from node.platform import load_platform
-    from socket_actor.model_spec import load_model
+    from rdu.node.studies.estimate import estimate
+    from rdu.node.cluster.platform import load_platform
+    from rdu.socket_actor.model_spec import load_model
 
     platform, model = load_platform("sn40l-node"), load_model("llama-3.1-70b")
     estimate(platform, model, 8, 8, 4096, 2000)                       # compile once
@@ -95,7 +95,7 @@ def test_presets(capsys):
 def test_presets_table_fits_80_columns_with_every_model_name_whole():
     from rich.console import Console
 
-    from node.cli import cmd_presets
+    from rdu.node.cli.main import cmd_presets
 
     console = Console(width=80, record=True, force_terminal=False)
     cmd_presets(type("Args", (), {"json": False})(), console)
@@ -141,7 +141,7 @@ def test_user_errors_are_one_line_exit_2(capsys, argv, message):
 def test_console_script_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: sn40l-node\nsocket: {hbm: {capacity_bytes: -1}}\n")
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "estimate", "--platform", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "rdu.node.cli.main", "estimate", "--platform", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "socket.hbm.capacity_bytes" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from socket_actor.model_spec import load_model
-from socket_actor.operators import PhaseShape, decode_shapes, prefill_shape
+from rdu.socket_actor.model_spec import load_model
+from rdu.socket_actor.operators import PhaseShape, decode_shapes, prefill_shape
 from tests.helpers import cost_model, group_for
 
 CASES = [
@@ -93,7 +93,7 @@ def test_fused_vs_unfused_decode_in_paper_range():
 
 
 def test_gpu_cannot_fuse_or_hardware_orchestrate():
-    from interconnect.spec_fields import UserError
+    from rdu.base import UserError
 
     with pytest.raises(UserError, match="cannot run fused"):
         cost_model("dgx-a100", "llama-2-7b", 8, "fused", "SO")
@@ -102,8 +102,8 @@ def test_gpu_cannot_fuse_or_hardware_orchestrate():
 
 
 def test_tp_must_split_heads():
-    from interconnect.spec_fields import UserError
-    from socket_actor.operators import build_step_graph
+    from rdu.base import UserError
+    from rdu.socket_actor.operators import build_step_graph
 
     assert cost_model("sn40l-16", "falcon-40b", 16).compiled  # 8 key/value heads replicate over 16
     base = load_model("llama-2-7b").to_dict()

@@ -12,12 +12,12 @@ import pexpect
 import pytest
 from rich.console import Console
 
-from node.cli import main
-from node.dashboard import LiveDashboard, load_events, one_line, render, replay
-from node.events_log import read_events
-from node.live_stats import LiveStats
-from node.run import execute_run
-from node.run_config import resolve_run_config
+from rdu.node.cli.main import main
+from rdu.node.observe.dashboard import LiveDashboard, load_events, one_line, render, replay
+from rdu.node.observe.events_log import read_events
+from rdu.node.observe.live_stats import LiveStats
+from rdu.node.runs.run import execute_run
+from rdu.node.runs.run_config import resolve_run_config
 
 RDU = str(Path(sys.executable).with_name("rdu"))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]")

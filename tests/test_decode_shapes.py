@@ -4,7 +4,7 @@ and need memory O(batch + steps) (a large batch of long outputs does not build a
 import numpy as np
 import pytest
 
-from socket_actor.operators import decode_shapes
+from rdu.socket_actor.operators import decode_shapes
 
 
 def step_by_step(prompt_lens, output_lens, window):

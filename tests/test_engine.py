@@ -4,14 +4,14 @@ from dataclasses import asdict
 
 import pytest
 
-from interconnect.spec_fields import Fields, UserError
-from node.estimate import estimate
-from node.inline_backend import InlineBackend
-from node.platform import load_platform
-from scheduler.serving import CoEServer, ServingConfig
-from scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
-from socket_actor.core import KV_ENTRY
-from socket_actor.model_spec import load_model
+from rdu.base import Fields, UserError
+from rdu.node.studies.estimate import estimate
+from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.platform import load_platform
+from rdu.scheduler.serving import CoEServer, ServingConfig
+from rdu.scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
+from rdu.socket_actor.core import KV_ENTRY
+from rdu.socket_actor.model_spec import load_model
 
 LLAMA = load_model("llama-2-7b")
 RANDOM = {"kind": "synthetic", "requests": 120, "rate_per_s": 20,
@@ -128,7 +128,7 @@ def test_slo_goodput_and_bad_configs():
 
 @pytest.mark.ray
 def test_ray_backend_gives_the_same_summary(ray_local):
-    from node.ray_backend import RayBackend
+    from rdu.node.cluster.ray_backend import RayBackend
 
     spec = load_platform("sn40l-node").spec
     backend = RayBackend(spec, 1, 8)
@@ -159,12 +159,12 @@ class _StubBackend:
 
 
 def _residency(resident_shards=2):
-    from scheduler.backend import GroupInfo
-    from scheduler.kv import GroupMemory
-    from scheduler.metrics import GroupStats
-    from scheduler.policies import make_policy
-    from scheduler.residency import Residency
-    from socket_actor.operators import shard_weight_bytes
+    from rdu.scheduler.backend import GroupInfo
+    from rdu.scheduler.kv import GroupMemory
+    from rdu.scheduler.metrics import GroupStats
+    from rdu.scheduler.policies import make_policy
+    from rdu.scheduler.residency import Residency
+    from rdu.socket_actor.operators import shard_weight_bytes
 
     shard = shard_weight_bytes(LLAMA, 1)
     info = GroupInfo(0, "group0", 0, ("node0/socket0",), resident_shards * shard + shard // 2)

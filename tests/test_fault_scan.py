@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from node.cli import main
+from rdu.node.cli.main import main
 
 SMALL = ["run", "--backend", "inline", "--experts", "20", "--limit", "60", "--scheduler", "static"]
 

@@ -20,11 +20,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from interconnect.grpc_plane import SERVICE_NAME, InterconnectServer
-from interconnect.plane_auth import call_metadata, sender_credential
-from interconnect.wire import chunk_tensor
-from node.cli import main
-from protos import interconnect_pb2 as pb
+from rdu.interconnect.grpc_plane import SERVICE_NAME, InterconnectServer
+from rdu.interconnect.plane_auth import call_metadata, sender_credential
+from rdu.interconnect.wire import chunk_tensor
+from rdu.node.cli.main import main
+from rdu.protos import interconnect_pb2 as pb
 
 settings.register_profile("default", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -8,15 +8,15 @@ import grpc
 import numpy as np
 import pytest
 
-from interconnect.collectives import RingCollectives
-from interconnect.collectives_timing import RingTiming
-from interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
-from interconnect.plane_auth import call_metadata
-from interconnect.topology import Topology, socket_name
-from interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
-from node.platform import load_platform
-from protos import interconnect_pb2 as pb
-from protos import interconnect_pb2_grpc as pb_grpc
+from rdu.interconnect.collectives import RingCollectives
+from rdu.interconnect.collectives_timing import RingTiming
+from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
+from rdu.interconnect.plane_auth import call_metadata
+from rdu.interconnect.topology import Topology, socket_name
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
+from rdu.node.cluster.platform import load_platform
+from rdu.protos import interconnect_pb2 as pb
+from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
 
 TOKEN = "plane-test-secret"

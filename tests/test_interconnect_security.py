@@ -9,13 +9,13 @@ import grpc
 import numpy as np
 import pytest
 
-from interconnect.grpc_plane import SERVICE_NAME, InterconnectServer, PeerClient, TransferRejected
-from interconnect.mailbox import Mailbox
-from interconnect.plane_auth import call_metadata, make_run_tls, sender_credential
-from interconnect.registry import PeerRegistry
-from interconnect.wire import MAX_CHUNK_BYTES, Received, chunk_tensor
-from protos import interconnect_pb2 as pb
-from protos import interconnect_pb2_grpc as pb_grpc
+from rdu.interconnect.grpc_plane import SERVICE_NAME, InterconnectServer, PeerClient, TransferRejected
+from rdu.interconnect.mailbox import Mailbox
+from rdu.interconnect.plane_auth import call_metadata, make_run_tls, sender_credential
+from rdu.interconnect.registry import PeerRegistry
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, Received, chunk_tensor
+from rdu.protos import interconnect_pb2 as pb
+from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
 SECRET = "security-test-secret"
 ME, PEER, OTHER = "node0/socket0", "node0/socket1", "node0/socket2"
@@ -312,10 +312,10 @@ def test_forged_chunks_into_a_live_tensor_parallel_decode_are_refused():
     max_abs_err went from 1.7e-6 to 4.56), now against 4 socket actors in this process: every
     tensor id a rank waits for is raced by a forged chunk from its predecessor's name; each is
     refused and the decode still matches the reference."""
-    from node.platform import load_platform
-    from socket_actor.actor import SocketActor
-    from socket_actor.numerics import TinyConfig, init_weights, run_reference, shard_weights
-    from socket_actor.operators import shard_weight_bytes
+    from rdu.node.cluster.platform import load_platform
+    from rdu.socket_actor.actor import SocketActor
+    from rdu.socket_actor.numerics import TinyConfig, init_weights, run_reference, shard_weights
+    from rdu.socket_actor.operators import shard_weight_bytes
 
     tp, tokens, prompt = 4, 4, 6
     spec = load_platform("sn40l-node", {"sockets_per_node": tp}).spec

@@ -2,11 +2,11 @@ import math
 
 import pytest
 
-from interconnect.collectives_timing import RingTiming
-from interconnect.links import Link, LinkSpec, transmit_path
-from interconnect.topology import Topology
-from node.platform import load_platform
-from socket_actor.tiers import CapacityError, Ledger, MemoryTiers
+from rdu.interconnect.collectives_timing import RingTiming
+from rdu.interconnect.links import Link, LinkSpec, transmit_path
+from rdu.interconnect.topology import Topology
+from rdu.node.cluster.platform import load_platform
+from rdu.socket_actor.tiers import CapacityError, Ledger, MemoryTiers
 
 
 def test_transfer_formula_and_contention():

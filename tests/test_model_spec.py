@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from socket_actor.model_spec import ModelSpec, load_model, model_presets
+from rdu.base import UserError
+from rdu.socket_actor.model_spec import ModelSpec, load_model, model_presets
 
 # parameter counts published with each model (rounded); the emulator derives them from config.json
 PUBLISHED_PARAMS = {

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from socket_actor.numerics import (KVCache, TinyConfig, forward_shard, init_weights, run_lockstep,
+from rdu.socket_actor.numerics import (KVCache, TinyConfig, forward_shard, init_weights, run_lockstep,
                                    run_reference, shard_weights)
 
 
@@ -55,7 +55,7 @@ def test_functional_model_is_timed_like_any_model():
 
 
 def test_functional_model_rejects_bad_tp():
-    from interconnect.spec_fields import UserError
+    from rdu.base import UserError
 
     with pytest.raises(UserError, match="cannot be split over TP 3"):
         shard_weights(init_weights(TinyConfig(), 0), TinyConfig(), 3, 0)

@@ -1,8 +1,8 @@
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.platform import load_platform, platform_presets
-from node.yaml_io import leaf_paths
+from rdu.base import UserError
+from rdu.node.cluster.platform import load_platform, platform_presets
+from rdu.yaml_io import leaf_paths
 
 
 def test_presets():

@@ -15,15 +15,15 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from interconnect.spec_fields import UserError
-from node.cli import main
-from node.plot_style import count_axis, new_figure, plain_number, spans_decades
-from node.plots import PLOT_FILES, _RunData, latency_figure, run_figures, utilisation_figure, write_plots
-from node.reproduce import Claim, Reproduction
-from node.reproduce_plots import coe_figure, fusion_figure, headline_figure
-from node.run import execute_run
-from node.run_config import resolve_run_config
-from node.sweep_plots import build_study_figure
+from rdu.base import UserError
+from rdu.node.cli.main import main
+from rdu.node.observe.plot_style import count_axis, new_figure, plain_number, spans_decades
+from rdu.node.observe.plots import PLOT_FILES, _RunData, latency_figure, run_figures, utilisation_figure, write_plots
+from rdu.node.studies.reproduce import Claim, Reproduction
+from rdu.node.studies.reproduce_plots import coe_figure, fusion_figure, headline_figure
+from rdu.node.runs.run import execute_run
+from rdu.node.runs.run_config import resolve_run_config
+from rdu.node.studies.sweep_plots import build_study_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,8 +103,8 @@ def continuous_run_dir(tmp_path_factory):
 
 
 def test_the_kv_panel_follows_the_kv_blocks_and_the_batch(continuous_run_dir):
-    from node.events_log import read_events
-    from node.plots import _gather
+    from rdu.node.observe.events_log import read_events
+    from rdu.node.observe.plots import _gather
 
     events = list(read_events(continuous_run_dir / "events.msgpack"))
     data = _gather(continuous_run_dir / "events.msgpack")
@@ -276,7 +276,7 @@ def test_style_helpers():
 
 
 def test_plotting_never_imports_pyplot():
-    code = ("import sys; from node import plots, sweep_plots, reproduce_plots, plot_style; "
+    code = ("import sys; from rdu.node.observe import plots, plot_style; from rdu.node.studies import sweep_plots, reproduce_plots; "
             "from tests.test_plots import _run_data; plots.utilisation_figure(_run_data()).canvas.draw(); "
             "print('matplotlib.pyplot' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-from scheduler.policies import make_policy
+from rdu.scheduler.policies import make_policy
 
 
 def test_lru_lfu_belady_pick_different_victims():
@@ -18,7 +18,7 @@ def test_lru_lfu_belady_pick_different_victims():
 def test_unknown_policy():
     import pytest
 
-    from interconnect.spec_fields import UserError
+    from rdu.base import UserError
 
     with pytest.raises(UserError, match="unknown policy 'mru'; expected one of lru, lfu, belady, prefetch"):
         make_policy("mru", [])

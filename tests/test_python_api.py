@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node import api
+from rdu.node import api
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "python-api.md"
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from node.cli import main
-from node.reproduce import reproduce_sn40l
+from rdu.node.cli.main import main
+from rdu.node.studies.reproduce import reproduce_sn40l
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_unknown_target(capsys):
 def test_expert_only_claim_is_execution_only():
     """The sheet defines the expert-only speed-up as execution only: the SN40L's run set-up (a CoE
     cost, paid when a group changes model) must not move it."""
-    from node.reproduce import claim_values, overridden
+    from rdu.node.studies.reproduce import claim_values, overridden
 
     values = []
     for setup_ns in (0, 50_000_000):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from node.cli import main
+from rdu.node.cli.main import main
 
 
 def run(capsys, *argv):
@@ -34,7 +34,7 @@ def test_run_writes_a_complete_directory(tmp_path, capsys):
     assert {"id", "arrival_ns", "expert", "node", "switch_wait_ns", "ttft_ns", "tpot_ns", "e2e_ns"} <= set(rows[0])
     resolved = (out / "config.resolved.yaml").read_text()
     assert "policy: lru" in resolved and "platform_resolved:" in resolved
-    from node.events_log import read_events
+    from rdu.node.observe.events_log import read_events
 
     events = list(read_events(out / "events.msgpack"))
     assert events[0]["type"] == "setup" and events[-1]["type"] == "end"

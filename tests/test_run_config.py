@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.cli import main as rdu
-from node.config_fields import EXECUTION, SCHEDULER, SECTIONS, TOP, main as reference_main, render_reference
-from node.run_config import DEFAULTS, config_hash, resolve_run_config
-from scheduler.config_table import REQUIRED
-from scheduler.workloads import LENGTH, POPULARITY, WORKLOAD, default_trace_path
+from rdu.base import UserError
+from rdu.node.cli.main import main as rdu
+from rdu.node.runs.config_fields import EXECUTION, SCHEDULER, SECTIONS, TOP, main as reference_main, render_reference
+from rdu.node.runs.run_config import DEFAULTS, config_hash, resolve_run_config
+from rdu.scheduler.config_table import REQUIRED
+from rdu.scheduler.workloads import LENGTH, POPULARITY, WORKLOAD, default_trace_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "run-config.md"
@@ -90,7 +90,7 @@ def _shown(section, key):
 
 def test_the_reference_is_what_the_generator_writes(tmp_path):
     assert DOC.read_text(encoding="utf-8") == render_reference(), \
-        "docs/run-config.md is stale: python -m node.config_fields --write docs/run-config.md"
+        "docs/run-config.md is stale: python -m rdu.node.runs.config_fields --write docs/run-config.md"
     assert reference_main(["--check", str(DOC)]) == 0
     stale = tmp_path / "stale.md"
     stale.write_text(render_reference().replace("| `tp` |", "| `tensor_parallel` |"))
@@ -273,7 +273,7 @@ def test_two_runs_that_differ_only_in_nodes_land_in_different_directories(tmp_pa
 
 def test_every_run_flag_sets_a_field_of_the_table():
     """`rdu run` flags write into the run config; each must land on a field the reference documents."""
-    from node.cli import _RUN_FLAGS
+    from rdu.node.cli.main import _RUN_FLAGS
 
     sections = {s.path: s for s in SECTIONS}
     for flag, dotted in _RUN_FLAGS.items():

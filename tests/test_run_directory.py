@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from node.cli import main
-from node.run_directory import RunDirectory, is_run_directory
+from rdu.node.cli.main import main
+from rdu.node.runs.run_directory import RunDirectory, is_run_directory
 
 SMALL = ["run", "--backend", "inline", "--experts", "10", "--limit", "20"]
 

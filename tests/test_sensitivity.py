@@ -3,10 +3,10 @@ about the known amount (these fail on a model whose knobs stand in for missing p
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.platform import load_platform
-from socket_actor.model_spec import load_model
-from socket_actor.operators import decode_shapes, prefill_shape
+from rdu.base import UserError
+from rdu.node.cluster.platform import load_platform
+from rdu.socket_actor.model_spec import load_model
+from rdu.socket_actor.operators import decode_shapes, prefill_shape
 from tests.helpers import group_for
 
 MODEL = load_model("llama-2-7b")

@@ -2,13 +2,13 @@
 
 import pytest
 
-from interconnect.spec_fields import Fields, UserError
-from node.inline_backend import InlineBackend
-from node.platform import load_platform
-from scheduler.serving import CoEServer, ServingConfig
-from scheduler.workloads import WorkloadSpec, build_workload
-from socket_actor.model_spec import load_model
-from socket_actor.tiers import CapacityError
+from rdu.base import Fields, UserError
+from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.platform import load_platform
+from rdu.scheduler.serving import CoEServer, ServingConfig
+from rdu.scheduler.workloads import WorkloadSpec, build_workload
+from rdu.socket_actor.model_spec import load_model
+from rdu.socket_actor.tiers import CapacityError
 
 LLAMA = load_model("llama-2-7b")
 

@@ -2,14 +2,14 @@
 while it runs (sized by its own sequences, no look-ahead), and the ledger returns to the weights
 alone when the group goes idle and at the end of the run."""
 
-from interconnect.spec_fields import Fields
-from node.inline_backend import InlineBackend
-from node.platform import load_platform
-from scheduler.serving import CoEServer, ServingConfig
-from scheduler.workloads import WorkloadSpec, build_workload
-from socket_actor.core import KV_ENTRY
-from socket_actor.model_spec import load_model
-from socket_actor.operators import kv_bytes_per_token_per_socket
+from rdu.base import Fields
+from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.platform import load_platform
+from rdu.scheduler.serving import CoEServer, ServingConfig
+from rdu.scheduler.workloads import WorkloadSpec, build_workload
+from rdu.socket_actor.core import KV_ENTRY
+from rdu.socket_actor.model_spec import load_model
+from rdu.socket_actor.operators import kv_bytes_per_token_per_socket
 
 LLAMA = load_model("llama-2-7b")
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.sweep import load_study, run_study, study_points
+from rdu.base import UserError
+from rdu.node.studies.sweep import load_study, run_study, study_points
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ("scale-up", "scale-out", "expert-count", "policies", "load")
@@ -63,8 +63,8 @@ def test_scale_by_needs_a_numeric_axis(tmp_path):
 import json
 import random
 
-from node.cli import main
-from node.sweep import POINT_RECORD_SUFFIX, PlainProgress, SweepProgress, point_id, point_key
+from rdu.node.cli.main import main
+from rdu.node.studies.sweep import POINT_RECORD_SUFFIX, PlainProgress, SweepProgress, point_id, point_key
 
 TINY = """name: tiny
 base:
@@ -149,12 +149,12 @@ def test_corrupt_or_missing_records_rerun_with_a_warning(ray_local, tmp_path, ca
 
 @pytest.mark.ray
 def test_failed_points_are_counted_and_rerun(ray_local, tmp_path, monkeypatch, capsys):
-    import node.run
+    import rdu.node.runs.run
 
     def crash(config, *args, **kwargs):
         raise RuntimeError("socket on fire")
 
-    monkeypatch.setattr(node.run, "execute_run", crash)
+    monkeypatch.setattr(rdu.node.runs.run, "execute_run", crash)
     out = tmp_path / "out"
     outcome = run_study(_tiny(tmp_path, backend="ray"), out)  # Ray-backend points run in this process
     assert (outcome.ran, outcome.failed, outcome.skipped) == (2, 2, 0)
@@ -210,7 +210,7 @@ def test_point_ids_are_one_to_one_with_their_labels():
 
 
 def test_point_key_follows_content_not_location(tmp_path):
-    from node.run_config import resolve_run_config
+    from rdu.node.runs.run_config import resolve_run_config
 
     trace = tmp_path / "trace.csv"
     trace.write_text((ROOT / "scheduler" / "data" / "azure_llm_code_2023.csv").read_text())
@@ -284,7 +284,7 @@ KNEE = {"offered": "rate", "served": "served", "ratio": 0.95, "latency": "ttft",
 
 
 def test_the_knee_is_the_first_load_not_served_or_over_the_slo():
-    from node.sweep_plots import find_knees
+    from rdu.node.studies.sweep_plots import find_knees
 
     knees = find_knees({"x": "rate", "y": "served", "series": "machine", "knee": KNEE}, _load_rows())
     assert {m: k[0] if k else None for m, k in knees.items()} == {"a": 8.0, "b": 2.0, "c": None}
@@ -294,7 +294,7 @@ def test_the_knee_is_the_first_load_not_served_or_over_the_slo():
 
 
 def test_knees_are_marked_in_the_series_colour_and_named_in_the_legend():
-    from node.sweep_plots import build_study_figure
+    from rdu.node.studies.sweep_plots import build_study_figure
 
     spec = {"x": "rate", "y": "served", "series": "machine", "kind": "line", "knee": KNEE, "diagonal": True}
     axes = build_study_figure(spec, _load_rows(), "load").axes[0]
@@ -305,7 +305,7 @@ def test_knees_are_marked_in_the_series_colour_and_named_in_the_legend():
 
 
 def test_series_of_several_fields_get_one_line_each():
-    from node.sweep_plots import build_study_figure
+    from rdu.node.studies.sweep_plots import build_study_figure
 
     rows = [{"platform": p, "experts": e, "rate": r, "status": "ok", "y": r * (e + 1)}
             for p in ("x", "z") for e in (1, 150) for r in (1, 2)]
@@ -321,7 +321,7 @@ def test_series_of_several_fields_get_one_line_each():
     ({"served": "s", "slo": 1}, "unknown key"),
 ])
 def test_a_malformed_knee_is_one_line_error(knee, message):
-    from node.sweep_plots import check_knee
+    from rdu.node.studies.sweep_plots import check_knee
 
     with pytest.raises(UserError, match=message):
         check_knee({"x": "rate", "y": "served", "knee": knee})

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from interconnect.spec_fields import UserError
-from node.cli import main
-from node import trace_export
-from node.events_log import EventsWriter, read_events
-from node.run import execute_run
-from node.run_config import resolve_run_config
-from node.trace_export import build_trace_json, write_trace
+from rdu.base import UserError
+from rdu.node.cli.main import main
+from rdu.node.observe import trace_export
+from rdu.node.observe.events_log import EventsWriter, read_events
+from rdu.node.runs.run import execute_run
+from rdu.node.runs.run_config import resolve_run_config
+from rdu.node.observe.trace_export import build_trace_json, write_trace
 
 
 def _run(out, **overrides):
@@ -224,7 +224,7 @@ def test_spilled_trace_is_the_in_memory_trace_and_leaves_nothing_behind(two_node
 
 _PEAK_RSS = """
 import resource, sys
-from node import trace_export
+from rdu.node.observe import trace_export
 trace_export.SPILL_ITEMS = 2000
 trace_export._SpillSorter.FAN_IN = 4
 trace_export.write_trace(sys.argv[1])
@@ -272,7 +272,7 @@ def test_trace_and_dashboard_agree_on_hbm_over_time(tmp_path):
     """One reducer (node.live_stats.Residency) turns the events into HBM occupancy for the trace and
     the dashboard alike: on a CoE run with evictions and KV, the trace's HBM counter of every socket
     follows the dashboard's view event by event and ends where it does."""
-    from node.live_stats import LiveStats
+    from rdu.node.observe.live_stats import LiveStats
 
     run_dir = _run(tmp_path / "coe", experts=150, limit=400)
     events = list(read_events(run_dir / "events.msgpack"))

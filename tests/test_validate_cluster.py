@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.cli import main
-from node.validate_cluster import validate_cluster
+from rdu.node.cli.main import main
+from rdu.node.studies.validate_cluster import validate_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (ROOT / "cluster.yaml").read_text()

@@ -4,7 +4,7 @@ exactly, whatever the buffer size, and memory follows the distinct values, not t
 import numpy as np
 import pytest
 
-from scheduler.metrics import WeightedValues, weighted_percentiles
+from rdu.scheduler.metrics import WeightedValues, weighted_percentiles
 
 
 @pytest.mark.parametrize("buffer_pairs", [1, 7, 1 << 18])

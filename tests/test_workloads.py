@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-from interconnect.spec_fields import Fields, UserError
-from scheduler.workloads import WorkloadSpec, build_workload, default_trace_path, read_trace
+from rdu.base import Fields, UserError
+from rdu.scheduler.workloads import WorkloadSpec, build_workload, default_trace_path, read_trace
 
 
 def spec(**fields):

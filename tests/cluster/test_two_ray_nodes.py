@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from node.check_tp import check_tp
-from node.run import execute_run
-from node.run_config import resolve_run_config
+from rdu.node.studies.check_tp import check_tp
+from rdu.node.runs.run import execute_run
+from rdu.node.runs.run_config import resolve_run_config
 
 pytestmark = pytest.mark.cluster
 

@@ -1,0 +1,174 @@
+"""The in-process backend: every socket core, DDR store and link of the cluster in this process.
+
+It is the reference the Ray backend is checked against, and the fast path for very large sweeps
+(thousands of sockets in timing mode). A TP group's members are identical, so a batch is timed
+once per group and the result applied to every member's core.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from rdu.interconnect.links import transmit_path
+from rdu.interconnect.topology import Topology
+from rdu.node.cluster.ddr_store import DDRStore
+from rdu.node.cluster.layout import tp_groups
+from rdu.node.cluster.platform import NodeSpec
+from rdu.scheduler.backend import GroupInfo
+from rdu.socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.socket_actor.cost_model import Timing
+from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
+from rdu.socket_actor.model_spec import ModelSpec
+from rdu.socket_actor.operators import shard_weight_bytes
+
+__all__ = ["InlineBackend"]
+
+_CACHE_ENTRIES = 4096
+
+
+class InlineBackend:
+    name = "inline"
+
+    def __init__(self, spec: NodeSpec, nodes: int, tp: int, functional: bool = False) -> None:
+        """With `functional`, every model also carries its functional payload: switches copy its
+        shards into the members' HBM buffers and every batch really generates (in-process TP)."""
+        self.spec = spec
+        self.functional = functional
+        self.checks = FunctionalChecks()
+        self.nodes = nodes
+        self.ddr_capacity_bytes = spec.ddr_capacity_bytes
+        self.ddr_tier_name = spec.ddr_tier_name
+        self.restart_ns = spec.socket.restart_ns
+        self.max_restarts = spec.socket.max_restarts
+        self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
+        self.tp_groups = tp_groups(spec, self.topology, tp)
+        self.sockets = {name: RDUSocket(name, spec.socket, self.topology)
+                        for group in self.tp_groups for name in group.members}
+        self.ddr = [DDRStore(f"node{n}", spec.ddr_capacity_bytes, spec.ddr_tier_name) for n in range(nodes)]
+        self._timings: OrderedDict[tuple, Timing] = OrderedDict()
+        self._span_key: tuple | None = None
+        self._span_steps: tuple | None = None
+
+    def groups(self) -> list[GroupInfo]:
+        return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
+                          hbm_usable_bytes=self.spec.socket.hbm_usable_bytes)
+                for i, g in enumerate(self.tp_groups)]
+
+    def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
+        self.ddr[node].put(model_id, nominal_bytes)
+
+    def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int,
+                      members: list[str] | None = None) -> tuple[int, dict[str, int]]:
+        """(shard bytes, arrival per member) of a DDR -> HBM copy over the contended copy paths
+        into every member of a group (or only into `members`)."""
+        tp_group = self.tp_groups[group]
+        shard = shard_weight_bytes(model, tp_group.tp)
+        return shard, tp_group.copy_in(shard, send_ns, members)
+
+    def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
+                members: list[str] | None = None) -> dict[str, int]:
+        shard, arrivals = self.copy_arrivals(group, model, send_ns, members)
+        payloads = self._payloads(group, model_id)
+        for member, arrival in arrivals.items():
+            self.sockets[member].load(model_id, shard, arrival, payloads.get(member))
+        return arrivals
+
+    def _payloads(self, group: int, model_id: str) -> dict[str, object]:
+        """Each member's functional shard of `model_id` (none in timing mode)."""
+        if not self.functional:
+            return {}
+        members = self.tp_groups[group].members
+        return dict(zip(members, model_shards(model_id, len(members))))
+
+    def evict(self, group: int, model_id: str) -> None:
+        for member in self.tp_groups[group].members:
+            self.sockets[member].evict(model_id)
+
+    def _timing(self, request: RunRequest) -> Timing:
+        key = (request.model, request.members, request.prompt_lens, request.output_lens, request.mode,
+               request.orchestration)
+        cached = self._timings.get(key)
+        if cached is None:
+            cached = self.sockets[request.members[0]].timing(request)
+            self._timings[key] = cached
+            if len(self._timings) > _CACHE_ENTRIES:
+                self._timings.popitem(last=False)
+        return cached
+
+    def run(self, group: int, request: RunRequest) -> RunResult:
+        """The group's first member times the batch; the others follow its schedule."""
+        leader, *followers = self.tp_groups[group].members
+        result = self.sockets[leader].run(request, self._timing(request))
+        for member in followers:
+            self.sockets[member].follow(request, result.busy_ns)
+        if self.functional:
+            shards = [self.sockets[m].residents[request.model_id].weights for m in self.tp_groups[group].members]
+            prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
+            ids, logits = in_process_tp(shards, prompts, new_tokens)
+            self.checks.check(request.model_id, prompts, new_tokens, ids, logits)
+        return result
+
+    def span_times(self, group: int, request: SpanRequest, iterations: int) -> tuple:
+        """The leader's timing of the span's first `iterations` steps; the last answer is kept, so
+        executing the span the engine just timed costs no second evaluation."""
+        key = request.timing_key()
+        if self._span_key == key and len(self._span_steps[0]) >= iterations:
+            steps, coll = self._span_steps
+            return steps[:iterations], coll[:iterations]
+        steps, coll = self.sockets[request.members[0]].span_times(request, iterations)
+        self._span_key, self._span_steps = key, (steps, coll)
+        return steps, coll
+
+    def run_span(self, group: int, request: SpanRequest) -> SpanResult:
+        """Every member executes the span with the leader's timing."""
+        steps, coll = self.span_times(group, request, request.iterations)
+        busy = int(steps.sum())
+        results = [self.sockets[m].run_span(request, busy) for m in self.tp_groups[group].members]
+        r = results[0]
+        return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
+
+    def set_kv(self, group: int, kv_bytes: int) -> None:
+        for member in self.tp_groups[group].members:
+            if member in self.sockets:
+                self.sockets[member].set_kv(kv_bytes)
+
+    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+        if src_node == dst_node:
+            return send_ns
+        links = [self.topology.links[f"node{src_node}->fabric"], self.topology.links[f"fabric->node{dst_node}"]]
+        return transmit_path(links, nbytes, send_ns)
+
+    # -- faults -----------------------------------------------------------------------------------
+    def abort(self, group: int, job_id: str, at_ns: int) -> None:
+        """A member failed: cut the group's batch in progress short on its surviving members."""
+        for member in self.tp_groups[group].members:
+            if member in self.sockets:
+                self.sockets[member].abort(job_id, at_ns)
+
+    def fail_socket(self, socket: str, at_ns: int, back_at_ns: int) -> None:
+        """The socket dies at `at_ns` and comes back empty (HBM lost) at `back_at_ns`."""
+        fresh = RDUSocket(socket, self.spec.socket, self.topology)
+        fresh.advance_to(back_at_ns)
+        self.sockets[socket] = fresh
+
+    def fail_node(self, node: int, at_ns: int) -> None:
+        """The node is gone: its sockets and its DDR."""
+        for name in [n for n in self.sockets if Topology.parse(n)[0] == node]:
+            del self.sockets[name]
+        self.ddr[node] = DDRStore(f"node{node}", 0, self.ddr_tier_name)
+
+    def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
+        links = self.topology.degrade(a, b, probability, at_ns)
+        for core in self.sockets.values():
+            core.topology_changed()
+        self._timings.clear()
+        return links
+
+    def finish(self) -> dict:
+        return {"backend": self.name, "sockets": len(self.sockets),
+                **(self.checks.to_dict() if self.functional else {})}
+
+    def socket_snapshots(self) -> list[dict]:
+        return [core.snapshot() for core in self.sockets.values()]
