@@ -77,8 +77,8 @@ def bench_plane() -> list[Row]:
                             ">= 500", nbytes / grpc_s / 1e6 >= 500))
             shard = Shard(cfg=TinyConfig(), tp=1, rank=0, weights={"w": np.ones(nbytes // 4, np.float32)},
                           kv_of_q=np.zeros(1, dtype=np.int64), vocab_offset=0)
-            ray.get(cluster.ddr[0].put.remote("bulk", nbytes, {0: shard}))
-            ref = ray.get(cluster.ddr[0].shard_ref.remote("bulk", 0))
+            ray.get(cluster.model_stores[0].put.remote("bulk", nbytes, {0: shard}))
+            ref = ray.get(cluster.model_stores[0].shard_ref.remote("bulk", 0))
             best = float("inf")
             for i in range(3):
                 started = time.perf_counter()

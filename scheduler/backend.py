@@ -33,8 +33,8 @@ class ServingBackend(Protocol):
 
     name: str
     nodes: int
-    ddr_capacity_bytes: int      # per node
-    ddr_tier_name: str
+    capacity_tier_bytes: int      # per node
+    capacity_tier_name: str
     restart_ns: float            # a failed socket is back (empty) after this long
     max_restarts: int            # restarts of one socket a run survives; one more stops the run
 
@@ -65,7 +65,7 @@ class ServingBackend(Protocol):
     def set_kv(self, group: int, kv_bytes: int) -> None:
         """Resize the KV ledger entry of every member (0 at the end of a run)."""
 
-    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         """Carry a request's bytes between nodes over the scale-out links; return the arrival."""
 
     def abort(self, group: int, job_id: str, at_ns: int) -> None:

@@ -42,7 +42,7 @@ _FIRST_QUERY = 64                                  # iterations timed by the fir
 _MIN_QUERY = 16                                    # ... and at least this many when guessed from the last step
 
 
-class _Group:
+class ContinuousGroup:
     """One TP group's state: waiting and running sequences per model, HBM, the span in progress."""
 
     def __init__(self, info: GroupInfo, engine: "ContinuousServer") -> None:
@@ -186,7 +186,7 @@ class ContinuousServer:
         self.use_router = experts > 1
         self.router_output_tokens = max(1, workload.router_output_tokens)
         self.now = 0
-        self.groups = [_Group(info, self) for info in backend.groups()]
+        self.groups = [ContinuousGroup(info, self) for info in backend.groups()]
         sequence = [r.expert for r in workload.requests]
         self.placement = place_experts(backend, experts, expert_model.weight_bytes(), router_model.weight_bytes(),
                                        config.placement, sequence)
@@ -236,7 +236,7 @@ class ContinuousServer:
             times.append(self._arrivals[self._arrival_index].arrival_ns)
         return min(times) if times else 1 << 62
 
-    def _job_id(self, group: _Group, what: str) -> str:
+    def _job_id(self, group: ContinuousGroup, what: str) -> str:
         self._jobs += 1
         return f"{group.info.name}/s{self._jobs}/{what}"
 
@@ -321,11 +321,11 @@ class ContinuousServer:
         arrive = self.now
         if group.info.node != self.config.ingress_node:
             nbytes = request.prompt_tokens * _TOKEN_BYTES
-            arrive = self.backend.forward(self.config.ingress_node, group.info.node, nbytes, self.now)
+            arrive = self.backend.forward_request(self.config.ingress_node, group.info.node, nbytes, self.now)
             self.inter_node_bytes += nbytes + request.output_tokens * _TOKEN_BYTES
         self.push(arrive, _ENQUEUE, (request.id,), ("enqueue", group, request))
 
-    def _on_enqueue(self, group: _Group, request: Request) -> None:
+    def _on_enqueue(self, group: ContinuousGroup, request: Request) -> None:
         if self.use_router:
             seq = Seq(request, ROUTER_KEY, request.prompt_tokens, self.router_output_tokens)
             group.waiting[ROUTER_KEY].append(seq)
@@ -333,18 +333,18 @@ class ContinuousServer:
             self._decided(group, Seq(request, request.expert, request.prompt_tokens, request.output_tokens))
         self._touch(group)
 
-    def _on_ready(self, group: _Group, model: int, ready: int) -> None:
+    def _on_ready(self, group: ContinuousGroup, model: int, ready: int) -> None:
         if group.residency.resident.get(model) == ready:
             self._touch(group)
 
-    def _touch(self, group: _Group) -> None:
+    def _touch(self, group: ContinuousGroup) -> None:
         """Something changed for `group`: its next boundary re-decides; an idle group wakes now."""
         group.dirty = True
         if not group.busy and not group.kicked:
             group.kicked = True
             self.push(self.now, _STEP, (group.info.index,), ("step", group))
 
-    def _decided(self, group: _Group, seq: Seq) -> None:
+    def _decided(self, group: ContinuousGroup, seq: Seq) -> None:
         """The request's expert is known (the router finished, or there is no router)."""
         seq.decided_ns = self.now
         seq.hit = group.residency.ready(seq.model, self.now)
@@ -353,7 +353,7 @@ class ContinuousServer:
         group.waiting[seq.model].append(seq)
 
     # -- boundaries --------------------------------------------------------------------------------
-    def _on_boundary(self, group: _Group) -> None:
+    def _on_boundary(self, group: ContinuousGroup) -> None:
         group.kicked = False
         if group.span is not None:
             self._commit(group)
@@ -372,7 +372,7 @@ class ContinuousServer:
         group.current_model = batch.model
         self._start_span(group, batch, now)
 
-    def _start_span(self, group: _Group, batch, now: int) -> None:
+    def _start_span(self, group: ContinuousGroup, batch, now: int) -> None:
         limit, contexts, held = span_limit(group, batch, self.step)
         model = batch.model
         request = SpanRequest(
@@ -404,7 +404,7 @@ class ContinuousServer:
         group.span = (batch, request, np.asarray(steps[:iterations], dtype=np.int64), result)
         self.push(result.end_ns, _STEP, (group.info.index,), ("step", group))
 
-    def _iterations(self, group: _Group, request: SpanRequest, limit: int, now: int) -> int:
+    def _iterations(self, group: ContinuousGroup, request: SpanRequest, limit: int, now: int) -> int:
         """Iterations of the span: up to `limit`, ending at the first iteration end at or after
         the next external event."""
         if limit == 1:
@@ -422,7 +422,7 @@ class ContinuousServer:
             n = min(limit, n * 8)
 
     @staticmethod
-    def _first_query(group: "_Group", room_ns: int) -> int:
+    def _first_query(group: "ContinuousGroup", room_ns: int) -> int:
         """Iterations to time first: enough, by the group's last step time with a margin, to
         reach the horizon `room_ns` ahead, so most spans cost one cost-model evaluation (the
         answer does not depend on it: a short query is extended, extra rows are not used)."""
@@ -430,7 +430,7 @@ class ContinuousServer:
             return _FIRST_QUERY
         return max(_MIN_QUERY, int(room_ns / group.last_step_ns * 1.25) + 2)
 
-    def _commit(self, group: _Group) -> None:
+    def _commit(self, group: ContinuousGroup) -> None:
         """Apply the span that just ended: tokens, finished sequences, metrics."""
         batch, request, steps, result = group.span
         group.span = None
@@ -506,7 +506,7 @@ class ContinuousServer:
                 group.dirty = True
                 m.kv_sample(group.memory)
 
-    def _record(self, group: _Group, s: Seq) -> None:
+    def _record(self, group: ContinuousGroup, s: Seq) -> None:
         r = s.request
         group.load -= 1
         finish = s.last_token_ns

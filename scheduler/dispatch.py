@@ -46,7 +46,7 @@ def place_experts(backend, experts: int, expert_bytes: int, router_bytes: int, p
     `popularity`: as spread when all fit; otherwise the hottest experts are replicated on every
     node (as many as fit besides each node's round-robin share of the rest)."""
     nodes = backend.nodes
-    capacity = backend.ddr_capacity_bytes
+    capacity = backend.capacity_tier_bytes
     if experts * expert_bytes + router_bytes <= capacity:
         return {f"node{n}": list(range(experts)) for n in range(nodes)}
     spread = {f"node{n}": list(range(n, experts, nodes)) for n in range(nodes)}
@@ -54,7 +54,7 @@ def place_experts(backend, experts: int, expert_bytes: int, router_bytes: int, p
     if worst > capacity:
         raise CapacityError(
             f"{experts} experts of {expert_bytes / 1e9:.2f} GB ({experts * expert_bytes / 1e12:.2f} TB) "
-            f"plus the router do not fit in the {backend.ddr_tier_name} of {nodes} node(s) "
+            f"plus the router do not fit in the {backend.capacity_tier_name} of {nodes} node(s) "
             f"({capacity / 1e12:.2f} TB each; the busiest node needs {worst / 1e12:.2f} TB)")
     if policy == "spread":
         return spread

@@ -37,7 +37,7 @@ _TOKEN_BYTES = 4
 
 
 @dataclass
-class _Group:
+class StaticGroup:
     info: GroupInfo
     stats: GroupStats
     policy: ResidencyPolicy
@@ -104,7 +104,7 @@ class StaticServer:
         self._seq = 0
 
     # -- set-up -------------------------------------------------------------------------------
-    def _make_group(self, info: GroupInfo, sequence: list[int]) -> _Group:
+    def _make_group(self, info: GroupInfo, sequence: list[int]) -> StaticGroup:
         tp = info.tp
         expert_shard = shard_weight_bytes(self.expert_model, tp)
         router_shard = shard_weight_bytes(self.router_model, tp)
@@ -124,7 +124,7 @@ class StaticServer:
                 f"({format_bytes(kv_reserve)}) per socket"
                 + (f" and {len(self.config.pinned_experts)} pinned experts" if self.config.pinned_experts else ""))
         stats = GroupStats(name=info.name, node=info.node, expert_slots=int(slots))
-        return _Group(info=info, stats=stats, policy=make_policy(self.config.policy, sequence), slots=int(slots))
+        return StaticGroup(info=info, stats=stats, policy=make_policy(self.config.policy, sequence), slots=int(slots))
 
     def _place_experts(self) -> dict[str, list[int]]:
         """Every node's DDR holds the router and all experts if they fit; otherwise the experts are
@@ -133,16 +133,16 @@ class StaticServer:
         expert_bytes, router_bytes = self.expert_model.weight_bytes(), self.router_model.weight_bytes()
         everything = self.experts * expert_bytes + router_bytes
         nodes = backend.nodes
-        if everything <= backend.ddr_capacity_bytes:
+        if everything <= backend.capacity_tier_bytes:
             placement = {f"node{n}": list(range(self.experts)) for n in range(nodes)}
         else:
             placement = {f"node{n}": list(range(n, self.experts, nodes)) for n in range(nodes)}
             worst = max(len(v) for v in placement.values()) * expert_bytes + router_bytes
-            if worst > backend.ddr_capacity_bytes:
+            if worst > backend.capacity_tier_bytes:
                 raise CapacityError(
                     f"{self.experts} experts of {expert_bytes / 1e9:.2f} GB ({self.experts * expert_bytes / 1e12:.2f} TB) "
-                    f"plus the router do not fit in the {backend.ddr_tier_name} of {nodes} node(s) "
-                    f"({backend.ddr_capacity_bytes / 1e12:.2f} TB each; the busiest node needs {worst / 1e12:.2f} TB)")
+                    f"plus the router do not fit in the {backend.capacity_tier_name} of {nodes} node(s) "
+                    f"({backend.capacity_tier_bytes / 1e12:.2f} TB each; the busiest node needs {worst / 1e12:.2f} TB)")
         for n in range(nodes):
             backend.store(n, ROUTER_ID, router_bytes)
             for e in placement[f"node{n}"]:
@@ -153,11 +153,11 @@ class StaticServer:
     # -- events -------------------------------------------------------------------------------
     def _push(self, time_ns: int, kind: str, payload: object) -> None:
         self._seq += 1
-        if isinstance(payload, _Group):  # a fault may void the events a group has pending
+        if isinstance(payload, StaticGroup):  # a fault may void the events a group has pending
             payload = (payload, payload.epoch)
         heapq.heappush(self._events, (int(time_ns), self._seq, kind, payload))
 
-    def _job_id(self, group: _Group, what: str) -> str:
+    def _job_id(self, group: StaticGroup, what: str) -> str:
         self._jobs += 1
         return f"{group.info.name}/j{self._jobs}/{what}"
 
@@ -209,7 +209,7 @@ class StaticServer:
         return ServingResult(records=self.metrics.records, groups=stats, summary=summary, placement=self.placement)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _choose_group(self, request: Request) -> _Group:
+    def _choose_group(self, request: Request) -> StaticGroup:
         """Least-loaded eligible group; with expert affinity, a group that already holds (or is
         about to run) the expert, unless it is a whole batch busier than the least-loaded one:
         then the request spills over and that group warms up too (a hot expert gets replicas)."""
@@ -240,11 +240,11 @@ class StaticServer:
         arrive = now
         if group.info.node != self.config.ingress_node:
             nbytes = request.prompt_tokens * _TOKEN_BYTES
-            arrive = self.backend.forward(self.config.ingress_node, group.info.node, nbytes, now)
+            arrive = self.backend.forward_request(self.config.ingress_node, group.info.node, nbytes, now)
             self.inter_node_bytes += nbytes + request.output_tokens * _TOKEN_BYTES
         self._push(arrive, "enqueue", (group, request))
 
-    def _on_enqueue(self, now: int, payload: tuple[_Group, Request]) -> None:
+    def _on_enqueue(self, now: int, payload: tuple[StaticGroup, Request]) -> None:
         group, request = payload
         if group.dead:  # its node failed while the request was on its way
             group = self._choose_group(request)
@@ -253,7 +253,7 @@ class StaticServer:
             self._push(now, "free", group)
 
     # -- a group's cycle: router, then expert by expert -----------------------------------------
-    def _on_free(self, now: int, group: _Group) -> None:
+    def _on_free(self, now: int, group: StaticGroup) -> None:
         if group.busy or not group.queue:
             return
         if now < group.available_at_ns:  # still recovering from a fault
@@ -281,7 +281,7 @@ class StaticServer:
                    "requests": [r.id for r in group.batch], "queued": len(group.queue)})
         self._push(result.end_ns, "decide", group)
 
-    def _on_decide(self, now: int, group: _Group) -> None:
+    def _on_decide(self, now: int, group: StaticGroup) -> None:
         by_expert: dict[int, list[Request]] = {}
         for request in group.batch:
             by_expert.setdefault(request.expert, []).append(request)
@@ -296,7 +296,7 @@ class StaticServer:
                     break
         self._push(now, "next", group)
 
-    def _prefetch(self, group: _Group, expert: int, now: int, protected: set[int]) -> bool:
+    def _prefetch(self, group: StaticGroup, expert: int, now: int, protected: set[int]) -> bool:
         """Start copying `expert` now if a slot is free or an unneeded expert can go."""
         pinned = set(self.config.pinned_experts)
         if len(group.resident) >= group.slots:
@@ -306,7 +306,7 @@ class StaticServer:
         self._switch_in(group, expert, now, protected | {expert}, position=-1, prefetch=True)
         return True
 
-    def _switch_in(self, group: _Group, expert: int, now: int, protected: set[int], position: int,
+    def _switch_in(self, group: StaticGroup, expert: int, now: int, protected: set[int], position: int,
                    prefetch: bool) -> int:
         pinned = set(self.config.pinned_experts)
         victims: list[int] = []
@@ -329,7 +329,7 @@ class StaticServer:
                    "arrivals": arrivals, "shard_bytes": shard_weight_bytes(self.expert_model, group.info.tp)})
         return ready
 
-    def _on_next(self, now: int, group: _Group) -> None:
+    def _on_next(self, now: int, group: StaticGroup) -> None:
         """The group's previous expert run (if any) has ended: commit it, then start the next."""
         if group.running is not None:
             self._commit(group)
@@ -368,7 +368,7 @@ class StaticServer:
         group.running = (expert, requests, result, hit, stall, job)
         self._push(result.end_ns, "next", group)
 
-    def _commit(self, group: _Group) -> None:
+    def _commit(self, group: StaticGroup) -> None:
         """Record the requests of the run that just ended."""
         expert, requests, result, hit, stall, _ = group.running
         group.running = None
@@ -397,7 +397,7 @@ class StaticServer:
         self.emit({"type": "fault", "t_ns": now, "kind": fault.kind, "target": fault.target, "spec": fault.text,
                    **detail})
 
-    def _interrupt(self, group: _Group, now: int) -> None:
+    def _interrupt(self, group: StaticGroup, now: int) -> None:
         """A member of `group` failed at `now`: stop what the group is doing; the interrupted
         router batch goes back to the queue, an interrupted expert run back to the plan."""
         if group.phase == "router" and now < group.router_end_ns:

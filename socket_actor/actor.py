@@ -1,4 +1,4 @@
-"""The socket actor: a thin async Ray actor around `RDUSocket` plus the socket's gRPC server.
+"""The socket actor: a thin async Ray actor around `SocketCore` plus the socket's gRPC server.
 
 Ray carries the host's commands (the control plane); tensors between sockets go over the gRPC
 interconnect (the data plane). The class is plain Python; `node` wraps it with `ray.remote`
@@ -17,7 +17,7 @@ from rdu.interconnect.plane_auth import PlaneTLS
 from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient
 from rdu.base import UserError
 from rdu.interconnect.topology import Topology, TopologySpec
-from rdu.socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.socket_actor.core import SocketCore, RunRequest, RunResult, SpanRequest, SpanResult
 from rdu.socket_actor.numerics import KVCache, Shard, TinyConfig, forward_shard
 from rdu.socket_actor.operators import decode_step_shape, prefill_shape
 from rdu.socket_actor.spec import SocketSpec
@@ -33,7 +33,7 @@ class SocketActor:
                  tls: "PlaneTLS | None" = None) -> None:
         self.name = name
         self.topology = Topology(links, nodes, sockets_per_node)
-        self.core = RDUSocket(name, spec, self.topology)
+        self.core = SocketCore(name, spec, self.topology)
         self.registry = registry
         self.bind_host = bind_host
         self.server = InterconnectServer(name, bind_host=bind_host, members=members, run_token=run_token,

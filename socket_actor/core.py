@@ -1,4 +1,4 @@
-"""`RDUSocket`: the plain-Python core of one socket (no Ray), which the socket actor hosts.
+"""`SocketCore`: the plain-Python core of one socket (no Ray), which the socket actor hosts.
 
 It holds the socket's memory-tier ledgers at nominal sizes, the model shards resident in its HBM
 (with their functional weights when the run carries payloads), a virtual clock in integer ns,
@@ -22,7 +22,7 @@ from rdu.socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket
 from rdu.socket_actor.spec import SocketSpec
 from rdu.socket_actor.tiers import MemoryTiers
 
-__all__ = ["RDUSocket", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape",
+__all__ = ["SocketCore", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape",
            "KV_ENTRY"]
 
 KV_ENTRY = "kv"   # the HBM ledger entry holding the KV blocks of the continuous engine
@@ -147,7 +147,7 @@ class SocketCounters:
     busy_ns: int = 0
 
 
-class RDUSocket:
+class SocketCore:
     """One socket's state machine; the TP group's members receive the same commands."""
 
     def __init__(self, name: str, spec: SocketSpec, topology: Topology) -> None:

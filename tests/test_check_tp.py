@@ -33,7 +33,7 @@ def test_ddr_store_capacity_and_real_copy(ray_local):
     cluster = RayNodes(spec, 1)
     try:
         cluster.start()
-        store = cluster.ddr[0]
+        store = cluster.model_stores[0]
         assert ray.get(store.put.remote("a", 1500, None)) == 500
         with pytest.raises(ray.exceptions.RayTaskError, match="b needs 600 B but only 500 B of 1.95 KiB is free"):
             ray.get(store.put.remote("b", 600, None))

@@ -4,6 +4,7 @@ the installed package carries its data (presets, model configs, the shipped trac
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_an_install_adds_one_top_level_name_and_its_data(tmp_path):
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs", "sweeps",
+                                                                "reproduce", "__pycache__", ".pytest_cache",
+                                                                ".hypothesis", "results"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     wheel, = wheels.glob("rdu_emulator-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)

@@ -9,10 +9,10 @@ def test_presets():
     assert {"sn40l-node", "sn40l-16", "dgx-a100", "dgx-h100"} <= set(platform_presets())
     sn = load_platform("sn40l-node").spec
     assert sn.sockets_per_node == 8 and sn.socket.hbm.capacity_bytes == 64 * 2**30
-    assert sn.ddr_capacity_bytes == 12e12
+    assert sn.capacity_tier_bytes == 12e12
     assert load_platform("sn40l-16").spec.sockets_per_node == 16
     dgx = load_platform("dgx-h100").spec
-    assert dgx.host_dram is not None and dgx.socket.ddr is None and dgx.ddr_tier_name == "host_dram"
+    assert dgx.host_dram is not None and dgx.socket.ddr is None and dgx.capacity_tier_name == "host_dram"
     assert dgx.links.host_shared.bandwidth_bytes_per_s == 64e9
 
 

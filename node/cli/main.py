@@ -67,7 +67,7 @@ def _preset_rows() -> tuple[list[dict], list[dict]]:
         spec = load_platform(name).spec
         platforms.append({"name": name, "sockets_per_node": spec.sockets_per_node,
                           "hbm_bytes_per_socket": spec.socket.hbm.capacity_bytes,
-                          "ddr_bytes_per_node": spec.ddr_capacity_bytes,
+                          "ddr_bytes_per_node": spec.capacity_tier_bytes,
                           "peak_flops_per_s_per_socket": spec.socket.peak_flops_per_s, "description": spec.description})
     models = []
     for name in model_presets():

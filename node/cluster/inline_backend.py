@@ -13,11 +13,11 @@ import numpy as np
 
 from rdu.interconnect.links import transmit_path
 from rdu.interconnect.topology import Topology
-from rdu.node.cluster.ddr_store import DDRStore
+from rdu.node.cluster.model_store import ModelStore
 from rdu.node.cluster.layout import tp_groups
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.backend import GroupInfo
-from rdu.socket_actor.core import RDUSocket, RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.socket_actor.core import SocketCore, RunRequest, RunResult, SpanRequest, SpanResult
 from rdu.socket_actor.cost_model import Timing
 from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
 from rdu.socket_actor.model_spec import ModelSpec
@@ -38,15 +38,15 @@ class InlineBackend:
         self.functional = functional
         self.checks = FunctionalChecks()
         self.nodes = nodes
-        self.ddr_capacity_bytes = spec.ddr_capacity_bytes
-        self.ddr_tier_name = spec.ddr_tier_name
+        self.capacity_tier_bytes = spec.capacity_tier_bytes
+        self.capacity_tier_name = spec.capacity_tier_name
         self.restart_ns = spec.socket.restart_ns
         self.max_restarts = spec.socket.max_restarts
         self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
         self.tp_groups = tp_groups(spec, self.topology, tp)
-        self.sockets = {name: RDUSocket(name, spec.socket, self.topology)
+        self.sockets = {name: SocketCore(name, spec.socket, self.topology)
                         for group in self.tp_groups for name in group.members}
-        self.ddr = [DDRStore(f"node{n}", spec.ddr_capacity_bytes, spec.ddr_tier_name) for n in range(nodes)]
+        self.model_stores = [ModelStore(f"node{n}", spec.capacity_tier_bytes, spec.capacity_tier_name) for n in range(nodes)]
         self._timings: OrderedDict[tuple, Timing] = OrderedDict()
         self._span_key: tuple | None = None
         self._span_steps: tuple | None = None
@@ -57,7 +57,7 @@ class InlineBackend:
                 for i, g in enumerate(self.tp_groups)]
 
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
-        self.ddr[node].put(model_id, nominal_bytes)
+        self.model_stores[node].put(model_id, nominal_bytes)
 
     def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int,
                       members: list[str] | None = None) -> tuple[int, dict[str, int]]:
@@ -134,7 +134,7 @@ class InlineBackend:
             if member in self.sockets:
                 self.sockets[member].set_kv(kv_bytes)
 
-    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
         if src_node == dst_node:
             return send_ns
         links = [self.topology.links[f"node{src_node}->fabric"], self.topology.links[f"fabric->node{dst_node}"]]
@@ -149,7 +149,7 @@ class InlineBackend:
 
     def fail_socket(self, socket: str, at_ns: int, back_at_ns: int) -> None:
         """The socket dies at `at_ns` and comes back empty (HBM lost) at `back_at_ns`."""
-        fresh = RDUSocket(socket, self.spec.socket, self.topology)
+        fresh = SocketCore(socket, self.spec.socket, self.topology)
         fresh.advance_to(back_at_ns)
         self.sockets[socket] = fresh
 
@@ -157,7 +157,7 @@ class InlineBackend:
         """The node is gone: its sockets and its DDR."""
         for name in [n for n in self.sockets if Topology.parse(n)[0] == node]:
             del self.sockets[name]
-        self.ddr[node] = DDRStore(f"node{node}", 0, self.ddr_tier_name)
+        self.model_stores[node] = ModelStore(f"node{node}", 0, self.capacity_tier_name)
 
     def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
         links = self.topology.degrade(a, b, probability, at_ns)

@@ -36,9 +36,10 @@ _TOP_KEYS = {"base", "name", "description", "sockets_per_node", "socket", "links
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node: `sockets_per_node` identical sockets, their links, and the node's DDR tier.
+    """One node: `sockets_per_node` identical sockets, their links, and the node's capacity tier
+    (the memory that holds every model's weights).
 
-    On an RDU node the DDR tier is the sum of the sockets' own DDR; on a GPU node it is the
+    On an RDU node the capacity tier is the sum of the sockets' own DDR; on a GPU node it is the
     host DRAM (`host_dram`), reached over PCIe.
     """
 
@@ -50,14 +51,14 @@ class NodeSpec:
     host_dram: TierSpec | None
 
     @property
-    def ddr_capacity_bytes(self) -> int:
+    def capacity_tier_bytes(self) -> int:
         if self.host_dram is not None:
             return self.host_dram.capacity_bytes
         assert self.socket.ddr is not None
         return self.socket.ddr.capacity_bytes * self.sockets_per_node
 
     @property
-    def ddr_tier_name(self) -> str:
+    def capacity_tier_name(self) -> str:
         return "host_dram" if self.host_dram is not None else "ddr"
 
     @classmethod

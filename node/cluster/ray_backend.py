@@ -3,7 +3,7 @@
 The scheduler must know when a batch ends before it can decide the next one, and a round trip
 to eight actors per decision would make a long trace crawl. So the driver keeps a *shadow* of
 the cluster (the in-process core, fed the same commands) to answer at once, while the commands
-stream to the actors in batches; each actor applies them to its own `RDUSocket` — its own HBM
+stream to the actors in batches; each actor applies them to its own `SocketCore` — its own HBM
 ledger and clock; a group's first socket times each batch with its own cost model and the
 others follow that schedule — and every result it returns is checked against the shadow's.
 A socket actor that disagrees (a different time, a capacity error the shadow did not see) stops
@@ -53,8 +53,8 @@ class RayBackend:
         self.checks = FunctionalChecks()
         self._payload_refs: dict[tuple[int, str], dict[int, list]] = {}
         self.nodes = nodes
-        self.ddr_capacity_bytes = self.shadow.ddr_capacity_bytes
-        self.ddr_tier_name = self.shadow.ddr_tier_name
+        self.capacity_tier_bytes = self.shadow.capacity_tier_bytes
+        self.capacity_tier_name = self.shadow.capacity_tier_name
         self.restart_ns = self.shadow.restart_ns
         self.max_restarts = self.shadow.max_restarts
         self.cluster = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
@@ -122,7 +122,7 @@ class RayBackend:
         tp = self.shadow.tp_groups[0].tp
         ranks = {r for g in self.shadow.tp_groups for r, m in enumerate(g.members) if m.startswith(f"node{node}/")}
         shards = model_shards(model_id, tp)
-        store = self.cluster.ddr[node]
+        store = self.cluster.model_stores[node]
         ray.get(store.put.remote(model_id, nominal_bytes, {r: shards[r] for r in sorted(ranks)}))
         self._payload_refs[(node, model_id)] = ray.get(store.refs.remote(model_id))
 
@@ -130,7 +130,7 @@ class RayBackend:
         import ray
 
         if self._ddr_pending:
-            ray.get([self.cluster.ddr[node].put_many.remote(models) for node, models in self._ddr_pending.items()])
+            ray.get([self.cluster.model_stores[node].put_many.remote(models) for node, models in self._ddr_pending.items()])
             self._ddr_pending.clear()
 
     def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
@@ -196,8 +196,8 @@ class RayBackend:
             request.job_id) for m in members])
         self.checks.check(request.model_id, prompts, new_tokens, outputs[0]["tokens"], outputs[0]["logits"])
 
-    def forward(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
-        return self.shadow.forward(src_node, dst_node, nbytes, send_ns)
+    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+        return self.shadow.forward_request(src_node, dst_node, nbytes, send_ns)
 
     # -- faults: the shadow models them, the actors live them -------------------------------------
     def _drain(self, socket: str) -> None:
@@ -243,7 +243,7 @@ class RayBackend:
         for name in doomed:
             ray.kill(self.cluster.sockets.pop(name), no_restart=True)
             self._pending.pop(name, None)
-        ray.kill(self.cluster.ddr[node], no_restart=True)
+        ray.kill(self.cluster.model_stores[node], no_restart=True)
         self._ddr_pending.pop(node, None)
         if self.on_node_lost is not None:
             self.on_node_lost(node, hosts)

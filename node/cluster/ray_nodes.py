@@ -18,7 +18,7 @@ from rdu.interconnect.plane_auth import PlaneTLS, is_loopback, make_run_tls
 from rdu.interconnect.registry import PeerRegistry
 from rdu.base import UserError
 from rdu.interconnect.topology import socket_name
-from rdu.node.cluster.ddr_store import DDRStore
+from rdu.node.cluster.model_store import ModelStore
 from rdu.node.cluster.platform import NodeSpec
 from rdu.node.cluster.ray_session import SOCKET_RESOURCE
 from rdu.socket_actor.actor import SocketActor
@@ -38,7 +38,7 @@ class RayNodes:
     bind_host: str = "127.0.0.1"
     max_restarts: int = 0
     sockets: dict[str, object] = field(default_factory=dict)
-    ddr: list = field(default_factory=list)
+    model_stores: list = field(default_factory=list)
     placement_groups: list = field(default_factory=list)
     registry: object = None
     tls: PlaneTLS | None = None
@@ -79,8 +79,8 @@ class RayNodes:
         extra = self._actor_kwargs()
         for n, group in enumerate(self.placement_groups):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-            store = ray.remote(DDRStore).options(num_cpus=0, scheduling_strategy=strategy)
-            self.ddr.append(store.remote(f"node{n}", self.spec.ddr_capacity_bytes, self.spec.ddr_tier_name))
+            store = ray.remote(ModelStore).options(num_cpus=0, scheduling_strategy=strategy)
+            self.model_stores.append(store.remote(f"node{n}", self.spec.capacity_tier_bytes, self.spec.capacity_tier_name))
             actor = ray.remote(SocketActor).options(num_cpus=0, resources={SOCKET_RESOURCE: 1},
                                                     scheduling_strategy=strategy,
                                                     max_restarts=self.max_restarts, max_task_retries=0)
@@ -124,11 +124,11 @@ class RayNodes:
             ray.get([handle.stop.remote() for handle in self.sockets.values()], timeout=10)
         except ray.exceptions.RayError:
             pass  # a dead actor has no server left to stop
-        for handle in list(self.sockets.values()) + self.ddr + ([self.registry] if self.registry else []):
+        for handle in list(self.sockets.values()) + self.model_stores + ([self.registry] if self.registry else []):
             ray.kill(handle, no_restart=True)
         for group in self.placement_groups:
             remove_placement_group(group)
         self.sockets.clear()
-        self.ddr.clear()
+        self.model_stores.clear()
         self.placement_groups.clear()
         self.registry = None

@@ -86,8 +86,8 @@ def _header_lines(s: StatsSnapshot, width: int) -> list[Text]:
                Text(f"throughput {s.tokens_per_s:,.0f} tokens/s"),
                Text(f"switches {s.switches:,} (prefetched {s.prefetches:,})"), Text(f"evictions {s.evictions:,}"),
                Text(f"HBM hits {hit} of expert runs")]
-    nodes = [Text(f"node{node.index} {node.ddr_tier} ") + _tier(node.ddr_used_bytes, node.ddr_capacity_bytes, 6)
-             + Text(f" of {format_bytes(node.ddr_capacity_bytes)}"
+    nodes = [Text(f"node{node.index} {node.ddr_tier} ") + _tier(node.ddr_used_bytes, node.capacity_tier_bytes, 6)
+             + Text(f" of {format_bytes(node.capacity_tier_bytes)}"
                     + ("" if node.ddr_used_bytes is not None else " (not in the events)"), style="dim")
              for node in s.nodes_view[:4]]
     if len(s.nodes_view) > 4:

@@ -226,7 +226,7 @@ class SocketView:
 class NodeView:
     index: int
     ddr_tier: str
-    ddr_capacity_bytes: int
+    capacity_tier_bytes: int
     ddr_used_bytes: int | None           # None when the events do not say
 
 
@@ -541,7 +541,7 @@ class LiveStats:
 
     def _node_views(self, setup: dict) -> list[NodeView]:
         used = setup.get("ddr_used_bytes")
-        return [NodeView(index=n, ddr_tier=setup.get("ddr_tier", "ddr"), ddr_capacity_bytes=setup.get("ddr_bytes", 0),
+        return [NodeView(index=n, ddr_tier=setup.get("ddr_tier", "ddr"), capacity_tier_bytes=setup.get("ddr_bytes", 0),
                          ddr_used_bytes=int(used[n]) if used is not None and n < len(used) else None)
                 for n in range(setup.get("nodes", 0))]
 

@@ -50,13 +50,13 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
             members = tuple(cluster.names)
             import ray
 
-            for n, store in enumerate(cluster.ddr):
+            for n, store in enumerate(cluster.model_stores):
                 ranks = range(n * sockets_per_node, (n + 1) * sockets_per_node)
                 ray.get(store.put.remote(MODEL_ID, shard_bytes * sockets_per_node,
                                          {r: shard_weights(weights, cfg, tp, r) for r in ranks}))
             group = TPGroup("check-tp", list(members), spec.socket, Topology(spec.links, nodes, sockets_per_node))
             arrivals = group.copy_in(shard_bytes, 0)
-            refs = [ray.get(cluster.ddr[r // sockets_per_node].shard_ref.remote(MODEL_ID, r)) for r in range(tp)]
+            refs = [ray.get(cluster.model_stores[r // sockets_per_node].shard_ref.remote(MODEL_ID, r)) for r in range(tp)]
             ray.get([cluster.sockets[name].load.remote(MODEL_ID, shard_bytes, arrivals[name], refs[r])
                      for r, name in enumerate(members)])
             for fault in lossy:

@@ -157,7 +157,7 @@ def estimate(platform: Platform, model: ModelSpec, tp: int, batch: int, prompt_t
         "total_ns": generation.total_ns,
         "switch_ns": switch_ns,
         "fits_in_hbm": shard + kv <= spec.socket.hbm_usable_bytes,
-        "fits_in_ddr": model.weight_bytes() <= spec.ddr_capacity_bytes * nodes_for_tp(spec, tp),
+        "fits_in_ddr": model.weight_bytes() <= spec.capacity_tier_bytes * nodes_for_tp(spec, tp),
         "phases": {"prefill": phase(generation.prefill), "decode": phase(generation.decode)},
         "kernel_looping": bool(cost.fused and spec.socket.kernel_looping),
         "runtime": _runtime_costs(cost, decode_steps),

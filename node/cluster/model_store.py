@@ -1,16 +1,18 @@
-"""A node's DDR tier: model shards put once into Ray's shared object store, capacity enforced at
-nominal sizes. One store per emulated node, hosted in an actor placed with the node's sockets;
-holding the references keeps the objects alive (never evicted by Ray)."""
+"""A node's model store: the memory tier that holds every model's weights (the sockets' DDR on an
+RDU node, host DRAM on a GPU node: the node's *capacity tier*), as shards put once into Ray's
+shared object store, capacity enforced at nominal sizes. One store per emulated node, hosted in an
+actor placed with the node's sockets; holding the references keeps the objects alive (never
+evicted by Ray)."""
 
 from __future__ import annotations
 
 from rdu.socket_actor.tiers import Ledger
 
-__all__ = ["DDRStore"]
+__all__ = ["ModelStore"]
 
 
-class DDRStore:
-    """Nominal-size ledger of the models in a node's DDR, plus object-store refs of their payloads."""
+class ModelStore:
+    """Nominal-size ledger of the models in a node's capacity tier, plus object-store refs of their payloads."""
 
     def __init__(self, node: str, capacity_bytes: int, tier_name: str = "ddr") -> None:
         self.node = node
@@ -18,8 +20,8 @@ class DDRStore:
         self._refs: dict[str, dict[int, object]] = {}
 
     def put(self, model_id: str, nominal_bytes: int, shards: dict[int, object] | None = None) -> int:
-        """Admit a model of `nominal_bytes` (raises `CapacityError` if the DDR is full) and
-        `ray.put` its functional shards (keyed by TP rank). Returns the DDR bytes still free."""
+        """Admit a model of `nominal_bytes` (raises `CapacityError` if the tier is full) and
+        `ray.put` its functional shards (keyed by TP rank). Returns the bytes still free."""
         self.ledger.allocate(model_id, nominal_bytes)
         refs = {}
         if shards:
@@ -44,7 +46,7 @@ class DDRStore:
         """The object ref of one rank's shard, wrapped in a list so Ray hands over the ref, not the data."""
         refs = self._refs.get(model_id)
         if refs is None:
-            raise KeyError(f"{self.node} ddr: {model_id} is not stored")
+            raise KeyError(f"{self.node} {self.ledger.tier}: {model_id} is not stored")
         return [refs[rank]] if rank in refs else []
 
 
