@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_an_install_adds_one_top_level_name_and_its_data(tmp_path):
     wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
     # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs", "sweeps",
-                                                                "reproduce", "__pycache__", ".pytest_cache",
-                                                                ".hypothesis", "results"))
+    outputs = {".venv", ".git", "build", "runs", "sweeps", "reproduce", ".pytest_cache", ".hypothesis", "tests"}
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (Path(folder) == ROOT and n in outputs)])
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
                     str(source)], check=True, capture_output=True)
     wheel, = wheels.glob("rdu_emulator-*.whl")
