@@ -28,6 +28,7 @@ from rdu.scheduler.metrics import EngineMetrics, GroupStats, MetricsCollector, R
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
 from rdu.scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
+from rdu.scheduler.timeline import Arrival, Done, Enqueue, Event, KvResize, Preempt, Run
 from rdu.scheduler.workloads import Request, Workload
 from rdu.socket_actor.core import SpanRequest
 from rdu.socket_actor.model_spec import ModelSpec
@@ -134,6 +135,7 @@ class ContinuousGroup:
     def preempt(self, seq: Seq, now: int) -> None:
         """Recompute preemption: the KV goes, the sequence re-queues first with its prompt and the
         tokens generated so far to prefill again."""
+        kv_bytes = seq.blocks * self.block_bytes(seq.model)
         self.release(seq)
         seq.prompt = seq.prompt + seq.generated if seq.computed >= seq.prompt else seq.prompt
         seq.computed = 0
@@ -141,8 +143,8 @@ class ContinuousGroup:
         self.waiting[seq.model].appendleft(seq)
         self.engine.metrics_engine.preemptions += 1
         if self.engine.listening:
-            self.engine.emit({"type": "preempt", "t_ns": now, "group": self.info.name, "request": seq.request.id,
-                              "model": model_id(seq.model), "generated": seq.generated})
+            self.engine.emit(Preempt(t_ns=now, group=self.info.name, request=seq.request.id, model=model_id(seq.model),
+                                     generated=seq.generated, mode="recompute", kv_bytes=kv_bytes))
 
     # -- switching --------------------------------------------------------------------------------
     def retry_switches(self, now: int) -> None:
@@ -177,7 +179,7 @@ class ContinuousServer:
     """Serves one workload with the continuous engine; `run()` returns a ServingResult."""
 
     def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
-                 workload: Workload, config, step: StepConfig, on_event: Callable[[dict], None] | None = None,
+                 workload: Workload, config, step: StepConfig, on_event: Callable[[Event], None] | None = None,
                  on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
         self.backend, self.expert_model, self.router_model = backend, expert_model, router_model
         self.experts, self.workload, self.config, self.step = experts, workload, config, step
@@ -291,7 +293,7 @@ class ContinuousServer:
         for g in self.groups:
             self.backend.set_kv(g.info.index, 0)
             if self.listening:   # the ledgers' KV entries empty: observers of the events see it too
-                self.emit({"type": "kv", "t_ns": self.now, "group": g.info.name, "kv_bytes": 0})
+                self.emit(KvResize(t_ns=self.now, group=g.info.name, kv_bytes=0))
         if self.metrics.completed != len(self.workload.requests):
             raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
         return self.result()
@@ -316,8 +318,7 @@ class ContinuousServer:
         self._dispatched += 1
         group.load += 1
         if self.listening:
-            self.emit({"type": "arrival", "t_ns": self.now, "request": request.id, "expert": request.expert,
-                       "group": group.info.name})
+            self.emit(Arrival(t_ns=self.now, request=request.id, expert=request.expert, node=group.info.node))
         arrive = self.now
         if group.info.node != self.config.ingress_node:
             nbytes = request.prompt_tokens * _TOKEN_BYTES
@@ -326,6 +327,8 @@ class ContinuousServer:
         self.push(arrive, _ENQUEUE, (request.id,), ("enqueue", group, request))
 
     def _on_enqueue(self, group: ContinuousGroup, request: Request) -> None:
+        if self.listening:
+            self.emit(Enqueue(t_ns=self.now, request=request.id, group=group.info.name))
         if self.use_router:
             seq = Seq(request, ROUTER_KEY, request.prompt_tokens, self.router_output_tokens)
             group.waiting[ROUTER_KEY].append(seq)
@@ -482,17 +485,13 @@ class ContinuousServer:
             if s.generated >= s.output:
                 finished.append(s)
         if self.listening:
-            kind = "router" if model == ROUTER_KEY else "run"
-            event = {"type": kind, "t_ns": start, "end_ns": end, "ttft_ns": int(steps[0]),
-                     "collective_ns": result.collective_ns, "group": group.info.name, "model": model_id(model),
-                     "requests": sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
-                     # accesses: requests first admitted in this span; a hit: its expert was resident when decided
-                     "accesses": len(firsts), "hits": sum(s.hit for s in firsts),
-                     "iterations": k, "kv_bytes": request.kv_bytes,
-                     "prefill_tokens": sum(c for _, c in batch.chunks), "decodes": len(batch.decodes)}
-            if kind == "router":
-                event["queued"] = len(group.waiting.get(ROUTER_KEY, ()))
-            self.emit(event)
+            # accesses: requests first admitted in this span; a hit: its expert was resident when decided
+            self.emit(Run(t_ns=start, group=group.info.name, model=model_id(model), end_ns=end,
+                          first_step_ns=int(steps[0]), collective_ns=result.collective_ns,
+                          requests=sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
+                          iterations=k, prefill_tokens=sum(c for _, c in batch.chunks), decodes=len(batch.decodes),
+                          accesses=len(firsts), hits=sum(s.hit for s in firsts), stall_ns=0,
+                          kv_bytes=request.kv_bytes, queued=len(group.waiting.get(model, ()))))
         for s in finished:
             group.release(s)
             if s.model == ROUTER_KEY:
@@ -521,7 +520,6 @@ class ContinuousServer:
             e2e_ns=finish - r.arrival_ns, finish_ns=finish, preemptions=s.preemptions)
         self.metrics.add(record)
         if self.listening:
-            self.emit({"type": "done", "t_ns": finish, "request": r.id, "group": group.info.name,
-                       "expert": r.expert, "hit": s.hit, "output_tokens": r.output_tokens,
-                       "ttft_ns": record.ttft_ns, "tpot_ns": record.tpot_ns, "e2e_ns": record.e2e_ns,
-                       "preemptions": s.preemptions})
+            self.emit(Done(t_ns=finish, request=r.id, group=group.info.name, expert=r.expert, hit=s.hit,
+                           output_tokens=r.output_tokens, ttft_ns=record.ttft_ns, tpot_ns=record.tpot_ns,
+                           e2e_ns=record.e2e_ns, preemptions=s.preemptions))

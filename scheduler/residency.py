@@ -11,6 +11,7 @@ from collections.abc import Callable
 from rdu.scheduler.backend import GroupInfo, ServingBackend
 from rdu.scheduler.kv import GroupMemory
 from rdu.scheduler.policies import ResidencyPolicy
+from rdu.scheduler.timeline import Event, Evict, Switch
 from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import shard_weight_bytes
 
@@ -28,7 +29,7 @@ class Residency:
     """Resident models of one group (key -> ready time) and the switches into it."""
 
     def __init__(self, backend: ServingBackend, info: GroupInfo, memory: GroupMemory, policy: ResidencyPolicy,
-                 expert_model: ModelSpec, router_model: ModelSpec, stats, emit: Callable[[dict], None] | None) -> None:
+                 expert_model: ModelSpec, router_model: ModelSpec, stats, emit: Callable[[Event], None] | None) -> None:
         self.backend, self.info, self.memory, self.policy, self.stats = backend, info, memory, policy, stats
         self.models = {ROUTER_KEY: router_model}
         self.expert_model = expert_model
@@ -94,9 +95,8 @@ class Residency:
             return False
         self._evict(victims)
         if victims and self.emit is not None:
-            self.emit({"type": "evict", "t_ns": now, "group": self.info.name,
-                       "models": [model_id(v) for v in victims], "reason": "room for KV",
-                       "kv_bytes_needed": int(nbytes)})
+            self.emit(Evict(t_ns=now, group=self.info.name, models=[model_id(v) for v in victims], reason="room for KV",
+                            kv_bytes_needed=int(nbytes)))
         return True
 
     def start(self, key: int, now: int, busy: set[int], needed: dict[int, int], prefetch: bool,
@@ -117,9 +117,8 @@ class Residency:
         if key != ROUTER_KEY:
             self.stats.switches += 1
             self.stats.prefetches += prefetch
-        if self.emit is not None:
-            self.emit({"type": "switch", "t_ns": now, "ready_ns": ready, "group": self.info.name,
-                       "model": model_id(key), "victims": [model_id(v) for v in victims], "prefetch": prefetch,
-                       "arrivals": arrivals, "shard_bytes": shard,
-                       "kv_bytes": self.memory.kv_bytes})   # what the ledgers' KV entry holds from now
+        if self.emit is not None:   # kv_bytes: what the ledgers' KV entry holds from now
+            self.emit(Switch(t_ns=now, group=self.info.name, model=model_id(key), ready_ns=ready,
+                             victims=[model_id(v) for v in victims], prefetch=prefetch, arrivals=dict(arrivals),
+                             shard_bytes=shard, kv_bytes=self.memory.kv_bytes))
         return ready

@@ -25,6 +25,7 @@ from rdu.scheduler.faults import FaultSpec
 from rdu.scheduler.metrics import GroupStats, MetricsCollector, RequestRecord, summarize
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
 from rdu.scheduler.serving_types import ROUTER_ID, ServingConfig, ServingResult, ServingStopped, expert_id
+from rdu.scheduler.timeline import Arrival, Done, Event, Fault, Run, Switch
 from rdu.scheduler.workloads import Request, Workload
 from rdu.socket_actor.core import RunRequest
 from rdu.socket_actor.model_spec import ModelSpec
@@ -68,7 +69,7 @@ class StaticServer:
 
     def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
                  workload: Workload, config: ServingConfig,
-                 on_event: Callable[[dict], None] | None = None,
+                 on_event: Callable[[Event], None] | None = None,
                  on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
         if experts < 1:
             raise UserError(f"experts: expected at least 1, got {experts}")
@@ -168,9 +169,9 @@ class StaticServer:
         for g in self.groups:
             arrivals = self.backend.copy_in(g.info.index, ROUTER_ID, self.router_model, 0)
             g.router_ready_ns = max(arrivals.values())
-            self.emit({"type": "switch", "t_ns": 0, "ready_ns": g.router_ready_ns, "group": g.info.name,
-                       "model": ROUTER_ID, "victims": [], "prefetch": False, "arrivals": arrivals,
-                       "shard_bytes": shard_weight_bytes(self.router_model, g.info.tp)})
+            self.emit(Switch(t_ns=0, group=g.info.name, model=ROUTER_ID, ready_ns=g.router_ready_ns, victims=[],
+                             prefetch=False, arrivals=dict(arrivals),
+                             shard_bytes=shard_weight_bytes(self.router_model, g.info.tp), kv_bytes=0))
             for e in self.config.pinned_experts:
                 self._switch_in(g, e, 0, protected=set(), position=-1, prefetch=True)
             setup_ns = max([setup_ns, g.router_ready_ns, *g.resident.values()])
@@ -235,8 +236,7 @@ class StaticServer:
             if fault.request == request.id:
                 self._on_fault(now, fault)
         group = self._choose_group(request)
-        self.emit({"type": "arrival", "t_ns": now, "request": request.id, "expert": request.expert,
-                   "group": group.info.name})
+        self.emit(Arrival(t_ns=now, request=request.id, expert=request.expert, node=group.info.node))
         arrive = now
         if group.info.node != self.config.ingress_node:
             nbytes = request.prompt_tokens * _TOKEN_BYTES
@@ -276,9 +276,8 @@ class StaticServer:
         group.stats.setup_ns += result.setup_ns
         group.stats.stall_ns += start - now if start > now else 0
         group.stats.batches += 1
-        self.emit({"type": "router", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
-                   "collective_ns": result.collective_ns, "group": group.info.name, "model": ROUTER_ID,
-                   "requests": [r.id for r in group.batch], "queued": len(group.queue)})
+        self.emit(self._run_event(group, ROUTER_ID, self.router_model, start, result, group.batch,
+                                  (self.workload.router_output_tokens,) * len(group.batch), 0, 0, 0))
         self._push(result.end_ns, "decide", group)
 
     def _on_decide(self, now: int, group: StaticGroup) -> None:
@@ -324,9 +323,9 @@ class StaticServer:
         group.resident[expert] = ready
         group.stats.switches += 1
         group.stats.prefetches += prefetch
-        self.emit({"type": "switch", "t_ns": now, "ready_ns": ready, "group": group.info.name,
-                   "model": expert_id(expert), "victims": [expert_id(v) for v in victims], "prefetch": prefetch,
-                   "arrivals": arrivals, "shard_bytes": shard_weight_bytes(self.expert_model, group.info.tp)})
+        self.emit(Switch(t_ns=now, group=group.info.name, model=expert_id(expert), ready_ns=ready,
+                         victims=[expert_id(v) for v in victims], prefetch=prefetch, arrivals=dict(arrivals),
+                         shard_bytes=shard_weight_bytes(self.expert_model, group.info.tp), kv_bytes=0))
         return ready
 
     def _on_next(self, now: int, group: StaticGroup) -> None:
@@ -362,11 +361,20 @@ class StaticServer:
         group.stats.setup_ns += result.setup_ns
         group.stats.accesses += 1
         group.stats.hits += hit
-        self.emit({"type": "run", "t_ns": start, "end_ns": result.end_ns, "ttft_ns": result.ttft_ns,
-                   "collective_ns": result.collective_ns, "group": group.info.name, "model": expert_id(expert),
-                   "requests": [r.id for r in requests], "hit": hit, "stall_ns": stall})
+        self.emit(self._run_event(group, expert_id(expert), self.expert_model, start, result, requests,
+                                  tuple(r.output_tokens for r in requests), 1, int(hit), stall))
         group.running = (expert, requests, result, hit, stall, job)
         self._push(result.end_ns, "next", group)
+
+    def _run_event(self, group: StaticGroup, model_name: str, model: ModelSpec, start: int, result, requests: list,
+                   output_lens: tuple[int, ...], accesses: int, hits: int, stall: int) -> Run:
+        """The `run` event of a router batch or an expert batch of the cycle (its KV held for the run)."""
+        tokens = sum(r.prompt_tokens for r in requests) + sum(output_lens)
+        return Run(t_ns=start, group=group.info.name, model=model_name, end_ns=result.end_ns,
+                   first_step_ns=result.ttft_ns, collective_ns=result.collective_ns, requests=[r.id for r in requests],
+                   iterations=max(output_lens, default=0), prefill_tokens=sum(r.prompt_tokens for r in requests),
+                   decodes=0, accesses=accesses, hits=hits, stall_ns=stall,
+                   kv_bytes=kv_bytes_per_token_per_socket(model, group.info.tp) * tokens, queued=len(group.queue))
 
     def _commit(self, group: StaticGroup) -> None:
         """Record the requests of the run that just ended."""
@@ -385,17 +393,17 @@ class StaticServer:
                 tpot_ns=(finish - first_token) // (request.output_tokens - 1) if request.output_tokens > 1 else 0,
                 e2e_ns=finish - request.arrival_ns, finish_ns=finish)
             self.metrics.add(record)
-            self.emit({"type": "done", "t_ns": finish, "request": request.id, "group": group.info.name,
-                       "expert": request.expert, "hit": hit, "output_tokens": request.output_tokens,
-                       "ttft_ns": record.ttft_ns, "tpot_ns": record.tpot_ns, "e2e_ns": record.e2e_ns})
+            self.emit(Done(t_ns=finish, request=request.id, group=group.info.name, expert=request.expert, hit=hit,
+                           output_tokens=request.output_tokens, ttft_ns=record.ttft_ns, tpot_ns=record.tpot_ns,
+                           e2e_ns=record.e2e_ns, preemptions=0))
 
     # -- faults -------------------------------------------------------------------------------
     def _on_fault(self, now: int, fault: FaultSpec) -> None:
         self.fault_stats["faults_injected"] += 1
         handler = {"kill-socket": self._kill_socket, "kill-node": self._kill_node, "drop-link": self._drop_link}
-        detail = handler[fault.kind](now, fault)
-        self.emit({"type": "fault", "t_ns": now, "kind": fault.kind, "target": fault.target, "spec": fault.text,
-                   **detail})
+        groups, recovered, detail = handler[fault.kind](now, fault)
+        self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=groups,
+                        recovered_at_ns=recovered, detail=detail))
 
     def _interrupt(self, group: StaticGroup, now: int) -> None:
         """A member of `group` failed at `now`: stop what the group is doing; the interrupted
@@ -418,7 +426,7 @@ class StaticServer:
             self._commit(group)
         group.epoch += 1
 
-    def _kill_socket(self, now: int, fault: FaultSpec) -> dict:
+    def _kill_socket(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
         """The socket dies; it is restarted empty and refilled from DDR with everything its group
         held; the group's interrupted batch is retried once it is back."""
         group = next((g for g in self.groups if fault.target in g.info.members), None)
@@ -445,10 +453,9 @@ class StaticServer:
         self._push(group.available_at_ns, "next" if group.busy else "free", group)
         self.fault_stats["faults_recovered"] += 1
         self.fault_stats["recovery_ns"] += group.available_at_ns - now
-        return {"group": group.info.name, "recovered_at_ns": group.available_at_ns,
-                "reloaded": len(group.resident) + 1}
+        return [group.info.name], group.available_at_ns, {"reloaded": len(group.resident) + 1}
 
-    def _kill_node(self, now: int, fault: FaultSpec) -> dict:
+    def _kill_node(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
         """The node and its DDR are gone: its groups' work goes to the other nodes, and experts
         only it held are placed in the survivors' DDR (or the run stops if they do not fit)."""
         node = int(fault.target.removeprefix("node"))
@@ -482,10 +489,9 @@ class StaticServer:
             self._push(now, "enqueue", (self._choose_group(request), request))
         self.fault_stats["requests_redispatched"] += len(orphans)
         self.fault_stats["faults_recovered"] += 1
-        return {"groups": [g.info.name for g in doomed], "requests_redispatched": len(orphans),
-                "experts_replaced": moved}
+        return [g.info.name for g in doomed], now, {"requests_redispatched": len(orphans), "experts_replaced": moved}
 
-    def _drop_link(self, now: int, fault: FaultSpec) -> dict:
+    def _drop_link(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
         """Messages between two sockets are lost with probability p and resent after a timeout
         (the link's latency grows by the expected resends); with p = 1 the link is down and the
         first batch that needs it stops the run."""
@@ -493,4 +499,4 @@ class StaticServer:
         links = self.backend.degrade_link(a, b, fault.probability, now)
         if fault.probability < 1.0:
             self.fault_stats["faults_recovered"] += 1
-        return {"links": links, "probability": fault.probability}
+        return [], now if fault.probability < 1.0 else 0, {"links": links, "probability": fault.probability}

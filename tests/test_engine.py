@@ -4,6 +4,8 @@ from dataclasses import asdict
 
 import pytest
 
+from rdu.scheduler.timeline import Evict
+
 from rdu.base import Fields, UserError
 from rdu.node.studies.estimate import estimate
 from rdu.node.cluster.inline_backend import InlineBackend
@@ -181,7 +183,7 @@ def test_a_switch_evicts_a_waited_for_model_only_for_an_older_request():
     older than the switch's (10), expert 1's (50) younger: only expert 1 may go."""
     residency, backend, events = _residency()
     assert residency.start(2, 2000, set(), {0: 5, 1: 50}, prefetch=False, position=10) == 3000
-    assert backend.evicted == ["expert0001"] and events[-1]["victims"] == ["expert0001"]
+    assert backend.evicted == ["expert0001"] and events[-1].victims == ["expert0001"]
     assert residency.start(3, 4000, set(), {0: 5, 2: 10}, prefetch=False, position=60) is None  # both older
     assert residency.start(3, 4000, {0}, {2: 70}, prefetch=False, position=60) is not None     # 2 is younger
     assert backend.evicted == ["expert0001", "expert0002"]
@@ -192,6 +194,6 @@ def test_making_room_for_kv_says_which_models_it_evicted():
     need = residency.memory.free_bytes + 1
     assert residency.make_room(need, {1}, {}, now=5000)
     assert backend.evicted == ["expert0000"]
-    assert events[-1] == {"type": "evict", "t_ns": 5000, "group": "group0", "models": ["expert0000"],
-                          "reason": "room for KV", "kv_bytes_needed": need}
+    assert events[-1] == Evict(t_ns=5000, group="group0", models=["expert0000"], reason="room for KV",
+                               kv_bytes_needed=need)
     assert not residency.make_room(residency.memory.free_bytes + 1, {1}, {}, now=6000)   # 1 is busy: no room

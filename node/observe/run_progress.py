@@ -14,6 +14,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rdu.scheduler.timeline import Done, End, Event, Setup
+
 __all__ = ["RunProgress"]
 
 
@@ -48,17 +50,16 @@ class RunProgress:
         elif self.total:
             self._line(final=True)
 
-    def __call__(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "done":
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Done):
             self.done += 1
-        elif kind == "setup":
-            self.total, self.name = int(event.get("requests", 0)), str(event.get("name", "run"))
+        elif isinstance(event, Setup):
+            self.total, self.name = event.requests, event.name
             self._started = self._last_line = time.perf_counter()
             if self._progress is not None:
                 self._task = self._progress.add_task(self.name, total=self.total, virtual="0.000 s")
-        self.clock_ns = max(self.clock_ns, int(event.get("t_ns", 0)))
-        if kind == "done" and self.done % 64 == 0 or kind in ("setup", "end"):
+        self.clock_ns = max(self.clock_ns, event.t_ns)
+        if isinstance(event, Done) and self.done % 64 == 0 or isinstance(event, (Setup, End)):
             self._show()
 
     def _show(self) -> None:

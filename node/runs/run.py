@@ -36,12 +36,13 @@ from rdu.node.observe.trace_export import write_trace
 from rdu.yaml_io import dump_yaml
 from rdu.scheduler.metrics import RecordsCsvWriter
 from rdu.scheduler.serving import CoEServer, ServingResult, ServingStopped
+from rdu.scheduler.timeline import End, Event, GroupLayout, Setup
 from rdu.scheduler.workloads import build_workload
 from rdu.socket_actor.operators import shard_weight_bytes
 
 __all__ = ["execute_run", "RunOutput", "RunStopped", "RunInterrupted", "write_json", "setup_event"]
 
-EventSink = Callable[[dict], None]
+EventSink = Callable[[Event], None]
 
 
 @dataclass
@@ -59,25 +60,22 @@ def write_json(path: Path, data: dict) -> None:
     partial.replace(path)
 
 
-def setup_event(config: RunConfig, backend, requests: int, placement: dict[str, list[int]]) -> dict:
+def setup_event(config: RunConfig, backend, requests: int, placement: dict[str, list[int]], scheduler: str) -> Setup:
     """The first event of a run: everything a viewer needs to lay out nodes, sockets and links."""
     spec = config.platform.spec
-    groups = backend.groups()
     router_bytes = config.router_model.weight_bytes()
-    return {
-        "type": "setup", "t_ns": 0, "name": config.name, "platform": spec.name, "nodes": config.nodes,
-        "sockets_per_node": spec.sockets_per_node, "tp": config.tp, "experts": config.experts,
-        "model": config.model.name, "router_model": config.router_model.name, "policy": config.serving.policy,
-        "requests": requests,
-        "groups": [{"name": g.name, "node": g.node, "members": list(g.members)} for g in groups],
-        "hbm_usable_bytes": spec.socket.hbm_usable_bytes, "sram_bytes": spec.socket.sram.capacity_bytes,
-        "ddr_bytes": spec.capacity_tier_bytes, "ddr_tier": spec.capacity_tier_name,
-        "expert_shard_bytes": shard_weight_bytes(config.model, config.tp),
-        "router_shard_bytes": shard_weight_bytes(config.router_model, config.tp),
-        "p2p_topology": spec.links.p2p_kind, "host_link": spec.links.host_shared is not None,
-        "ddr_used_bytes": [len(placement[f"node{n}"]) * config.model.weight_bytes() + router_bytes
-                           for n in range(config.nodes)],
-    }
+    return Setup(
+        t_ns=0, name=config.name, platform=spec.name, nodes=config.nodes, sockets_per_node=spec.sockets_per_node,
+        tp=config.tp, experts=config.experts, model=config.model.name, router_model=config.router_model.name,
+        policy=config.serving.policy, scheduler=scheduler, requests=requests,
+        groups=[GroupLayout(g.name, g.node, list(g.members)) for g in backend.groups()],
+        hbm_usable_bytes=spec.socket.hbm_usable_bytes, sram_bytes=spec.socket.sram.capacity_bytes,
+        capacity_tier_bytes=spec.capacity_tier_bytes, capacity_tier_name=spec.capacity_tier_name,
+        capacity_tier_used_bytes=[len(placement[f"node{n}"]) * config.model.weight_bytes() + router_bytes
+                                  for n in range(config.nodes)],
+        expert_shard_bytes=shard_weight_bytes(config.model, config.tp),
+        router_shard_bytes=shard_weight_bytes(config.router_model, config.tp),
+        p2p_topology=spec.links.p2p_kind, host_link=spec.links.host_shared is not None)
 
 
 class RunStopped(RuntimeError):
@@ -101,13 +99,13 @@ class RunInterrupted(KeyboardInterrupt):
 def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records: RecordsCsvWriter) -> CoEServer:
     workload = build_workload(config.workload, config.experts, config.seed)
 
-    def emit(event: dict) -> None:
+    def emit(event: Event) -> None:
         for sink in sinks:
             sink(event)
 
     server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit,
                        on_record=records, keep_records=False)
-    emit(setup_event(config, backend, len(workload.requests), server.placement))
+    emit(setup_event(config, backend, len(workload.requests), server.placement, server.kind))
     for sink in sinks:
         if hasattr(sink, "attach"):
             sink.attach(backend)
@@ -226,8 +224,8 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
     finally:
         result = state["result"]
         if result is not None and not state.get("crashed"):
-            end = {"type": "end", "t_ns": result.summary["virtual_ns"] + result.summary["setup_ns"],
-                   "interrupted": interrupted, "stopped": stopped, "summary": result.summary}
+            end = End(t_ns=result.summary["virtual_ns"] + result.summary["setup_ns"], interrupted=interrupted,
+                      stopped=stopped, summary=result.summary)
             for sink in sinks:
                 sink(end)
         events.close()
