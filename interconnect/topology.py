@@ -86,14 +86,17 @@ class TopologySpec:
 class Topology:
     """The links of `nodes` nodes of `sockets_per_node` sockets, with per-link contention state."""
 
-    def __init__(self, spec: TopologySpec, nodes: int, sockets_per_node: int) -> None:
+    def __init__(self, spec: TopologySpec, nodes: int, sockets_per_node: int,
+                 only_nodes: tuple[int, ...] | None = None) -> None:
+        """`only_nodes`: build the links of these nodes only (a partition of a large cluster
+        needs its own nodes' links, not a copy of everyone's)."""
         if nodes < 1 or sockets_per_node < 1:
             raise UserError(f"a topology needs at least one node and one socket, got {nodes} x {sockets_per_node}")
         self.spec = spec
         self.nodes = nodes
         self.sockets_per_node = sockets_per_node
         self.links: dict[str, Link] = {}
-        for node in range(nodes):
+        for node in range(nodes) if only_nodes is None else only_nodes:
             self._build_node(node)
 
     # -- construction -----------------------------------------------------------------------

@@ -1,44 +1,47 @@
-"""The continuous serving engine: iteration-level batching per TP group, paged KV in the HBM
-ledger, chunked prefill, preemption, and expert switching in the background; time moves from
-event to event.
+"""The continuous serving engine of one partition (a node, or the nodes its TP groups span):
+iteration-level batching per TP group, paged KV in the HBM ledger, chunked prefill, preemption
+(recompute or swap), expert switching in the background, faults; time moves from event to event.
 
-Events, in (virtual time, class, stable id) order: arrivals at the ingress, requests reaching
-their group, switches landing, and group boundaries (a span ended, or an idle group has work).
-At a boundary the group decides its next batch (scheduler.step_scheduler) and runs it as a
-*span*: the fixed batch for as many iterations as nothing would change it — until the first
-iteration end at or after the next event, a sequence finishing, a prefill chunk ending short of
-its prompt, or a KV block that does not fit. The span's step times are one vectorised cost-model
-evaluation (the backend's `span_times`), so a long decode costs one call, and running the same
-workload one iteration at a time (`max_span_iterations: 1`) gives identical results.
+Events, in (virtual time, class, stable id) order: faults, requests the ingress delivered
+(dispatched to a group, then queued), switches landing, and group boundaries (a span ended, or
+an idle group has work). At a boundary the group decides its next batch
+(scheduler.step_scheduler) and runs it as a *span*: the fixed batch for as many iterations as
+nothing would change it — until the first iteration end at or after the next event this engine
+knows of (or the end of the round: later deliveries are unknown yet), a sequence finishing, a
+prefill chunk ending short of its prompt, or a KV block that does not fit. The span's step times
+are one vectorised cost-model evaluation (the backend's `span_times`); cutting a span at an
+extra point changes nothing (a test runs the same workload one iteration at a time,
+`max_span_iterations: 1`, and compares).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import defaultdict, deque
-from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from rdu.base import UserError, format_bytes
+from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
-from rdu.scheduler.dispatch import choose_group, hot_experts, place_experts
+from rdu.scheduler.dispatch import choose_group, hot_experts
 from rdu.scheduler.kv import GroupMemory, blocks_for
-from rdu.scheduler.metrics import EngineMetrics, GroupStats, MetricsCollector, RequestRecord, summarize
+from rdu.scheduler.metrics import EngineMetrics, GroupStats, RequestRecord
+from rdu.scheduler.partition import GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
+from rdu.scheduler.serving_types import ServingStopped
 from rdu.scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
-from rdu.scheduler.timeline import Arrival, Done, Enqueue, Event, KvResize, Preempt, Run
-from rdu.scheduler.workloads import Request, Workload
+from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Preempt, Run, TimelineBuffer
+from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import SpanRequest
-from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import kv_bytes_per_token_per_socket
 from rdu.socket_actor.tiers import CapacityError
 
-__all__ = ["ContinuousServer"]
+__all__ = ["ContinuousEngine", "ContinuousGroup"]
 
-_TOKEN_BYTES = 4
-_ARRIVAL, _ENQUEUE, _READY, _STEP = range(4)      # event classes: their order at equal times
+_FAULT, _DISPATCH, _ENQUEUE, _READY, _STEP = range(5)   # event classes: their order at equal times
 _FIRST_QUERY = 64                                  # iterations timed by the first query of a span (no history)
 _MIN_QUERY = 16                                    # ... and at least this many when guessed from the last step
 
@@ -46,7 +49,7 @@ _MIN_QUERY = 16                                    # ... and at least this many 
 class ContinuousGroup:
     """One TP group's state: waiting and running sequences per model, HBM, the span in progress."""
 
-    def __init__(self, info: GroupInfo, engine: "ContinuousServer") -> None:
+    def __init__(self, info: GroupInfo, engine: "ContinuousEngine") -> None:
         self.info, self.engine = info, engine
         self.stats = GroupStats(name=info.name, node=info.node, expert_slots=0)
         self.memory = GroupMemory(info.hbm_usable_bytes, engine.step.block_size)
@@ -64,6 +67,7 @@ class ContinuousGroup:
         self.busy = False
         self.kicked = False
         self.dead = False
+        self.epoch = 0                     # bumped by a fault: the group's pending boundary is void
         self.span = None
         self.admissions = 0
         self.blocked_switch = False
@@ -87,6 +91,14 @@ class ContinuousGroup:
 
     def warm_for(self, expert: int) -> bool:
         return expert in self.residency.resident or bool(self.waiting.get(expert)) or bool(self.running.get(expert))
+
+    def warm_experts(self) -> frozenset[int]:
+        """Every expert this group is warm for (what its node reports to the load balancer)."""
+        keys = set(self.residency.resident)
+        keys.update(m for m, q in self.waiting.items() if q)
+        keys.update(m for m, seqs in self.running.items() if seqs)
+        keys.discard(ROUTER_KEY)
+        return frozenset(keys)
 
     def busy_models(self, now: int) -> set[int]:
         """Models with a sequence in flight, and models whose copy has not landed (never victims)."""
@@ -132,19 +144,27 @@ class ContinuousGroup:
         self.running[seq.model].remove(seq)
         self.n_running -= 1
 
-    def preempt(self, seq: Seq, now: int) -> None:
-        """Recompute preemption: the KV goes, the sequence re-queues first with its prompt and the
-        tokens generated so far to prefill again."""
+    def preempt(self, seq: Seq, now: int, mode: str | None = None) -> int:
+        """The sequence gives its KV blocks back and re-queues first. `recompute`: it prefills its
+        prompt and the tokens generated so far again; `swap`: its KV is copied to the capacity
+        tier and back when it resumes (it keeps its place in the sequence). Returns the KV bytes
+        per member it held."""
+        mode = mode or self.engine.config.preemption
         kv_bytes = seq.blocks * self.block_bytes(seq.model)
         self.release(seq)
-        seq.prompt = seq.prompt + seq.generated if seq.computed >= seq.prompt else seq.prompt
-        seq.computed = 0
+        if mode == "swap" and seq.computed >= seq.prompt:
+            seq.swapped_bytes = kv_bytes
+        else:
+            mode = "recompute"
+            seq.prompt = seq.prompt + seq.generated if seq.computed >= seq.prompt else seq.prompt
+            seq.computed = 0
         seq.preemptions += 1
         self.waiting[seq.model].appendleft(seq)
-        self.engine.metrics_engine.preemptions += 1
+        self.engine.metrics.preemptions += 1
         if self.engine.listening:
             self.engine.emit(Preempt(t_ns=now, group=self.info.name, request=seq.request.id, model=model_id(seq.model),
-                                     generated=seq.generated, mode="recompute", kv_bytes=kv_bytes))
+                                     generated=seq.generated, mode=mode, kv_bytes=kv_bytes))
+        return kv_bytes
 
     # -- switching --------------------------------------------------------------------------------
     def retry_switches(self, now: int) -> None:
@@ -174,81 +194,58 @@ class ContinuousGroup:
         self.engine.push(ready, _READY, (self.info.index, model), ("ready", self, model, ready))
         return True
 
+    def sequences(self) -> list[Seq]:
+        """Every sequence the group holds, running or waiting."""
+        return [s for seqs in self.running.values() for s in seqs] + [s for q in self.waiting.values() for s in q]
 
-class ContinuousServer:
-    """Serves one workload with the continuous engine; `run()` returns a ServingResult."""
 
-    def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
-                 workload: Workload, config, step: StepConfig, on_event: Callable[[Event], None] | None = None,
-                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
-        self.backend, self.expert_model, self.router_model = backend, expert_model, router_model
-        self.experts, self.workload, self.config, self.step = experts, workload, config, step
-        self.listening = on_event is not None
-        self.emit = on_event or (lambda event: None)
-        self.use_router = experts > 1
-        self.router_output_tokens = max(1, workload.router_output_tokens)
+class ContinuousEngine:
+    """Serves the requests the ingress delivers to one partition, round by round."""
+
+    def __init__(self, backend: ServingBackend, partition: PartitionSpec, recipe) -> None:
+        config = recipe.config
+        self.backend, self.partition, self.recipe = backend, partition, recipe
+        self.expert_model, self.router_model = recipe.expert_model, recipe.router_model
+        self.experts, self.workload, self.config = recipe.experts, recipe.workload, config
+        self.step = StepConfig(config.max_num_batched_tokens, config.max_num_seqs, config.block_size,
+                               config.model_selection, config.max_span_iterations)
+        self.listening = recipe.listening
+        self.timeline = TimelineBuffer()
+        self.emit = self.timeline if self.listening else (lambda event: None)
+        self.use_router = recipe.experts > 1
+        self.router_output_tokens = max(1, recipe.workload.router_output_tokens)
         self.now = 0
-        self.groups = [ContinuousGroup(info, self) for info in backend.groups()]
-        sequence = [r.expert for r in workload.requests]
-        self.placement = place_experts(backend, experts, expert_model.weight_bytes(), router_model.weight_bytes(),
-                                       config.placement, sequence)
-        for n in range(backend.nodes):
-            if self.use_router:
-                backend.store(n, model_id(ROUTER_KEY), router_model.weight_bytes())
-            for e in self.placement[f"node{n}"]:
-                backend.store(n, model_id(e), expert_model.weight_bytes())
-        self._holders = {e: {n for n in range(backend.nodes) if e in set(self.placement[f"node{n}"])}
-                         for e in range(experts)}
-        self._check_capacity()
-        self.metrics = MetricsCollector(on_record, keep=keep_records, requests=len(workload.requests))
-        self.metrics_engine = EngineMetrics()
-        self.inter_node_bytes = 0
+        self.until_ns = 0
+        self.groups = [ContinuousGroup(info, self) for info in partition.groups]
+        self._group_of_socket = {m: g for g in self.groups for m in g.info.members}
+        self._holders = {e: {n for n in partition.nodes if e in set(recipe.placement[f"node{n}"])}
+                         for e in range(recipe.experts)}
+        self.metrics = EngineMetrics()
+        self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0}
         self.setup_ns = 0
-        self.fault_stats: dict = {}
+        self.stopped = ""
+        self._records: list[RequestRecord] = []
+        self._orphans: list[Request] = []
         self._external: list = []
         self._steps: list = []
         self._jobs = 0
         self._dispatched = 0
-        self.sequence = sequence
+        self._restarts: dict[str, int] = {}
 
-    def _check_capacity(self) -> None:
-        """Refuse, before serving, what cannot work: an expert that does not fit beside the router,
-        or a request whose KV alone would not fit next to them."""
-        for g in self.groups:
-            weights = g.residency.expert_shard_bytes + (g.residency.router_shard_bytes if self.use_router else 0)
-            longest = max((r.prompt_tokens + r.output_tokens for r in self.workload.requests), default=1)
-            kv = blocks_for(longest, self.step.block_size) * g.block_bytes(0)
-            if weights + kv > g.info.hbm_usable_bytes:
-                raise CapacityError(
-                    f"{g.info.name} ({g.info.tp} x {format_bytes(g.info.hbm_usable_bytes)} usable HBM per socket): an "
-                    f"expert shard of {format_bytes(g.residency.expert_shard_bytes)} does not fit "
-                    + (f"next to the router ({format_bytes(g.residency.router_shard_bytes)}) and " if self.use_router
-                       else "with ")
-                    + f"the KV cache of the longest request ({longest} tokens, {format_bytes(kv)}) per socket")
-
-    # -- events ---------------------------------------------------------------------------------
-    def push(self, time_ns: int, cls: int, key: tuple, payload: tuple) -> None:
-        heap = self._steps if cls == _STEP else self._external
-        heapq.heappush(heap, (int(time_ns), cls, key, payload))
-
-    def _next_external_ns(self) -> int:
-        """The next event that can change a group's decision (not another group's boundary)."""
-        times = [self._external[0][0]] if self._external else []
-        if self._arrival_index < len(self._arrivals):
-            times.append(self._arrivals[self._arrival_index].arrival_ns)
-        return min(times) if times else 1 << 62
-
-    def _job_id(self, group: ContinuousGroup, what: str) -> str:
-        self._jobs += 1
-        return f"{group.info.name}/s{self._jobs}/{what}"
-
-    def run(self):
-        """Load the router and the placement's HBM-resident experts everywhere, then serve; the
-        workload's clock starts when they are resident (`setup_ns`)."""
-        setup_ns = 0
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self) -> int:
+        """Store this partition's models, check what cannot work, and load the router and the
+        experts that start resident; returns when they are."""
+        for n in self.partition.nodes:
+            if self.use_router:
+                self.backend.store(n, model_id(ROUTER_KEY), self.router_model.weight_bytes())
+            for e in self.recipe.placement[f"node{n}"]:
+                self.backend.store(n, model_id(e), self.expert_model.weight_bytes())
+        self._check_capacity()
         pinned = list(self.config.pinned_experts)
         if self.config.placement == "popularity":
-            pinned += [e for e in hot_experts(self.sequence) if e not in pinned]
+            pinned += [e for e in hot_experts([r.expert for r in self.workload.requests]) if e not in pinned]
+        ready_ns = 0
         for g in self.groups:
             keys = ([ROUTER_KEY] if self.use_router else []) + pinned
             for i, key in enumerate(keys):
@@ -259,74 +256,137 @@ class ContinuousServer:
                 if ready is None:
                     raise CapacityError(f"{g.info.name}: {model_id(key)} does not fit in HBM with the pinned models")
                 g.residency.pinned.add(key)
-                setup_ns = max(setup_ns, ready)
-        self.setup_ns = setup_ns
-        self._arrivals = [Request(r.id, r.arrival_ns + setup_ns, r.prompt_tokens, r.output_tokens, r.expert)
-                          for r in self.workload.requests]
-        self._arrival_index = 0
-        while True:
-            candidates = []
-            if self._arrival_index < len(self._arrivals):
-                r = self._arrivals[self._arrival_index]
-                candidates.append((r.arrival_ns, _ARRIVAL, (r.id,), None))
-            if self._external:
-                candidates.append(self._external[0])
-            if self._steps:
-                candidates.append(self._steps[0])
-            if not candidates:
-                break
-            event = min(candidates, key=lambda e: e[:3])
-            self.now = event[0]
-            if event[1] == _ARRIVAL:
-                self._arrival_index += 1
-                self._on_arrival(self._arrivals[self._arrival_index - 1])
-            elif event[1] == _STEP:
-                heapq.heappop(self._steps)
-                self._on_boundary(event[3][1])
-            else:
-                heapq.heappop(self._external)
-                kind = event[3][0]
-                if kind == "enqueue":
-                    self._on_enqueue(event[3][1], event[3][2])
-                else:
-                    self._on_ready(*event[3][1:])
+                ready_ns = max(ready_ns, ready)
+        return ready_ns
+
+    def _check_capacity(self) -> None:
+        """Refuse, before serving, what cannot work: an expert that does not fit beside the router,
+        or a request whose KV alone would not fit next to them."""
+        longest = max((r.prompt_tokens + r.output_tokens for r in self.workload.requests), default=1)
         for g in self.groups:
+            weights = g.residency.expert_shard_bytes + (g.residency.router_shard_bytes if self.use_router else 0)
+            kv = blocks_for(longest, self.step.block_size) * g.block_bytes(0)
+            if weights + kv > g.info.hbm_usable_bytes:
+                raise CapacityError(
+                    f"{g.info.name} ({g.info.tp} x {format_bytes(g.info.hbm_usable_bytes)} usable HBM per socket): an "
+                    f"expert shard of {format_bytes(g.residency.expert_shard_bytes)} does not fit "
+                    + (f"next to the router ({format_bytes(g.residency.router_shard_bytes)}) and " if self.use_router
+                       else "with ")
+                    + f"the KV cache of the longest request ({longest} tokens, {format_bytes(kv)}) per socket")
+
+    def start(self, setup_ns: int) -> None:
+        """The workload's clock starts at `setup_ns`; this partition's faults are scheduled."""
+        self.setup_ns = setup_ns
+        sockets = set(self._group_of_socket)
+        for i, fault in enumerate(self.config.faults):
+            if fault.kind == "kill-node" or (fault.kind == "kill-socket" and fault.target not in sockets):
+                continue   # a node loss is the ingress's (its requests move); other sockets are others'
+            at = setup_ns + (fault.virtual_ns if fault.request is None
+                             else self.workload.requests[fault.request].arrival_ns)
+            self.push(at, _FAULT, (i,), ("fault", fault))
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def advance(self, round_input: RoundInput) -> RoundOutput:
+        """Process every event before `round_input.until_ns`, with its deliveries and stores."""
+        if round_input.start_ns >= 0:
+            self.start(round_input.start_ns)
+        self.until_ns = round_input.until_ns
+        for node, expert in round_input.stores:
+            self.backend.store(node, model_id(expert), self.expert_model.weight_bytes())
+            self._holders[expert].add(node)
+        for d in round_input.deliveries:
+            self.push(d.enqueue_ns, _DISPATCH, (d.request.id,), ("dispatch", d.request, d.node))
+        if not self.stopped:
+            try:
+                self._loop(round_input.until_ns)
+                for node in round_input.kill_nodes:
+                    self._kill_node(node, round_input.until_ns)
+            except (ServingStopped, LinkDown) as exc:
+                self.stopped = f"at {self.now} ns: {exc}" if isinstance(exc, LinkDown) else str(exc)
+        timeline, count = self.timeline.take()
+        records, self._records = self._records, []
+        orphans, self._orphans = self._orphans, []
+        return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
+                           stopped=self.stopped)
+
+    def loads(self) -> list[GroupLoad]:
+        return [GroupLoad(index=g.info.index, node=g.info.node, load=g.load, warm=g.warm_experts(), dead=g.dead)
+                for g in self.groups]
+
+    def finish(self) -> PartitionResult:
+        """Empty KV entries (the ledgers and the observers see it), totals of the run."""
+        for g in self.groups:
+            if g.dead:
+                continue
             self.backend.set_kv(g.info.index, 0)
-            if self.listening:   # the ledgers' KV entries empty: observers of the events see it too
+            if self.listening:
                 self.emit(KvResize(t_ns=self.now, group=g.info.name, kv_bytes=0))
-        if self.metrics.completed != len(self.workload.requests):
-            raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
-        return self.result()
+        return PartitionResult(groups=[g.stats for g in self.groups], metrics=self.metrics,
+                               peak_kv_bytes=[g.memory.peak_kv_bytes for g in self.groups],
+                               fault_stats=dict(self.fault_stats), backend=self.backend.finish(),
+                               timeline=self.timeline.take())
 
-    def result(self):
-        from rdu.scheduler.serving import ServingResult
+    # -- events ---------------------------------------------------------------------------------
+    def push(self, time_ns: int, cls: int, key: tuple, payload: tuple) -> None:
+        heap = self._steps if cls == _STEP else self._external
+        heapq.heappush(heap, (int(time_ns), cls, key, payload))
 
-        stats = [g.stats for g in self.groups]
-        summary = summarize(self.metrics, stats, len(self.workload.requests), self.inter_node_bytes, self.setup_ns)
-        summary.update(self.metrics_engine.summary(self.metrics, self.config.slo_ttft_ms, self.config.slo_tpot_ms,
-                                                   summary["virtual_ns"],
-                                                   [g.memory.peak_kv_bytes for g in self.groups]))
-        summary["scheduler"] = "continuous"
-        return ServingResult(records=self.metrics.records, groups=stats, summary=summary, placement=self.placement)
+    def _next_external_ns(self) -> int:
+        """The next event that can change a group's decision (not another group's boundary); the
+        end of the round stands for deliveries not known yet."""
+        head = self._external[0][0] if self._external else 1 << 62
+        return min(head, self.until_ns)
+
+    def _job_id(self, group: ContinuousGroup, what: str) -> str:
+        self._jobs += 1
+        return f"{group.info.name}/s{self._jobs}/{what}"
+
+    def _loop(self, until_ns: int) -> None:
+        external, steps = self._external, self._steps
+        while external or steps:
+            if steps and (not external or steps[0][:3] < external[0][:3]):
+                event = steps[0]
+                if event[0] >= until_ns:
+                    return
+                heapq.heappop(steps)
+                self.now = event[0]
+                group, epoch = event[3][1], event[3][2]
+                if epoch == group.epoch and not group.dead:
+                    self._on_boundary(group)
+                continue
+            event = external[0]
+            if event[0] >= until_ns:
+                return
+            heapq.heappop(external)
+            self.now = event[0]
+            payload = event[3]
+            kind = payload[0]
+            if kind == "dispatch":
+                self._on_dispatch(payload[1], payload[2])
+            elif kind == "enqueue":
+                self._on_enqueue(payload[1], payload[2])
+            elif kind == "ready":
+                self._on_ready(*payload[1:])
+            else:
+                self._on_fault(payload[1])
 
     # -- arrivals and dispatch ---------------------------------------------------------------------
-    def _on_arrival(self, request: Request) -> None:
-        group = choose_group(self.groups, request.expert, self._holders[request.expert], self.config.dispatch,
-                             self.step.max_num_seqs, self._dispatched)
-        if group is None:
-            raise UserError(f"no live group can serve expert {request.expert}")
+    def _on_dispatch(self, request: Request, node: int) -> None:
+        """The request reached `node`: the node picks one of its groups, on what it knows now."""
+        eligible = [g for g in self.groups if g.info.node == node]
+        group = choose_group(eligible, request.expert, {node}, self.config.dispatch, self.step.max_num_seqs,
+                             self._dispatched)
+        if group is None:   # the node died after the request was routed to it: back to the ingress
+            self._orphans.append(request)
+            return
         self._dispatched += 1
         group.load += 1
-        if self.listening:
-            self.emit(Arrival(t_ns=self.now, request=request.id, expert=request.expert, node=group.info.node))
-        arrive = self.now
-        if group.info.node != self.config.ingress_node:
-            nbytes = request.prompt_tokens * _TOKEN_BYTES
-            arrive = self.backend.forward_request(self.config.ingress_node, group.info.node, nbytes, self.now)
-            self.inter_node_bytes += nbytes + request.output_tokens * _TOKEN_BYTES
-        self.push(arrive, _ENQUEUE, (request.id,), ("enqueue", group, request))
+        self.push(self.now, _ENQUEUE, (request.id,), ("enqueue", group, request))
 
     def _on_enqueue(self, group: ContinuousGroup, request: Request) -> None:
+        if group.dead:
+            self._orphans.append(request)
+            return
         if self.listening:
             self.emit(Enqueue(t_ns=self.now, request=request.id, group=group.info.name))
         if self.use_router:
@@ -337,7 +397,7 @@ class ContinuousServer:
         self._touch(group)
 
     def _on_ready(self, group: ContinuousGroup, model: int, ready: int) -> None:
-        if group.residency.resident.get(model) == ready:
+        if group.residency.resident.get(model) == ready and not group.dead:
             self._touch(group)
 
     def _touch(self, group: ContinuousGroup) -> None:
@@ -345,7 +405,7 @@ class ContinuousServer:
         group.dirty = True
         if not group.busy and not group.kicked:
             group.kicked = True
-            self.push(self.now, _STEP, (group.info.index,), ("step", group))
+            self.push(self.now, _STEP, (group.info.index,), ("step", group, group.epoch))
 
     def _decided(self, group: ContinuousGroup, seq: Seq) -> None:
         """The request's expert is known (the router finished, or there is no router)."""
@@ -378,22 +438,25 @@ class ContinuousServer:
     def _start_span(self, group: ContinuousGroup, batch, now: int) -> None:
         limit, contexts, held = span_limit(group, batch, self.step)
         model = batch.model
+        start = now
+        for moved, to_hbm in ((batch.swap_out_bytes, False), (batch.swap_in_bytes, True)):
+            if moved:   # swaps of this step (KV out of HBM to make room, or back in) hold it up
+                start = max(start, self.backend.move_kv(group.info.index, moved, now, to_hbm=to_hbm))
+                self.metrics.swapped_bytes += moved * group.info.tp
         request = SpanRequest(
             job_id="", model_id=model_id(model), model=self.router_model if model == ROUTER_KEY else self.expert_model,
-            members=group.info.members, start_ns=now, iterations=limit,
+            members=group.info.members, start_ns=start, iterations=limit,
             chunk_offsets=tuple(s.computed for s, _ in batch.chunks), chunk_lens=tuple(c for _, c in batch.chunks),
             decode_contexts=tuple(s.computed for s in batch.decodes),
             next_contexts=tuple(int(c) for c in contexts) if limit > 1 else (),
             setup=model != group.last_model, mode=self.config.mode, orchestration=self.config.orchestration)
-        iterations = self._iterations(group, request, limit, now)
+        iterations = self._iterations(group, request, limit, start)
         if iterations > 1:   # the blocks the decodes fill during the span
             grow = int((-(-(contexts + iterations - 1) // self.step.block_size) - held).sum())
             group.memory.take_kv(grow * group.block_bytes(model))
             seqs = batch.decodes + [s for s, _ in batch.chunks]
             for s, c in zip(seqs, contexts):
                 s.blocks = blocks_for(int(c) + iterations - 1, self.step.block_size)
-        from dataclasses import replace
-
         request = replace(request, job_id=self._job_id(group, model_id(model)), iterations=iterations,
                           kv_bytes=group.memory.kv_bytes)
         steps, coll = self.backend.span_times(group.info.index, request, iterations)
@@ -404,8 +467,10 @@ class ContinuousServer:
             if model != ROUTER_KEY:
                 group.policy.touch(model, min(s.request.id for s in batch.decodes + [s for s, _ in batch.chunks]))
         group.last_model = model
-        group.span = (batch, request, np.asarray(steps[:iterations], dtype=np.int64), result)
-        self.push(result.end_ns, _STEP, (group.info.index,), ("step", group))
+        group.stats.stall_ns += start - now
+        group.span = (batch, request, np.asarray(steps[:iterations], dtype=np.int64), result,
+                      np.asarray(coll[:iterations], dtype=np.float64))
+        self.push(result.end_ns, _STEP, (group.info.index,), ("step", group, group.epoch))
 
     def _iterations(self, group: ContinuousGroup, request: SpanRequest, limit: int, now: int) -> int:
         """Iterations of the span: up to `limit`, ending at the first iteration end at or after
@@ -425,7 +490,7 @@ class ContinuousServer:
             n = min(limit, n * 8)
 
     @staticmethod
-    def _first_query(group: "ContinuousGroup", room_ns: int) -> int:
+    def _first_query(group: ContinuousGroup, room_ns: int) -> int:
         """Iterations to time first: enough, by the group's last step time with a margin, to
         reach the horizon `room_ns` ahead, so most spans cost one cost-model evaluation (the
         answer does not depend on it: a short query is extended, extra rows are not used)."""
@@ -435,7 +500,7 @@ class ContinuousServer:
 
     def _commit(self, group: ContinuousGroup) -> None:
         """Apply the span that just ended: tokens, finished sequences, metrics."""
-        batch, request, steps, result = group.span
+        batch, request, steps, result, coll = group.span
         group.span = None
         k = len(steps)
         group.last_step_ns = int(steps[-1])
@@ -449,7 +514,7 @@ class ContinuousServer:
         else:
             group.stats.expert_ns += busy
         group.stats.collective_ns += result.collective_ns
-        m = self.metrics_engine
+        m = self.metrics
         gaps = []
         finished = []
         expert = model != ROUTER_KEY
@@ -518,8 +583,106 @@ class ContinuousServer:
             switch_wait_ns=s.switch_wait_ns, hbm_hit=s.hit, ttft_ns=s.first_token_ns - r.arrival_ns,
             tpot_ns=(finish - s.first_token_ns) // (r.output_tokens - 1) if r.output_tokens > 1 else 0,
             e2e_ns=finish - r.arrival_ns, finish_ns=finish, preemptions=s.preemptions)
-        self.metrics.add(record)
+        self._records.append(record)
         if self.listening:
             self.emit(Done(t_ns=finish, request=r.id, group=group.info.name, expert=r.expert, hit=s.hit,
                            output_tokens=r.output_tokens, ttft_ns=record.ttft_ns, tpot_ns=record.tpot_ns,
                            e2e_ns=record.e2e_ns, preemptions=s.preemptions))
+
+    # -- faults ------------------------------------------------------------------------------------
+    def _on_fault(self, fault) -> None:
+        if fault.kind == "drop-link":   # every engine's view of the links changes; the ingress reports it
+            a, b = fault.link
+            self.backend.degrade_link(a, b, fault.probability, self.now)
+            return
+        self._kill_socket(fault, self.now)
+
+    def _interrupt(self, group: ContinuousGroup, now: int) -> int:
+        """A member of `group` failed at `now`: the span in progress keeps the iterations that
+        ended by then; every running sequence loses its KV (recompute: prefilled again later).
+        Returns the iterations lost."""
+        lost = 0
+        if group.span is not None:
+            batch, request, steps, result, coll = group.span
+            ends = request.start_ns + np.cumsum(steps)
+            kept = int(np.searchsorted(ends, now, side="right"))
+            lost = len(steps) - kept
+            if lost:
+                self.backend.truncate_span(group.info.index, request.job_id, kept, now)
+                self.fault_stats["runs_retried"] += 1
+                if kept:
+                    end = int(ends[kept - 1])
+                    result = replace(result, end_ns=end, busy_ns=end - request.start_ns,
+                                     collective_ns=int(np.rint(coll[:kept]).sum()))
+                    group.span = (batch, replace(request, iterations=kept), steps[:kept], result, coll[:kept])
+                else:
+                    group.span = None
+            if group.span is not None:
+                self._commit(group)
+        for s in sorted((s for seqs in group.running.values() for s in seqs), key=lambda s: -s.order):
+            group.preempt(s, now, mode="recompute")
+        group.busy = group.kicked = False
+        group.epoch += 1
+        group.last_model = None   # what ran before is gone from the restarted member: set-up again
+        self.backend.set_kv(group.info.index, group.memory.kv_bytes)
+        return lost
+
+    def _kill_socket(self, fault, now: int) -> None:
+        """The socket dies; it is restarted empty and refilled from the capacity tier with
+        everything its group held; the group's sequences are prefilled again once it is back."""
+        group = self._group_of_socket[fault.target]
+        if group.dead:
+            return   # its node is already gone: nothing left to kill
+        self.fault_stats["faults_injected"] += 1
+        self._restarts[fault.target] = self._restarts.get(fault.target, 0) + 1
+        if self._restarts[fault.target] > self.backend.max_restarts:
+            raise ServingStopped(f"{fault.target} failed at {now} ns for the {self._restarts[fault.target]}th time, "
+                                 f"more than the {self.backend.max_restarts} restarts the platform allows "
+                                 "(socket.max_restarts)", None)
+        lost = self._interrupt(group, now)
+        back = now + int(self.backend.restart_ns)
+        self.backend.fail_socket(fault.target, now, back)
+        recovered = back
+        for key in sorted(group.residency.resident):
+            model = self.router_model if key == ROUTER_KEY else self.expert_model
+            arrival = self.backend.copy_in(group.info.index, model_id(key), model, back, [fault.target])[fault.target]
+            ready = max(group.residency.resident[key], arrival)
+            group.residency.resident[key] = ready
+            recovered = max(recovered, ready)
+            self.push(ready, _READY, (group.info.index, key), ("ready", group, key, ready))
+        self.fault_stats["faults_recovered"] += 1
+        self.fault_stats["recovery_ns"] += recovered - now
+        if self.listening:
+            self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=[group.info.name],
+                            recovered_at_ns=recovered, detail={"reloaded": len(group.residency.resident),
+                                                               "iterations_lost": lost}))
+        self._touch(group)
+
+    def _kill_node(self, node: int, now: int) -> None:
+        """The node is gone at `now` (the end of this round): its groups' requests — queued,
+        running or still on their way — go back to the ingress, to be served elsewhere."""
+        doomed = [g for g in self.groups if not g.dead and any(m.startswith(f"node{node}/") for m in g.info.members)]
+        orphans = {}
+        for group in doomed:
+            self._interrupt(group, now)
+            for s in group.sequences():
+                orphans[s.request.id] = s.request
+            group.dead = True
+            group.waiting.clear()
+            group.running.clear()
+            group.n_running = group.load = 0
+            group.memory.kv_bytes = 0
+        keep = []
+        for event in self._external:   # requests routed here but not yet dispatched or queued
+            payload = event[3]
+            if payload[0] == "dispatch" and payload[2] == node or payload[0] == "enqueue" and payload[1] in doomed:
+                request = payload[1] if payload[0] == "dispatch" else payload[2]
+                orphans[request.id] = request
+            else:
+                keep.append(event)
+        heapq.heapify(keep)
+        self._external = keep
+        self.backend.fail_node(node, now)
+        for holders in self._holders.values():
+            holders.discard(node)
+        self._orphans += [orphans[i] for i in sorted(orphans)]

@@ -212,6 +212,13 @@ class WeightedValues:
         if len(self._values) >= self.buffer_pairs:
             self._fold()
 
+    def add_pairs(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Add (value, count) pairs, e.g. another multiset's `arrays()`."""
+        self._values.extend(np.asarray(values, dtype=np.int64).tolist())
+        self._counts.extend(np.asarray(counts, dtype=np.int64).tolist())
+        if len(self._values) >= self.buffer_pairs:
+            self._fold()
+
     def _fold(self) -> None:
         if not len(self._values):
             return
@@ -242,6 +249,21 @@ class EngineMetrics:
         self.max_step_seqs = 0
         self.model_ns: dict[int, int] = {}
         self.kv_samples = array("d")
+        self.swapped_bytes = 0          # KV moved between HBM and the capacity tier by swap preemption
+
+    def merge(self, other: "EngineMetrics") -> None:
+        """Add another partition's metrics (partitions merge in order: the result is deterministic)."""
+        self.itl.add_pairs(*other.itl.arrays())
+        self.preemptions += other.preemptions
+        self.iterations += other.iterations
+        self.step_tokens += other.step_tokens
+        self.step_seqs += other.step_seqs
+        self.max_step_tokens = max(self.max_step_tokens, other.max_step_tokens)
+        self.max_step_seqs = max(self.max_step_seqs, other.max_step_seqs)
+        for model, ns in sorted(other.model_ns.items()):
+            self.model_ns[model] = self.model_ns.get(model, 0) + ns
+        self.kv_samples.extend(other.kv_samples)
+        self.swapped_bytes += other.swapped_bytes
 
     def itl_values(self, gaps: list[int]) -> None:
         self.itl.add(gaps, 1)

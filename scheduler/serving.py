@@ -4,8 +4,10 @@
 * `continuous` (scheduler/continuous.py): iteration-level batching with paged KV, chunked
   prefill, preemption and background expert switching, from event to event.
 
-`CoEServer` checks the configuration and hands the run to the chosen engine; both return a
-`ServingResult` and emit the same event dicts (plus the continuous engine's own).
+`CoEServer` checks the configuration, places the experts in the nodes' capacity tiers, and hands
+the run to the ingress, which routes requests to one engine per partition of the cluster
+(scheduler/ingress.py, scheduler/partition.py). Both engines produce the same typed timeline
+(scheduler/timeline.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rdu.base import UserError
-from rdu.scheduler.backend import ServingBackend
-from rdu.scheduler.dispatch import DISPATCH, PLACEMENT
+from rdu.scheduler.backend import Cluster
+from rdu.scheduler.dispatch import DISPATCH, PLACEMENT, place_experts
+from rdu.scheduler.engine_recipe import EngineRecipe
+from rdu.scheduler.ingress import Ingress
 from rdu.scheduler.metrics import RequestRecord
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.serving_types import (PREEMPTION, ROUTER_ID, SCHEDULER_KINDS, ServingConfig, ServingResult,
                                      ServingStopped, expert_id)
-from rdu.scheduler.step_scheduler import MODEL_SELECTION, StepConfig
+from rdu.scheduler.step_scheduler import MODEL_SELECTION
+from rdu.scheduler.timeline import Event
 from rdu.scheduler.workloads import Workload
 from rdu.socket_actor.model_spec import ModelSpec
 
@@ -43,8 +48,8 @@ def _check(config: ServingConfig, experts: int) -> None:
     if config.max_num_seqs > config.max_num_batched_tokens:
         raise UserError(f"scheduler.max_num_seqs: {config.max_num_seqs} sequences cannot all decode within "
                         f"max_num_batched_tokens {config.max_num_batched_tokens}")
-    if config.preemption == "swap":
-        raise UserError("scheduler.preemption: swap (KV to DDR and back) is not modelled yet; use recompute")
+    if not config.dispatch_window_ms > 0:
+        raise UserError(f"scheduler.dispatch_window_ms: expected a time > 0, got {config.dispatch_window_ms}")
     make_policy(config.policy, [])
     bad_pins = [e for e in config.pinned_experts if not 0 <= e < experts]
     if bad_pins:
@@ -52,39 +57,53 @@ def _check(config: ServingConfig, experts: int) -> None:
 
 
 class CoEServer:
-    """Serves one workload on one backend with the configured scheduler."""
+    """Serves one workload on one cluster with the configured scheduler: the ingress routes the
+    requests, one engine per partition of the cluster serves them (scheduler/ingress.py)."""
 
-    def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
+    def __init__(self, cluster: Cluster, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
                  workload: Workload, config: ServingConfig,
-                 on_event: Callable[[dict], None] | None = None,
-                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True,
+                 on_timeline: Callable[[bytes, int], None] | None = None,
+                 stop_requested: Callable[[], bool] | None = None) -> None:
         _check(config, experts)
-        for fault in config.faults:  # a fault that can never fire is a mistake, not a quiet no-op
+        sockets = {m for info in cluster.groups() for m in info.members}
+        for fault in config.faults:   # a fault that can never fire is a mistake, not a quiet no-op
             if fault.request is not None and fault.request >= len(workload.requests):
                 raise UserError(f"fault {fault.text!r}: request={fault.request} never arrives: the workload has "
                                 f"{len(workload.requests)} requests (0..{len(workload.requests) - 1})")
+            targets = [fault.target] if fault.kind == "kill-socket" else list(fault.link) if fault.kind == "drop-link" \
+                else []
+            missing = [t for t in targets if t not in sockets]
+            if fault.kind == "kill-node" and int(fault.target.removeprefix("node")) >= cluster.nodes:
+                missing = [fault.target]
+            if missing:
+                raise UserError(f"fault {fault.text!r}: no {missing[0]} in this cluster of {cluster.nodes} node(s)")
         self.kind = config.resolved_kind(workload.kind)
-        if config.kind == "auto" and getattr(backend, "functional", False):
+        if config.kind == "auto" and cluster.functional:
             self.kind = "static"   # functional payloads ride on the static cycle's runs
-        if self.kind == "continuous":
-            if config.faults or getattr(backend, "functional", False):
-                raise UserError("scheduler.kind: continuous does not inject faults or carry functional payloads "
-                                "yet; use scheduler.kind: static")
-            from rdu.scheduler.continuous import ContinuousServer
-
-            step = StepConfig(config.max_num_batched_tokens, config.max_num_seqs, config.block_size,
-                              config.model_selection, config.max_span_iterations)
-            self.engine = ContinuousServer(backend, expert_model, experts, router_model, workload, config, step,
-                                           on_event, on_record, keep_records)
-        else:
-            from rdu.scheduler.static import StaticServer
-
-            self.engine = StaticServer(backend, expert_model, experts, router_model, workload, config, on_event,
-                                       on_record, keep_records)
-        self.placement = self.engine.placement
+        if self.kind == "continuous" and cluster.functional:
+            raise UserError("scheduler.kind: continuous does not carry functional payloads yet; use "
+                            "scheduler.kind: static")
+        self.placement = place_experts(cluster, experts, expert_model.weight_bytes(), router_model.weight_bytes(),
+                                       config.placement if self.kind == "continuous" else "spread",
+                                       [r.expert for r in workload.requests])
+        self.recipe = EngineRecipe(self.kind, expert_model, router_model, experts, workload, config, self.placement,
+                                   listening=on_event is not None or on_timeline is not None)
+        self.ingress = Ingress(cluster, self.recipe, int(config.dispatch_window_ms * 1e6), on_event, on_timeline,
+                               on_record, keep_records, stop_requested)
 
     def run(self) -> ServingResult:
-        return self.engine.run()
+        try:
+            return self.ingress.run()
+        except KeyboardInterrupt:
+            self.ingress.result()   # the totals so far, gathered while the engines are still there
+            raise
+        finally:
+            self.ingress.close()
 
     def result(self) -> ServingResult:
-        return self.engine.result()
+        return self.ingress.result()
+
+    def backend_info(self) -> dict:
+        return self.ingress.backend_info()

@@ -12,7 +12,7 @@ __all__ = ["ServingConfig", "ServingResult", "ServingStopped", "ROUTER_ID", "exp
 
 ROUTER_ID = "router"
 SCHEDULER_KINDS = ("auto", "static", "continuous")
-PREEMPTION = ("recompute", "swap")     # swap (KV to DDR and back) is declared, not modelled yet
+PREEMPTION = ("recompute", "swap")     # swap: the KV goes to the capacity tier and back
 
 
 def expert_id(expert: int) -> str:
@@ -21,8 +21,8 @@ def expert_id(expert: int) -> str:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """`kind: auto` is `static` for the paper's benchmark (and runs with faults), `continuous`
-    for traces and synthetic loads. `max_batch` is the static cycle's; the `max_num_*`,
+    """`kind: auto` is `static` for the paper's benchmark, `continuous` for traces and synthetic
+    loads. `max_batch` is the static cycle's; the `max_num_*`,
     `block_size`, `preemption`, `model_selection` and `slo_*` fields are the continuous engine's."""
 
     policy: str = "lru"
@@ -43,11 +43,12 @@ class ServingConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     max_span_iterations: int | None = None     # 1: step one iteration at a time (the exactness check)
+    dispatch_window_ms: float = 100.0           # how often nodes report their load to the ingress (virtual)
 
     def resolved_kind(self, workload_kind: str) -> str:
         if self.kind != "auto":
             return self.kind
-        return "continuous" if workload_kind in ("trace", "synthetic") and not self.faults else "static"
+        return "continuous" if workload_kind in ("trace", "synthetic") else "static"
 
 
 @dataclass

@@ -1,40 +1,44 @@
 """The `static` scheduler: the paper's benchmark cycle (Vidur's `faster_transformer`).
 
 The router (and any pinned expert) is loaded into every group first; the workload's clock starts
-when they are resident. A request arrives and is dispatched to a TP group (expert affinity or
-least load, among the nodes whose DDR holds its expert). When the group is free it takes up to
+when they are resident. A request the ingress routed to this partition's node is dispatched to
+one of its TP groups (expert affinity or least load). When the group is free it takes up to
 `max_batch` waiting requests, runs the router on them at that batch size, and then, expert by
 expert (requests that share an expert run as one batch), makes sure the expert is in HBM — a
 DDR -> HBM switch that evicts a victim chosen by the residency policy — and runs it. KV is
 reserved up front (`max_batch` x the longest request). Every time is decided by the backend;
-events are processed in (virtual time, sequence) order, so the same inputs give the same results
-on any backend.
+events are processed in (virtual time, class, sequence) order, so the same inputs give the same
+results on any backend. The engine advances round by round (scheduler.partition), like the
+continuous one.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rdu.base import UserError, format_bytes
+from rdu.base import format_bytes
 from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
+from rdu.scheduler.dispatch import choose_group
 from rdu.scheduler.faults import FaultSpec
-from rdu.scheduler.metrics import GroupStats, MetricsCollector, RequestRecord, summarize
+from rdu.scheduler.metrics import GroupStats, RequestRecord
+from rdu.scheduler.partition import GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
-from rdu.scheduler.serving_types import ROUTER_ID, ServingConfig, ServingResult, ServingStopped, expert_id
-from rdu.scheduler.timeline import Arrival, Done, Event, Fault, Run, Switch
-from rdu.scheduler.workloads import Request, Workload
+from rdu.scheduler.serving_types import ROUTER_ID, ServingStopped, expert_id
+from rdu.scheduler.timeline import Done, Fault, Run, Switch, TimelineBuffer
+from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import RunRequest
 from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import kv_bytes_per_token_per_socket, shard_weight_bytes
 from rdu.socket_actor.tiers import CapacityError
 
-__all__ = ["StaticServer"]
+__all__ = ["StaticEngine", "StaticGroup"]
 
-_TOKEN_BYTES = 4
+# Event classes, in their order at equal times: a request's arrival (and a fault that fires with
+# it), faults at a virtual time, then the groups' own events in the order they were scheduled.
+_ARRIVING, _TIMED_FAULT, _GROUP = range(3)
 
 
 @dataclass
@@ -61,48 +65,37 @@ class StaticGroup:
 
     @property
     def load(self) -> int:
-        return len(self.queue) + len(self.batch)
+        """Requests it holds, and one more while it is busy (what dispatch balances)."""
+        return len(self.queue) + len(self.batch) + self.busy
+
+    def warm_for(self, expert: int) -> bool:
+        return expert in self.resident or any(r.expert == expert for r in self.queue)
 
 
-class StaticServer:
-    """Serves one workload with the static cycle; `run()` returns records, group stats and the summary."""
+class StaticEngine:
+    """Serves the requests the ingress delivers to one partition with the static cycle."""
 
-    def __init__(self, backend: ServingBackend, expert_model: ModelSpec, experts: int, router_model: ModelSpec,
-                 workload: Workload, config: ServingConfig,
-                 on_event: Callable[[Event], None] | None = None,
-                 on_record: Callable[[RequestRecord], None] | None = None, keep_records: bool = True) -> None:
-        if experts < 1:
-            raise UserError(f"experts: expected at least 1, got {experts}")
-        if config.max_batch < 1:
-            raise UserError(f"scheduler.max_batch: expected at least 1, got {config.max_batch}")
-        bad_pins = [e for e in config.pinned_experts if not 0 <= e < experts]
-        if bad_pins:
-            raise UserError(f"scheduler.pinned_experts: no expert {bad_pins[0]} (experts are 0..{experts - 1})")
-        sockets = {m for info in backend.groups() for m in info.members}
-        for fault in config.faults:
-            targets = {"kill-socket": [fault.target], "drop-link": list(fault.link) if fault.kind == "drop-link" else [],
-                       "kill-node": []}[fault.kind]
-            missing = [t for t in targets if t not in sockets]
-            if fault.kind == "kill-node" and int(fault.target.removeprefix("node")) >= backend.nodes:
-                missing = [fault.target]
-            if missing:
-                raise UserError(f"fault {fault.text!r}: no {missing[0]} in this cluster of {backend.nodes} node(s)")
-        self.backend = backend
-        self.expert_model, self.router_model = expert_model, router_model
-        self.experts, self.workload, self.config = experts, workload, config
-        self.emit = on_event or (lambda event: None)
-        sequence = [r.expert for r in workload.requests]
-        self.groups = [self._make_group(info, sequence) for info in backend.groups()]
-        self.placement = self._place_experts()
-        self.metrics = MetricsCollector(on_record, keep=keep_records, requests=len(workload.requests))
-        self.inter_node_bytes = 0
+    def __init__(self, backend: ServingBackend, partition: PartitionSpec, recipe) -> None:
+        self.backend, self.partition, self.recipe = backend, partition, recipe
+        self.expert_model, self.router_model = recipe.expert_model, recipe.router_model
+        self.experts, self.workload, self.config = recipe.experts, recipe.workload, recipe.config
+        self.listening = recipe.listening
+        self.timeline = TimelineBuffer()
+        self.emit = self.timeline if self.listening else (lambda event: None)
+        sequence = [r.expert for r in self.workload.requests]
+        self.groups = [self._make_group(info, sequence) for info in partition.groups]
+        self._group_of_socket = {m: g for g in self.groups for m in g.info.members}
         self.setup_ns = 0
+        self.until_ns = 0
+        self.stopped = ""
         self._restarts: dict[str, int] = {}   # kills survived per socket
-        self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0,
-                            "requests_redispatched": 0}
+        self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0}
         self._jobs = 0
-        self._events: list[tuple[int, int, str, object]] = []
+        self._events: list[tuple] = []
         self._seq = 0
+        self._dispatched = 0
+        self._records: list[RequestRecord] = []
+        self._orphans: list[Request] = []
 
     # -- set-up -------------------------------------------------------------------------------
     def _make_group(self, info: GroupInfo, sequence: list[int]) -> StaticGroup:
@@ -127,45 +120,15 @@ class StaticServer:
         stats = GroupStats(name=info.name, node=info.node, expert_slots=int(slots))
         return StaticGroup(info=info, stats=stats, policy=make_policy(self.config.policy, sequence), slots=int(slots))
 
-    def _place_experts(self) -> dict[str, list[int]]:
-        """Every node's DDR holds the router and all experts if they fit; otherwise the experts are
-        spread round-robin over the nodes."""
-        backend = self.backend
-        expert_bytes, router_bytes = self.expert_model.weight_bytes(), self.router_model.weight_bytes()
-        everything = self.experts * expert_bytes + router_bytes
-        nodes = backend.nodes
-        if everything <= backend.capacity_tier_bytes:
-            placement = {f"node{n}": list(range(self.experts)) for n in range(nodes)}
-        else:
-            placement = {f"node{n}": list(range(n, self.experts, nodes)) for n in range(nodes)}
-            worst = max(len(v) for v in placement.values()) * expert_bytes + router_bytes
-            if worst > backend.capacity_tier_bytes:
-                raise CapacityError(
-                    f"{self.experts} experts of {expert_bytes / 1e9:.2f} GB ({self.experts * expert_bytes / 1e12:.2f} TB) "
-                    f"plus the router do not fit in the {backend.capacity_tier_name} of {nodes} node(s) "
-                    f"({backend.capacity_tier_bytes / 1e12:.2f} TB each; the busiest node needs {worst / 1e12:.2f} TB)")
-        for n in range(nodes):
-            backend.store(n, ROUTER_ID, router_bytes)
-            for e in placement[f"node{n}"]:
-                backend.store(n, expert_id(e), expert_bytes)
-        self._holders = {e: {n for n in range(nodes) if e in set(placement[f"node{n}"])} for e in range(self.experts)}
-        return placement
-
-    # -- events -------------------------------------------------------------------------------
-    def _push(self, time_ns: int, kind: str, payload: object) -> None:
-        self._seq += 1
-        if isinstance(payload, StaticGroup):  # a fault may void the events a group has pending
-            payload = (payload, payload.epoch)
-        heapq.heappush(self._events, (int(time_ns), self._seq, kind, payload))
-
-    def _job_id(self, group: StaticGroup, what: str) -> str:
-        self._jobs += 1
-        return f"{group.info.name}/j{self._jobs}/{what}"
-
-    def run(self) -> ServingResult:
-        """Load the router (and pinned experts) everywhere, then serve the workload, whose clock
-        starts once they are resident (`setup_ns`)."""
-        setup_ns = 0
+    # -- set-up and rounds ----------------------------------------------------------------------
+    def setup(self) -> int:
+        """Store this partition's models, load the router (and pinned experts) into every group;
+        returns when they are resident."""
+        for n in self.partition.nodes:
+            self.backend.store(n, ROUTER_ID, self.router_model.weight_bytes())
+            for e in self.recipe.placement[f"node{n}"]:
+                self.backend.store(n, expert_id(e), self.expert_model.weight_bytes())
+        ready_ns = 0
         for g in self.groups:
             arrivals = self.backend.copy_in(g.info.index, ROUTER_ID, self.router_model, 0)
             g.router_ready_ns = max(arrivals.values())
@@ -174,80 +137,102 @@ class StaticServer:
                              shard_bytes=shard_weight_bytes(self.router_model, g.info.tp), kv_bytes=0))
             for e in self.config.pinned_experts:
                 self._switch_in(g, e, 0, protected=set(), position=-1, prefetch=True)
-            setup_ns = max([setup_ns, g.router_ready_ns, *g.resident.values()])
+            ready_ns = max([ready_ns, g.router_ready_ns, *g.resident.values()])
+        return ready_ns
+
+    def start(self, setup_ns: int) -> None:
+        """The workload's clock starts at `setup_ns`; this partition's faults are scheduled."""
         self.setup_ns = setup_ns
-        for request in self.workload.requests:
-            shifted = Request(request.id, request.arrival_ns + setup_ns, request.prompt_tokens,
-                              request.output_tokens, request.expert)
-            self._push(shifted.arrival_ns, "arrival", shifted)
         for fault in self.config.faults:
+            if fault.kind == "kill-node" or (fault.kind == "kill-socket" and fault.target not in self._group_of_socket):
+                continue   # a node loss is the ingress's (its requests move); other sockets are others'
             if fault.request is None:
-                self._push(setup_ns + fault.virtual_ns, "fault", fault)
-        handlers = {"arrival": self._on_arrival, "enqueue": self._on_enqueue, "free": self._on_free,
+                self._push(setup_ns + fault.virtual_ns, "fault", fault, _TIMED_FAULT)
+            else:
+                at = setup_ns + self.workload.requests[fault.request].arrival_ns
+                self._push(at, "fault", fault, _ARRIVING, (fault.request, 0))
+
+    def advance(self, round_input: RoundInput) -> RoundOutput:
+        """Process every event before `round_input.until_ns`, with its deliveries and stores."""
+        if round_input.start_ns >= 0:
+            self.start(round_input.start_ns)
+        self.until_ns = round_input.until_ns
+        for node, expert in round_input.stores:
+            self.backend.store(node, expert_id(expert), self.expert_model.weight_bytes())
+        for d in round_input.deliveries:
+            self._push(d.enqueue_ns, "dispatch", (d.request, d.node), _ARRIVING, (d.request.id, 1))
+        if not self.stopped:
+            try:
+                self._loop(round_input.until_ns)
+                for node in round_input.kill_nodes:
+                    self._kill_node(node, round_input.until_ns)
+            except LinkDown as exc:
+                self.stopped = f"at {self._now} ns: {exc}"
+            except ServingStopped as exc:
+                self.stopped = str(exc)
+        timeline, count = self.timeline.take()
+        records, self._records = self._records, []
+        orphans, self._orphans = self._orphans, []
+        return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
+                           stopped=self.stopped)
+
+    def loads(self) -> list[GroupLoad]:
+        return [GroupLoad(index=g.info.index, node=g.info.node, load=g.load,
+                          warm=frozenset(g.resident) | frozenset(r.expert for r in g.queue), dead=g.dead)
+                for g in self.groups]
+
+    def finish(self) -> PartitionResult:
+        return PartitionResult(groups=[g.stats for g in self.groups], metrics=None, peak_kv_bytes=[],
+                               fault_stats=dict(self.fault_stats), backend=self.backend.finish(),
+                               timeline=self.timeline.take())
+
+    # -- events -------------------------------------------------------------------------------
+    def _push(self, time_ns: int, kind: str, payload: object, cls: int = _GROUP, order: tuple = ()) -> None:
+        self._seq += 1
+        if isinstance(payload, StaticGroup):  # a fault may void the events a group has pending
+            payload = (payload, payload.epoch)
+        heapq.heappush(self._events, (int(time_ns), cls, order or (self._seq,), self._seq, kind, payload))
+
+    def _job_id(self, group: StaticGroup, what: str) -> str:
+        self._jobs += 1
+        return f"{group.info.name}/j{self._jobs}/{what}"
+
+    _now = 0
+
+    def _loop(self, until_ns: int) -> None:
+        handlers = {"dispatch": self._on_dispatch, "enqueue": self._on_enqueue, "free": self._on_free,
                     "decide": self._on_decide, "next": self._on_next, "fault": self._on_fault}
         group_events = {"free", "decide", "next"}
-        while self._events:
-            time_ns, _, kind, payload = heapq.heappop(self._events)
+        while self._events and self._events[0][0] < until_ns:
+            time_ns, _, _, _, kind, payload = heapq.heappop(self._events)
+            self._now = time_ns
             if kind in group_events:
                 group, epoch = payload
                 if epoch != group.epoch or group.dead:
                     continue
                 payload = group
-            try:
-                handlers[kind](time_ns, payload)
-            except LinkDown as exc:
-                raise ServingStopped(f"at {time_ns} ns: {exc}", self.result()) from None
-        if self.metrics.completed != len(self.workload.requests):
-            raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
-        return self.result()
-
-    def result(self) -> ServingResult:
-        """Records, group statistics and summary of what has been served so far."""
-        stats = [g.stats for g in self.groups]
-        summary = summarize(self.metrics, stats, len(self.workload.requests), self.inter_node_bytes, self.setup_ns)
-        summary.update(self.fault_stats)
-        summary["scheduler"] = "static"
-        return ServingResult(records=self.metrics.records, groups=stats, summary=summary, placement=self.placement)
+            handlers[kind](time_ns, payload)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _choose_group(self, request: Request) -> StaticGroup:
-        """Least-loaded eligible group; with expert affinity, a group that already holds (or is
-        about to run) the expert, unless it is a whole batch busier than the least-loaded one:
-        then the request spills over and that group warms up too (a hot expert gets replicas)."""
-        eligible = [g for g in self.groups if not g.dead and g.info.node in self._holders[request.expert]]
-        if not eligible:
-            raise ServingStopped(f"no live group can serve expert {request.expert}", self.result())
-        if self.config.dispatch == "round-robin":
-            self._dispatched = getattr(self, "_dispatched", 0) + 1
-            return eligible[(self._dispatched - 1) % len(eligible)]
-        load = lambda g: (g.load + g.busy, g.info.index)  # noqa: E731
-        coldest = min(eligible, key=load)
-        if self.config.dispatch == "expert-affinity":
-            warm = [g for g in eligible if request.expert in g.resident
-                    or any(r.expert == request.expert for r in g.queue)]
-            if warm:
-                best = min(warm, key=load)
-                if load(best)[0] <= load(coldest)[0] + self.config.max_batch:
-                    return best
-        return coldest
-
-    def _on_arrival(self, now: int, request: Request) -> None:
-        for fault in self.config.faults:
-            if fault.request == request.id:
-                self._on_fault(now, fault)
-        group = self._choose_group(request)
-        self.emit(Arrival(t_ns=now, request=request.id, expert=request.expert, node=group.info.node))
-        arrive = now
-        if group.info.node != self.config.ingress_node:
-            nbytes = request.prompt_tokens * _TOKEN_BYTES
-            arrive = self.backend.forward_request(self.config.ingress_node, group.info.node, nbytes, now)
-            self.inter_node_bytes += nbytes + request.output_tokens * _TOKEN_BYTES
-        self._push(arrive, "enqueue", (group, request))
+    def _on_dispatch(self, now: int, payload: tuple[Request, int]) -> None:
+        """The request reached its node: least-loaded group there, or with expert affinity one
+        that already holds (or is about to run) the expert, unless it is a whole batch busier
+        than the least-loaded one: then the request spills over and that group warms up too."""
+        request, node = payload
+        eligible = [g for g in self.groups if g.info.node == node]
+        group = choose_group(eligible, request.expert, {node}, self.config.dispatch, self.config.max_batch,
+                             self._dispatched)
+        if group is None:   # the node died after the request was routed to it: back to the ingress
+            self._orphans.append(request)
+            return
+        self._dispatched += 1
+        self._push(now, "enqueue", (group, request))
 
     def _on_enqueue(self, now: int, payload: tuple[StaticGroup, Request]) -> None:
         group, request = payload
-        if group.dead:  # its node failed while the request was on its way
-            group = self._choose_group(request)
+        if group.dead:  # its node failed while the request was on its way: back to the ingress
+            self._orphans.append(request)
+            return
         group.queue.append(request)
         if not group.busy:
             self._push(now, "free", group)
@@ -392,18 +377,18 @@ class StaticServer:
                 ttft_ns=first_token - request.arrival_ns,
                 tpot_ns=(finish - first_token) // (request.output_tokens - 1) if request.output_tokens > 1 else 0,
                 e2e_ns=finish - request.arrival_ns, finish_ns=finish)
-            self.metrics.add(record)
+            self._records.append(record)
             self.emit(Done(t_ns=finish, request=request.id, group=group.info.name, expert=request.expert, hit=hit,
                            output_tokens=request.output_tokens, ttft_ns=record.ttft_ns, tpot_ns=record.tpot_ns,
                            e2e_ns=record.e2e_ns, preemptions=0))
 
     # -- faults -------------------------------------------------------------------------------
     def _on_fault(self, now: int, fault: FaultSpec) -> None:
-        self.fault_stats["faults_injected"] += 1
-        handler = {"kill-socket": self._kill_socket, "kill-node": self._kill_node, "drop-link": self._drop_link}
-        groups, recovered, detail = handler[fault.kind](now, fault)
-        self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=groups,
-                        recovered_at_ns=recovered, detail=detail))
+        if fault.kind == "drop-link":   # every engine's view of the links changes; the ingress reports it
+            a, b = fault.link
+            self.backend.degrade_link(a, b, fault.probability, now)
+        else:
+            self._kill_socket(now, fault)
 
     def _interrupt(self, group: StaticGroup, now: int) -> None:
         """A member of `group` failed at `now`: stop what the group is doing; the interrupted
@@ -426,17 +411,18 @@ class StaticServer:
             self._commit(group)
         group.epoch += 1
 
-    def _kill_socket(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
-        """The socket dies; it is restarted empty and refilled from DDR with everything its group
-        held; the group's interrupted batch is retried once it is back."""
-        group = next((g for g in self.groups if fault.target in g.info.members), None)
-        if group is None or group.dead:
-            raise UserError(f"fault {fault.text!r}: no live socket {fault.target} in this cluster")
+    def _kill_socket(self, now: int, fault: FaultSpec) -> None:
+        """The socket dies; it is restarted empty and refilled from its node's capacity tier with
+        everything its group held; the group's interrupted batch is retried once it is back."""
+        group = self._group_of_socket[fault.target]
+        if group.dead:
+            return   # its node is already gone: nothing left to kill
+        self.fault_stats["faults_injected"] += 1
         self._restarts[fault.target] = self._restarts.get(fault.target, 0) + 1
         if self._restarts[fault.target] > self.backend.max_restarts:
             raise ServingStopped(f"{fault.target} failed at {now} ns for the {self._restarts[fault.target]}th time, "
                                  f"more than the {self.backend.max_restarts} restarts the platform allows "
-                                 "(socket.max_restarts)", self.result())
+                                 "(socket.max_restarts)", None)
         self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)
@@ -453,50 +439,30 @@ class StaticServer:
         self._push(group.available_at_ns, "next" if group.busy else "free", group)
         self.fault_stats["faults_recovered"] += 1
         self.fault_stats["recovery_ns"] += group.available_at_ns - now
-        return [group.info.name], group.available_at_ns, {"reloaded": len(group.resident) + 1}
+        self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=[group.info.name],
+                        recovered_at_ns=group.available_at_ns, detail={"reloaded": len(group.resident) + 1}))
 
-    def _kill_node(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
-        """The node and its DDR are gone: its groups' work goes to the other nodes, and experts
-        only it held are placed in the survivors' DDR (or the run stops if they do not fit)."""
-        node = int(fault.target.removeprefix("node"))
-        doomed = [g for g in self.groups if g.info.node == node and not g.dead]
-        if not doomed:
-            raise UserError(f"fault {fault.text!r}: no live node {node} in this cluster")
-        orphans: list[Request] = []
+    def _kill_node(self, node: int, now: int) -> None:
+        """The node is gone at `now` (the end of this round): its groups' requests — queued, in a
+        cycle, or still on their way — go back to the ingress, to be served elsewhere."""
+        doomed = [g for g in self.groups if not g.dead and any(m.startswith(f"node{node}/") for m in g.info.members)]
+        orphans: dict[int, Request] = {}
         for group in doomed:
             self._interrupt(group, now)
-            orphans += [r for _, requests in group.plan for r in requests] + list(group.queue)
+            for request in [r for _, requests in group.plan for r in requests] + list(group.queue):
+                orphans[request.id] = request
             group.plan.clear()
             group.queue.clear()
             group.batch, group.busy, group.dead = [], False, True
+        keep = []
+        for event in self._events:   # requests routed here but not yet dispatched or queued
+            kind, payload = event[4], event[5]
+            if kind == "dispatch" and payload[1] == node or kind == "enqueue" and payload[0] in doomed:
+                request = payload[0] if kind == "dispatch" else payload[1]
+                orphans[request.id] = request
+            else:
+                keep.append(event)
+        heapq.heapify(keep)
+        self._events = keep
         self.backend.fail_node(node, now)
-        if all(g.dead for g in self.groups):
-            raise ServingStopped(f"node{node} failed at {now} ns and no node is left to serve", self.result())
-        moved = 0
-        survivors = sorted({g.info.node for g in self.groups if not g.dead})
-        for expert, holders in self._holders.items():
-            holders.discard(node)
-            if not holders:
-                target = survivors[moved % len(survivors)]
-                try:
-                    self.backend.store(target, expert_id(expert), self.expert_model.weight_bytes())
-                except CapacityError as exc:
-                    raise ServingStopped(f"node{node} failed at {now} ns and its experts do not fit in the "
-                                         f"survivors' DDR: {exc}", self.result()) from None
-                holders.add(target)
-                moved += 1
-        for request in sorted(orphans, key=lambda r: r.id):
-            self._push(now, "enqueue", (self._choose_group(request), request))
-        self.fault_stats["requests_redispatched"] += len(orphans)
-        self.fault_stats["faults_recovered"] += 1
-        return [g.info.name for g in doomed], now, {"requests_redispatched": len(orphans), "experts_replaced": moved}
-
-    def _drop_link(self, now: int, fault: FaultSpec) -> tuple[list[str], int, dict]:
-        """Messages between two sockets are lost with probability p and resent after a timeout
-        (the link's latency grows by the expected resends); with p = 1 the link is down and the
-        first batch that needs it stops the run."""
-        a, b = fault.link
-        links = self.backend.degrade_link(a, b, fault.probability, now)
-        if fault.probability < 1.0:
-            self.fault_stats["faults_recovered"] += 1
-        return [], now if fault.probability < 1.0 else 0, {"links": links, "probability": fault.probability}
+        self._orphans += [orphans[i] for i in sorted(orphans)]

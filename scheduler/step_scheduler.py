@@ -26,7 +26,7 @@ class Seq:
 
     __slots__ = ("request", "model", "prompt", "output", "computed", "generated", "blocks", "order",
                  "admitted_ns", "decided_ns", "first_token_ns", "last_token_ns", "preemptions", "switch_wait_ns",
-                 "hit", "router_ns", "queue_ns", "batch")
+                 "hit", "router_ns", "queue_ns", "batch", "swapped_bytes")
 
     def __init__(self, request, model: int, prompt: int, output: int) -> None:
         self.request, self.model, self.prompt, self.output = request, model, prompt, output
@@ -35,6 +35,7 @@ class Seq:
         self.admitted_ns = self.first_token_ns = self.last_token_ns = -1
         self.decided_ns = 0
         self.preemptions = self.switch_wait_ns = self.router_ns = self.queue_ns = self.batch = 0
+        self.swapped_bytes = 0              # KV per member waiting in the capacity tier (swap preemption)
         self.hit = True
 
 
@@ -55,6 +56,8 @@ class Batch:
     decodes: list = field(default_factory=list)
     chunks: list = field(default_factory=list)       # (seq, chunk tokens)
     preempted: list = field(default_factory=list)
+    swap_out_bytes: int = 0                          # KV per member swapped out to make room, before the step
+    swap_in_bytes: int = 0                           # ... and swapped back in for the sequences it resumes
 
 
 def select_model(group, now: int, config: StepConfig) -> list[int]:
@@ -85,7 +88,9 @@ def build_batch(group, model: int, now: int, config: StepConfig) -> Batch | None
         if need <= group.memory.free_bytes or group.make_room(need):
             break
         victim = group.youngest_running()
-        group.preempt(victim, now)
+        kv_bytes = group.preempt(victim, now)
+        if victim.swapped_bytes:
+            batch.swap_out_bytes += kv_bytes
         batch.preempted.append(victim)
     for s in decodes:
         grow = blocks_for(s.computed + 1, bs) - s.blocks
@@ -102,6 +107,17 @@ def build_batch(group, model: int, now: int, config: StepConfig) -> Batch | None
     waiting = group.waiting[model]
     while waiting and budget > 0 and group.n_running < config.max_num_seqs and group.admitting(waiting[0]):
         head = waiting[0]
+        if head.swapped_bytes:   # a swapped-out decode resumes: its KV comes back, it decodes this step
+            blocks = blocks_for(head.computed + 1, bs)
+            if blocks * block_bytes > group.memory.free_bytes and not group.make_room(blocks * block_bytes):
+                break
+            waiting.popleft()
+            group.admit(head, blocks, block_bytes, now)
+            batch.swap_in_bytes += head.swapped_bytes
+            head.swapped_bytes = 0
+            batch.decodes.append(head)
+            budget -= 1
+            continue
         need = blocks_for(head.prompt, bs) * block_bytes
         if need > group.memory.free_bytes and not group.make_room(need):
             break

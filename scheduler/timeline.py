@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 from rdu.base import UserError
 
 __all__ = ["Event", "Setup", "GroupLayout", "Arrival", "Enqueue", "Run", "Switch", "Evict", "KvResize", "Preempt",
-           "Done", "Fault", "End", "EVENT_TYPES", "from_record", "to_record", "ROUTER_MODEL"]
+           "Done", "Fault", "End", "EVENT_TYPES", "from_record", "to_record", "ROUTER_MODEL", "TimelineBuffer",
+           "unpack_timeline"]
 
 ROUTER_MODEL = "router"    # the model id of the router; experts are `expert0007`
 _INT64 = 1 << 63
@@ -311,3 +312,34 @@ def from_record(record: object, where: str = "event") -> Event:
     if values["t_ns"] < 0:
         raise UserError(f"{where} ({cls.type}): field 't_ns' = {values['t_ns']} is outside 0..2^63 ns")
     return cls(**values)
+
+
+class TimelineBuffer:
+    """An event sink that packs what an engine emits into msgpack records, to hand over in one
+    piece (a round's timeline, written as is into the run's event log, from any process)."""
+
+    def __init__(self) -> None:
+        import msgpack
+
+        self._packer = msgpack.Packer()
+        self._chunks: list[bytes] = []
+        self.count = 0
+
+    def __call__(self, event: Event) -> None:
+        self._chunks.append(self._packer.pack(to_record(event)))
+        self.count += 1
+
+    def take(self) -> tuple[bytes, int]:
+        """The packed records so far and how many there are; the buffer starts empty again."""
+        data, count = b"".join(self._chunks), self.count
+        self._chunks, self.count = [], 0
+        return data, count
+
+
+def unpack_timeline(data: bytes, where: str = "timeline") -> list[Event]:
+    """The typed events of packed records (what `TimelineBuffer.take` returned)."""
+    import msgpack
+
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    return [from_record(record, f"{where}: event {i + 1}") for i, record in enumerate(unpacker)]

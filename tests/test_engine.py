@@ -8,7 +8,7 @@ from rdu.scheduler.timeline import Evict
 
 from rdu.base import Fields, UserError
 from rdu.node.studies.estimate import estimate
-from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.inline_backend import InlineCluster
 from rdu.node.cluster.platform import load_platform
 from rdu.scheduler.serving import CoEServer, ServingConfig
 from rdu.scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
@@ -29,7 +29,7 @@ def serve(platform="dgx-h100", experts=1, workload=None, seed=0, overrides=None,
     if not isinstance(workload, Workload):
         fields = Fields(workload or {"kind": "trace", "limit": 300}, "test", "workload")
         workload = build_workload(WorkloadSpec.from_fields(fields), experts, seed)
-    backend = backend or InlineBackend(spec, 1, 8)
+    backend = backend or InlineCluster(spec, 1, 8)
     result = CoEServer(backend, LLAMA, experts, LLAMA, workload, ServingConfig(**config)).run()
     return result, backend
 
@@ -123,7 +123,7 @@ def test_slo_goodput_and_bad_configs():
     slo = result.summary["slo"]
     assert 0 <= slo["attained"] <= 1 and slo["goodput_requests_per_s"] <= result.summary["throughput_requests_per_s"]
     for bad, match in (({"kind": "vllm"}, "scheduler.kind"), ({"max_num_seqs": 9000}, "max_num_seqs"),
-                       ({"preemption": "swap"}, "not modelled yet"), ({"dispatch": "random"}, "scheduler.dispatch")):
+                       ({"dispatch": "random"}, "scheduler.dispatch")):
         with pytest.raises(UserError, match=match):
             serve(workload=RANDOM, **bad)
 

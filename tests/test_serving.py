@@ -3,7 +3,7 @@
 import pytest
 
 from rdu.base import Fields, UserError
-from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.inline_backend import InlineCluster
 from rdu.node.cluster.platform import load_platform
 from rdu.scheduler.serving import CoEServer, ServingConfig
 from rdu.scheduler.workloads import WorkloadSpec, build_workload
@@ -18,7 +18,7 @@ def serve(platform="sn40l-node", experts=150, nodes=1, tp=8, seed=0, overrides=N
     spec = load_platform(platform, overrides).spec
     workload = build_workload(WorkloadSpec.from_fields(Fields(workload_fields, "test", "workload")), experts, seed)
     config.setdefault("kind", "static")   # these tests are about the paper's cycle; tests/test_engine.py covers continuous
-    server = CoEServer(InlineBackend(spec, nodes, tp), LLAMA, experts, LLAMA, workload, ServingConfig(**config))
+    server = CoEServer(InlineCluster(spec, nodes, tp), LLAMA, experts, LLAMA, workload, ServingConfig(**config))
     return server.run()
 
 

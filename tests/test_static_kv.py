@@ -3,7 +3,7 @@ while it runs (sized by its own sequences, no look-ahead), and the ledger return
 alone when the group goes idle and at the end of the run."""
 
 from rdu.base import Fields
-from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.inline_backend import InlineCluster
 from rdu.node.cluster.platform import load_platform
 from rdu.scheduler.serving import CoEServer, ServingConfig
 from rdu.scheduler.workloads import WorkloadSpec, build_workload
@@ -15,7 +15,7 @@ LLAMA = load_model("llama-2-7b")
 
 
 def test_each_batch_holds_its_own_kv_while_it_runs_and_none_is_left():
-    backend = InlineBackend(load_platform("sn40l-node").spec, 1, 8)
+    backend = InlineCluster(load_platform("sn40l-node").spec, 1, 8)
     workload = build_workload(WorkloadSpec.from_fields(Fields({"kind": "trace", "limit": 60}, "test", "workload")),
                               20, 0)
     seen = []

@@ -1,74 +1,85 @@
-"""The in-process backend: every socket core, DDR store and link of the cluster in this process.
+"""The in-process backend: every engine, socket core, capacity tier and link of the cluster in
+this process.
 
-It is the reference the Ray backend is checked against, and the fast path for very large sweeps
-(thousands of sockets in timing mode). A TP group's members are identical, so a batch is timed
-once per group and the result applied to every member's core.
+It runs exactly the algorithm the Ray backend runs — one engine per partition of the cluster,
+advanced round by round by the ingress — in one process: the fast path for laptops and very
+large sweeps (thousands of sockets in timing mode). A TP group's members are identical, so a
+batch is timed once per group and the result applied to every member's core.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
 from rdu.interconnect.links import transmit_path
 from rdu.interconnect.topology import Topology
-from rdu.node.cluster.model_store import ModelStore
 from rdu.node.cluster.layout import tp_groups
+from rdu.node.cluster.model_store import ModelStore
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.backend import GroupInfo
-from rdu.socket_actor.core import SocketCore, RunRequest, RunResult, SpanRequest, SpanResult
+from rdu.scheduler.engine_recipe import EngineRecipe
+from rdu.scheduler.partition import PartitionResult, PartitionSpec, RoundInput, RoundOutput, partition_groups
+from rdu.socket_actor.core import RunRequest, RunResult, SocketCore, SpanRequest, SpanResult
 from rdu.socket_actor.cost_model import Timing
 from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
 from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import shard_weight_bytes
+from rdu.socket_actor.tp_group import TPGroup
 
-__all__ = ["InlineBackend"]
+__all__ = ["InlineCluster", "InlineNodeBackend", "InlineRunner", "cluster_groups"]
 
 _CACHE_ENTRIES = 4096
 
 
-class InlineBackend:
+def cluster_groups(spec: NodeSpec, nodes: int, tp: int) -> list[GroupInfo]:
+    """The TP groups of `nodes` nodes of `spec` cut at degree `tp` (checks that the cut works)."""
+    topology = Topology(spec.links, nodes, spec.sockets_per_node)
+    return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
+                      hbm_usable_bytes=spec.socket.hbm_usable_bytes)
+            for i, g in enumerate(tp_groups(spec, topology, tp))]
+
+
+class InlineNodeBackend:
+    """The sockets and capacity tiers of one partition's nodes, in this process."""
+
     name = "inline"
 
-    def __init__(self, spec: NodeSpec, nodes: int, tp: int, functional: bool = False) -> None:
+    def __init__(self, spec: NodeSpec, nodes: int, partition: PartitionSpec, functional: bool = False) -> None:
         """With `functional`, every model also carries its functional payload: switches copy its
         shards into the members' HBM buffers and every batch really generates (in-process TP)."""
         self.spec = spec
+        self.partition = partition
         self.functional = functional
         self.checks = FunctionalChecks()
-        self.nodes = nodes
-        self.capacity_tier_bytes = spec.capacity_tier_bytes
-        self.capacity_tier_name = spec.capacity_tier_name
         self.restart_ns = spec.socket.restart_ns
         self.max_restarts = spec.socket.max_restarts
-        self.topology = Topology(spec.links, nodes, spec.sockets_per_node)
-        self.tp_groups = tp_groups(spec, self.topology, tp)
+        self.topology = Topology(spec.links, nodes, spec.sockets_per_node, only_nodes=partition.nodes)
+        self.tp_groups = {info.index: TPGroup(name=info.name, members=list(info.members), socket=spec.socket,
+                                              topology=self.topology) for info in partition.groups}
         self.sockets = {name: SocketCore(name, spec.socket, self.topology)
-                        for group in self.tp_groups for name in group.members}
-        self.model_stores = [ModelStore(f"node{n}", spec.capacity_tier_bytes, spec.capacity_tier_name) for n in range(nodes)]
+                        for group in self.tp_groups.values() for name in group.members}
+        self.stores = {n: ModelStore(f"node{n}", spec.capacity_tier_bytes, spec.capacity_tier_name)
+                       for n in partition.nodes}
         self._timings: OrderedDict[tuple, Timing] = OrderedDict()
         self._span_key: tuple | None = None
         self._span_steps: tuple | None = None
 
-    def groups(self) -> list[GroupInfo]:
-        return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
-                          hbm_usable_bytes=self.spec.socket.hbm_usable_bytes)
-                for i, g in enumerate(self.tp_groups)]
-
     def store(self, node: int, model_id: str, nominal_bytes: int) -> None:
-        self.model_stores[node].put(model_id, nominal_bytes)
+        self.stores[node].put(model_id, nominal_bytes)
 
     def copy_arrivals(self, group: int, model: ModelSpec, send_ns: int,
-                      members: list[str] | None = None) -> tuple[int, dict[str, int]]:
-        """(shard bytes, arrival per member) of a DDR -> HBM copy over the contended copy paths
-        into every member of a group (or only into `members`)."""
+                      members: Sequence[str] | None = None) -> tuple[int, dict[str, int]]:
+        """(shard bytes, arrival per member) of a capacity tier -> HBM copy over the contended
+        copy paths into every member of a group (or only into `members`)."""
         tp_group = self.tp_groups[group]
         shard = shard_weight_bytes(model, tp_group.tp)
-        return shard, tp_group.copy_in(shard, send_ns, members)
+        return shard, tp_group.copy_in(shard, send_ns, list(members) if members is not None else None)
 
     def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
-                members: list[str] | None = None) -> dict[str, int]:
+                members: Sequence[str] | None = None) -> dict[str, int]:
         shard, arrivals = self.copy_arrivals(group, model, send_ns, members)
         payloads = self._payloads(group, model_id)
         for member, arrival in arrivals.items():
@@ -129,16 +140,23 @@ class InlineBackend:
         r = results[0]
         return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
 
+    def truncate_span(self, group: int, job_id: str, iterations: int, at_ns: int) -> None:
+        leader = self.tp_groups[group].members[0]
+        request = self.sockets[leader]._last_span[0]
+        steps, _ = self.span_times(group, request, request.iterations)
+        busy = int(steps[:iterations].sum())
+        for member in self.tp_groups[group].members:
+            self.sockets[member].truncate_span(job_id, iterations, busy, at_ns)
+
     def set_kv(self, group: int, kv_bytes: int) -> None:
         for member in self.tp_groups[group].members:
             if member in self.sockets:
                 self.sockets[member].set_kv(kv_bytes)
 
-    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
-        if src_node == dst_node:
-            return send_ns
-        links = [self.topology.links[f"node{src_node}->fabric"], self.topology.links[f"fabric->node{dst_node}"]]
-        return transmit_path(links, nbytes, send_ns)
+    def move_kv(self, group: int, kv_bytes: int, send_ns: int, to_hbm: bool) -> int:
+        """A swap: every member's share crosses its copy path (shared with switches)."""
+        return max(transmit_path(self.topology.copy_path(member), kv_bytes, send_ns)
+                   for member in self.tp_groups[group].members)
 
     # -- faults -----------------------------------------------------------------------------------
     def abort(self, group: int, job_id: str, at_ns: int) -> None:
@@ -154,21 +172,89 @@ class InlineBackend:
         self.sockets[socket] = fresh
 
     def fail_node(self, node: int, at_ns: int) -> None:
-        """The node is gone: its sockets and its DDR."""
+        """The node is gone: its sockets and its capacity tier."""
         for name in [n for n in self.sockets if Topology.parse(n)[0] == node]:
             del self.sockets[name]
-        self.model_stores[node] = ModelStore(f"node{node}", 0, self.capacity_tier_name)
+        self.stores[node] = ModelStore(f"node{node}", 0, self.spec.capacity_tier_name)
 
     def degrade_link(self, a: str, b: str, probability: float, at_ns: int) -> list[str]:
-        links = self.topology.degrade(a, b, probability, at_ns)
+        """This partition's links between `a` and `b` lose messages (those it has)."""
+        try:
+            links = self.topology.degrade(a, b, probability, at_ns)
+        except KeyError:
+            return []   # the path runs through nodes this partition does not hold
         for core in self.sockets.values():
             core.topology_changed()
         self._timings.clear()
+        self._span_key = None
         return links
 
     def finish(self) -> dict:
         return {"backend": self.name, "sockets": len(self.sockets),
                 **(self.checks.to_dict() if self.functional else {})}
+
+    def socket_snapshots(self) -> list[dict]:
+        return [core.snapshot() for core in self.sockets.values()]
+
+
+class InlineRunner:
+    """One engine per partition, all in this process."""
+
+    def __init__(self, spec: NodeSpec, nodes: int, groups: list[GroupInfo], recipe: EngineRecipe,
+                 functional: bool) -> None:
+        self.partitions = partition_groups(groups)
+        self.backends = [InlineNodeBackend(spec, nodes, p, functional) for p in self.partitions]
+        self.engines = [recipe.build(b, p) for b, p in zip(self.backends, self.partitions)]
+
+    def setup(self) -> list[int]:
+        return [engine.setup() for engine in self.engines]
+
+    def round(self, inputs: list[RoundInput]) -> list[RoundOutput]:
+        return [engine.advance(i) for engine, i in zip(self.engines, inputs)]
+
+    def finish(self) -> list[PartitionResult]:
+        return [engine.finish() for engine in self.engines]
+
+    def close(self) -> None:
+        pass
+
+
+class InlineCluster:
+    """A cluster of `nodes` nodes of `spec`, cut into TP groups of `tp`, served in this process."""
+
+    name = "inline"
+
+    def __init__(self, spec: NodeSpec, nodes: int, tp: int, functional: bool = False) -> None:
+        self.spec = spec
+        self.nodes = nodes
+        self.tp = tp
+        self.functional = functional
+        self.capacity_tier_bytes = spec.capacity_tier_bytes
+        self.capacity_tier_name = spec.capacity_tier_name
+        self._groups = cluster_groups(spec, nodes, tp)
+        self.fabric = Topology(spec.links, nodes, spec.sockets_per_node)   # request forwarding at the ingress
+        self.runner: InlineRunner | None = None
+
+    def groups(self) -> list[GroupInfo]:
+        return list(self._groups)
+
+    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
+        if src_node == dst_node:
+            return send_ns
+        links = [self.fabric.links[f"node{src_node}->fabric"], self.fabric.links[f"fabric->node{dst_node}"]]
+        return transmit_path(links, nbytes, send_ns)
+
+    def degrade_fabric(self, a: str, b: str, probability: float, at_ns: int) -> None:
+        self.fabric.degrade(a, b, probability, at_ns)
+
+    def start(self, recipe: EngineRecipe) -> InlineRunner:
+        self.runner = InlineRunner(self.spec, self.nodes, self._groups, recipe, self.functional)
+        return self.runner
+
+    @property
+    def sockets(self) -> dict[str, SocketCore]:
+        """Every socket core of the running engines (for tests and the dashboard)."""
+        return {name: core for b in (self.runner.backends if self.runner else []) for name, core in b.sockets.items()}
 
     def socket_snapshots(self) -> list[dict]:
         return [core.snapshot() for core in self.sockets.values()]

@@ -35,9 +35,13 @@ class EventsWriter:
         self.count = 0
 
     def __call__(self, event: Event) -> None:
-        self._file.write(self._packer.pack(to_record(event)))
-        self.count += 1
-        self._pending += 1
+        self.write_packed(self._packer.pack(to_record(event)), 1)
+
+    def write_packed(self, data: bytes, count: int) -> None:
+        """Append `count` events already packed (an engine's timeline of one round)."""
+        self._file.write(data)
+        self.count += count
+        self._pending += count
         if self._pending >= self.flush_every:
             self.flush()
 

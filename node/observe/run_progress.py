@@ -2,8 +2,8 @@
 
 At a terminal: a `rich.progress` bar over the workload's requests with virtual time, wall time
 and an estimate of the time left. Elsewhere (a pipe, CI, a log file): one plain line every
-`line_interval_s`, and one at the end. It is an event sink like the dashboard and costs a
-counter per event.
+`line_interval_s`, and one at the end. It observes the run's set-up and end events and
+every completed request (a counter each).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rdu.scheduler.timeline import Done, End, Event, Setup
+from rdu.scheduler.metrics import RequestRecord
+from rdu.scheduler.timeline import End, Event, Setup
 
 __all__ = ["RunProgress"]
 
@@ -50,16 +51,21 @@ class RunProgress:
         elif self.total:
             self._line(final=True)
 
+    event_types = (Setup, End)   # the run's own events; completed requests come through `on_record`
+
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Done):
-            self.done += 1
-        elif isinstance(event, Setup):
+        if isinstance(event, Setup):
             self.total, self.name = event.requests, event.name
             self._started = self._last_line = time.perf_counter()
             if self._progress is not None:
                 self._task = self._progress.add_task(self.name, total=self.total, virtual="0.000 s")
         self.clock_ns = max(self.clock_ns, event.t_ns)
-        if isinstance(event, Done) and self.done % 64 == 0 or isinstance(event, (Setup, End)):
+        self._show()
+
+    def on_record(self, record: RequestRecord) -> None:
+        self.done += 1
+        self.clock_ns = max(self.clock_ns, record.finish_ns)
+        if self.done % 64 == 0:
             self._show()
 
     def _show(self) -> None:

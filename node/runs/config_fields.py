@@ -70,7 +70,7 @@ SCHEDULER = Section("scheduler", "Scheduler", note=(
     "decodes, then chunks of admitted prompts, then FCFS admissions whose whole prompt fits in the KV blocks "
     "left in HBM; the youngest sequence is preempted (recomputed) when blocks run out; switches of experts run "
     "in the background. `kind: static` is the paper's cycle (router on a batch of `max_batch`, then each expert's "
-    "requests as one static batch). `auto`: static for `paper-coe` and runs with faults, continuous otherwise. "
+    "requests as one static batch). `auto`: static for `paper-coe`, continuous otherwise. "
     "With one expert the continuous engine runs no router (there is nothing to route)."), fields=(
     ConfigField("kind", "choice", "the scheduler: `static` (the paper's cycle) or `continuous` (iteration-level)",
                 "auto", choices=SCHEDULER_KINDS, example="static"),
@@ -84,8 +84,9 @@ SCHEDULER = Section("scheduler", "Scheduler", note=(
     ConfigField("max_num_seqs", "integer", "continuous: sequences running at once in a group (<= the token "
                 "budget)", 256, unit="sequences", example=64),
     ConfigField("block_size", "integer", "continuous: tokens per KV block", 16, unit="tokens", example=32),
-    ConfigField("preemption", "choice", "continuous: what happens to a preempted sequence's KV (`swap` is not "
-                "modelled yet)", "recompute", choices=PREEMPTION, example="swap"),
+    ConfigField("preemption", "choice", "continuous: a preempted sequence's KV is dropped and its tokens "
+                "prefilled again (`recompute`), or copied to the capacity tier and back (`swap`)", "recompute",
+                choices=PREEMPTION, example="swap"),
     ConfigField("model_selection", "choice", "continuous: which model a group steps next when something "
                 "changed", "round-robin", choices=MODEL_SELECTION, example="oldest-first"),
     ConfigField("placement", "choice", "continuous: `spread` (round-robin DDR, nothing preloaded) or "
@@ -96,6 +97,9 @@ SCHEDULER = Section("scheduler", "Scheduler", note=(
                 example={"ttft_ms": 500.0, "tpot_ms": 50.0}),
     ConfigField("dispatch", "choice", "which tensor-parallel group a request goes to", "expert-affinity",
                 choices=DISPATCH, example="least-loaded"),
+    ConfigField("dispatch_window_ms", "number", "how often each node reports its load to the cluster's ingress, "
+                "which routes requests on the last report (the nodes advance in windows of this length)", 100.0,
+                unit="ms", minimum=0.001, inclusive=True, maximum=3.6e6, example=50.0),
     ConfigField("pinned_experts", "integer-list", "experts kept resident in HBM, never evicted", (),
                 example=[1, 2]),
 ))

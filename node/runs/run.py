@@ -26,11 +26,11 @@ from pathlib import Path
 
 from rdu.base import UserError
 from rdu.node.observe.events_log import EVENTS_FILE, EventsWriter
-from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.inline_backend import InlineCluster
 from rdu.node.runs.provenance import git_commit, tool_version
 from rdu.node.runs.run_config import RunConfig
 from rdu.node.runs.run_directory import TOOL_NAME, RunDirectory
-from rdu.node.runs.signals import deferred_interrupts
+from rdu.node.runs.signals import deferred_interrupts, stop_as_flag
 from rdu.node.runs.std_streams import native_output_to
 from rdu.node.observe.trace_export import write_trace
 from rdu.yaml_io import dump_yaml
@@ -96,20 +96,38 @@ class RunInterrupted(KeyboardInterrupt):
         self.out_dir = out_dir
 
 
-def _make_server(config: RunConfig, backend, sinks: Sequence[EventSink], records: RecordsCsvWriter) -> CoEServer:
+def _make_server(config: RunConfig, cluster, events: EventsWriter, sinks: Sequence[EventSink],
+                 records: RecordsCsvWriter, stop_requested) -> CoEServer:
+    """The server of a run, wired to its observers: the event log takes the packed timeline as
+    it comes; a sink gets every typed event unless it names the few it wants (`event_types`);
+    a sink with `on_record` gets every completed request."""
     workload = build_workload(config.workload, config.experts, config.seed)
+    every_event = [s for s in sinks if getattr(s, "event_types", None) is None]
+    record_sinks = [records] + [s.on_record for s in sinks if hasattr(s, "on_record")]
 
-    def emit(event: Event) -> None:
-        for sink in sinks:
+    def on_event(event: Event) -> None:
+        for sink in every_event:
             sink(event)
 
-    server = CoEServer(backend, config.model, config.experts, config.router_model, workload, config.serving, emit,
-                       on_record=records, keep_records=False)
-    emit(setup_event(config, backend, len(workload.requests), server.placement, server.kind))
+    def on_record(record) -> None:
+        for sink in record_sinks:
+            sink(record)
+
+    server = CoEServer(cluster, config.model, config.experts, config.router_model, workload, config.serving,
+                       on_event if every_event else None, on_record=on_record, keep_records=False,
+                       on_timeline=events.write_packed, stop_requested=stop_requested)
+    _announce(setup_event(config, cluster, len(workload.requests), server.placement, server.kind), events, sinks)
     for sink in sinks:
         if hasattr(sink, "attach"):
-            sink.attach(backend)
+            sink.attach(cluster)
     return server
+
+
+def _announce(event: Event, events: EventsWriter, sinks: Sequence[EventSink]) -> None:
+    """An event of the run itself (its setup, its end): to the log and to every observer."""
+    events(event)
+    for sink in sinks:
+        sink(event)
 
 
 def _detach(sinks: Sequence[EventSink]) -> None:
@@ -135,19 +153,28 @@ class _Phases:
         return time.perf_counter() - self._start
 
 
-def _serve_inline(config: RunConfig, sinks, records, phases: _Phases, state: dict) -> None:
-    backend = InlineBackend(config.platform.spec, config.nodes, config.tp, functional=config.functional)
-    state["server"] = server = _make_server(config, backend, sinks, records)
-    phases.end("setup")
-    state["result"] = server.run()
-    state["backend_info"] = backend.finish()
-    phases.end("serving")
-    _detach(sinks)
+def _serve(config: RunConfig, cluster, events: EventsWriter, sinks, records, phases: _Phases, state: dict) -> None:
+    """Serve the workload on `cluster`; Ctrl-C / SIGTERM stop it between two rounds, never in
+    the middle of recording a request."""
+    with stop_as_flag() as stop_requested:
+        state["server"] = server = _make_server(config, cluster, events, sinks, records, stop_requested)
+        phases.end("setup")
+        state["result"] = server.run()
+        state["backend_info"] = server.backend_info()
+        phases.end("serving")
 
 
-def _serve_ray(config: RunConfig, sinks, records, phases: _Phases, state: dict, log_path: Path,
-               ray_options: dict | None) -> None:
-    from rdu.node.cluster.ray_backend import RayBackend
+def _serve_inline(config: RunConfig, events: EventsWriter, sinks, records, phases: _Phases, state: dict) -> None:
+    cluster = InlineCluster(config.platform.spec, config.nodes, config.tp, functional=config.functional)
+    try:
+        _serve(config, cluster, events, sinks, records, phases, state)
+    finally:
+        _detach(sinks)
+
+
+def _serve_ray(config: RunConfig, events: EventsWriter, sinks, records, phases: _Phases, state: dict,
+               log_path: Path, ray_options: dict | None) -> None:
+    from rdu.node.cluster.ray_backend import RayCluster
     from rdu.node.cluster.ray_session import ray_session
 
     spec = config.platform.spec
@@ -155,19 +182,15 @@ def _serve_ray(config: RunConfig, sinks, records, phases: _Phases, state: dict, 
         # Actors restart only where a fault is injected: the limit is the preset's, as on the inline
         # backend; Ray warns about restartable actors otherwise for nothing.
         restarts = spec.socket.max_restarts if any(f.kind == "kill-socket" for f in config.serving.faults) else 0
-        backend = RayBackend(spec, config.nodes, config.tp, run_token=session.run_token(),
+        cluster = RayCluster(spec, config.nodes, config.tp, run_token=session.run_token(),
                              bind_host=session.bind_host, max_restarts=restarts, functional=config.functional,
                              **(ray_options or {}))
         try:
-            backend.start()
-            state["server"] = server = _make_server(config, backend, sinks, records)
-            phases.end("setup")
-            state["result"] = server.run()
-            state["backend_info"] = backend.finish()
-            phases.end("serving")
+            cluster.launch()
+            _serve(config, cluster, events, sinks, records, phases, state)
         finally:
             _detach(sinks)  # observers sample the actors for the last time, before they go
-            backend.shutdown()
+            cluster.shutdown()
         state["ray_info"] = {
             "ray_nodes": session.ray_nodes, "interconnect_token": True,
             "grpc_bind": session.bind_host,
@@ -189,16 +212,16 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
     directory = RunDirectory(config.out, force=force)
     events = EventsWriter(directory.partial / EVENTS_FILE)
     records = RecordsCsvWriter(directory.partial / "requests.csv")
-    sinks = [events, *sinks]
+    sinks = list(sinks)
     state: dict = {"server": None, "result": None, "backend_info": {}, "ray_info": {}}
     stopped = ""
     interrupted = False
     try:
         (directory.partial / "config.resolved.yaml").write_text(dump_yaml(config.resolved), encoding="utf-8")
         if config.backend == "inline":
-            _serve_inline(config, sinks, records, phases, state)
+            _serve_inline(config, events, sinks, records, phases, state)
         else:
-            _serve_ray(config, sinks, records, phases, state, directory.partial / "ray.log", ray_options)
+            _serve_ray(config, events, sinks, records, phases, state, directory.partial / "ray.log", ray_options)
     except UserError:
         events.close()
         records.close()
@@ -224,10 +247,8 @@ def execute_run(config: RunConfig, sinks: Sequence[EventSink] = (), ray_options:
     finally:
         result = state["result"]
         if result is not None and not state.get("crashed"):
-            end = End(t_ns=result.summary["virtual_ns"] + result.summary["setup_ns"], interrupted=interrupted,
-                      stopped=stopped, summary=result.summary)
-            for sink in sinks:
-                sink(end)
+            _announce(End(t_ns=result.summary["virtual_ns"] + result.summary["setup_ns"], interrupted=interrupted,
+                          stopped=stopped, summary=result.summary), events, sinks)
         events.close()
         records.close()
     if stopped or interrupted:

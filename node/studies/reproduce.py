@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rdu.base import Fields, UserError
 from rdu.interconnect.topology import Topology
-from rdu.node.cluster.inline_backend import InlineBackend
+from rdu.node.cluster.inline_backend import InlineCluster
 from rdu.node.cluster.layout import nodes_for_tp, tp_groups
 from rdu.node.cluster.platform import load_platform
 from rdu.scheduler.serving import CoEServer, ServingConfig
@@ -147,7 +147,7 @@ def _paper_coe(platform: str, batch: int) -> dict:
                      "output_tokens": OUTPUT_TOKENS, "router_output_tokens": ROUTER_OUTPUT_TOKENS},
                     "reproduce", "workload")
     workload = build_workload(WorkloadSpec.from_fields(fields), COE_EXPERTS, seed=0)
-    server = CoEServer(InlineBackend(spec, 1, TP), model, COE_EXPERTS, model, workload,
+    server = CoEServer(InlineCluster(spec, 1, TP), model, COE_EXPERTS, model, workload,
                        ServingConfig(policy="lru", max_batch=batch))
     return server.run().summary
 
@@ -162,7 +162,7 @@ def _only_cold_switches(platform: str, experts: int) -> bool:
     """Serve every expert in turn, three times; True if no expert had to be switched in twice."""
     spec = load_platform_for(platform).spec
     model = load_model(EXPERT)
-    server = CoEServer(InlineBackend(spec, 1, TP), model, experts, model, _cyclic_workload(experts),
+    server = CoEServer(InlineCluster(spec, 1, TP), model, experts, model, _cyclic_workload(experts),
                        ServingConfig(policy="lru", max_batch=1))
     return server.run().summary["switches"] == experts
 
@@ -172,7 +172,7 @@ def _fits_in_ddr(platform: str, experts: int) -> bool:
     spec = load_platform_for(platform).spec
     model = load_model(EXPERT)
     try:
-        CoEServer(InlineBackend(spec, 1, TP), model, experts, model, _cyclic_workload(1, 1), ServingConfig())
+        CoEServer(InlineCluster(spec, 1, TP), model, experts, model, _cyclic_workload(1, 1), ServingConfig())
     except CapacityError:
         return False
     return True

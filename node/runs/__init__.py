@@ -1,0 +1,1 @@
+"""One run: its configuration, its execution on a backend, its run directory, signals and streams."""
