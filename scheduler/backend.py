@@ -66,7 +66,7 @@ class ServingBackend(Protocol):
         """Execute `request.iterations` steps of a span on every member of the group (and resize
         their KV ledger entry to `request.kv_bytes`)."""
 
-    def truncate_span(self, group: int, job_id: str, iterations: int, at_ns: int) -> None:
+    def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
         """A member failed at `at_ns`: the span keeps its first `iterations` steps (those that
         ended by then) on the surviving members, which are idle from `at_ns`."""
 
@@ -127,6 +127,9 @@ class Cluster(Protocol):
 
     def degrade_fabric(self, a: str, b: str, probability: float, at_ns: int) -> None:
         """The fabric's view of a drop-link fault (the links requests are forwarded on)."""
+
+    def lost_node(self, node: int) -> None:
+        """A kill-node fault took `node` (its engine already failed its sockets and tier)."""
 
     def start(self, recipe: "EngineRecipe") -> PartitionRunner:
         """Build one engine per partition (scheduler.partition.partition_groups) from `recipe`."""

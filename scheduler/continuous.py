@@ -28,7 +28,7 @@ from rdu.scheduler.backend import GroupInfo, ServingBackend
 from rdu.scheduler.dispatch import choose_group, hot_experts
 from rdu.scheduler.kv import GroupMemory, blocks_for
 from rdu.scheduler.metrics import EngineMetrics, GroupStats, RequestRecord
-from rdu.scheduler.partition import GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
+from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
 from rdu.scheduler.serving_types import ServingStopped
@@ -307,7 +307,11 @@ class ContinuousEngine:
         records, self._records = self._records, []
         orphans, self._orphans = self._orphans, []
         return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
-                           stopped=self.stopped)
+                           stopped=self.stopped, next_event_ns=self._next_event_ns())
+
+    def _next_event_ns(self) -> int:
+        heads = [heap[0][0] for heap in (self._external, self._steps) if heap]
+        return min(heads) if heads and not self.stopped else FOREVER_NS
 
     def loads(self) -> list[GroupLoad]:
         return [GroupLoad(index=g.info.index, node=g.info.node, load=g.load, warm=g.warm_experts(), dead=g.dead)
@@ -608,7 +612,7 @@ class ContinuousEngine:
             kept = int(np.searchsorted(ends, now, side="right"))
             lost = len(steps) - kept
             if lost:
-                self.backend.truncate_span(group.info.index, request.job_id, kept, now)
+                self.backend.truncate_span(group.info.index, request, kept, now)
                 self.fault_stats["runs_retried"] += 1
                 if kept:
                     end = int(ends[kept - 1])

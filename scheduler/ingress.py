@@ -32,6 +32,7 @@ __all__ = ["Ingress"]
 
 _TOKEN_BYTES = 4
 _DELIVERIES_PER_ROUND = 512     # a round at least this often (requests routed): observers follow the run
+_DRAIN_WINDOWS = 64             # the rounds after the last arrival cover this many windows each
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Ingress:
         self._pending: list[list[Delivery]] = []
         self._stores: list[list[tuple[int, int]]] = []
         self._synced_ns = -1
+        self._next_event_ns = FOREVER_NS
         self._routed_since_sync = 0
         self._dispatched = 0
         self._results: list[PartitionResult] | None = None
@@ -106,10 +108,24 @@ class Ingress:
             while i < len(arrivals) and arrivals[i].arrival_ns < min(window_end, fault_at):
                 self._route(arrivals[i], arrivals[i].arrival_ns)
                 i += 1
-        self._round(FOREVER_NS)
+        self._drain()
+        stopped = next((r.stopped for r in self._finish() if r.stopped), "")
+        if stopped:
+            raise ServingStopped(stopped, self.result())
         if self.metrics.completed != len(self.workload.requests):
             raise RuntimeError(f"served {self.metrics.completed} of {len(self.workload.requests)} requests")
         return self.result()
+
+    def _drain(self) -> None:
+        """After the last arrival: rounds of `_DRAIN_WINDOWS` windows past the engines' next
+        event, until none has anything left (bounded rounds: observers follow, a stop lands)."""
+        step = self.window_ns * _DRAIN_WINDOWS
+        while True:
+            pending = [d.enqueue_ns for deliveries in self._pending for d in deliveries]
+            nxt = min([self._next_event_ns, *pending])
+            if nxt >= FOREVER_NS:
+                return
+            self._round(max(self._synced_ns, nxt) + step)
 
     def _window_start(self, t_ns: int) -> int:
         return self.setup_ns + (t_ns - self.setup_ns) // self.window_ns * self.window_ns
@@ -128,6 +144,7 @@ class Ingress:
         self._stores = [[] for _ in self.runner.partitions]
         self._synced_ns = until_ns
         self._routed_since_sync = 0
+        self._next_event_ns = min((o.next_event_ns for o in outputs), default=FOREVER_NS)
         orphans = []
         stopped = ""
         for output in outputs:
@@ -218,6 +235,7 @@ class Ingress:
             return
         orphans = self._round(at_ns, kill_nodes=(node,))
         self.dead_nodes.add(node)
+        self.cluster.lost_node(node)
         doomed = [v for v in self.views.values() if node in {int(m.split("/")[0][4:]) for m in v.info.members}]
         for view in doomed:
             view.dead = True

@@ -82,6 +82,7 @@ class RoundOutput:
     orphans: list[Request] = field(default_factory=list)
     stopped: str = ""
     events: int = 0
+    next_event_ns: int = FOREVER_NS    # when the engine has something to do next (FOREVER_NS: nothing)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class PartitionResult:
     fault_stats: dict[str, int]        # faults this engine handled (kill-socket)
     backend: dict                      # the backend's own checks and counters
     timeline: tuple[bytes, int] = (b"", 0)   # the last events (KV entries emptied), packed, and their count
+    stopped: str = ""                  # why the partition's results do not stand (a socket diverged)
 
 
 def partition_groups(groups: list[GroupInfo]) -> list[PartitionSpec]:

@@ -24,7 +24,7 @@ from rdu.scheduler.backend import GroupInfo, ServingBackend
 from rdu.scheduler.dispatch import choose_group
 from rdu.scheduler.faults import FaultSpec
 from rdu.scheduler.metrics import GroupStats, RequestRecord
-from rdu.scheduler.partition import GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
+from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
 from rdu.scheduler.serving_types import ROUTER_ID, ServingStopped, expert_id
 from rdu.scheduler.timeline import Done, Fault, Run, Switch, TimelineBuffer
@@ -174,7 +174,10 @@ class StaticEngine:
         records, self._records = self._records, []
         orphans, self._orphans = self._orphans, []
         return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
-                           stopped=self.stopped)
+                           stopped=self.stopped, next_event_ns=self._next_event_ns())
+
+    def _next_event_ns(self) -> int:
+        return self._events[0][0] if self._events and not self.stopped else FOREVER_NS
 
     def loads(self) -> list[GroupLoad]:
         return [GroupLoad(index=g.info.index, node=g.info.node, load=g.load,

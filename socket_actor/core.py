@@ -22,7 +22,7 @@ from rdu.socket_actor.operators import PhaseShape, kv_bytes_per_token_per_socket
 from rdu.socket_actor.spec import SocketSpec
 from rdu.socket_actor.tiers import MemoryTiers
 
-__all__ = ["SocketCore", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape",
+__all__ = ["SocketCore", "Resident", "RunRequest", "RunResult", "SpanRequest", "SpanResult", "span_shape", "span_tokens",
            "KV_ENTRY"]
 
 KV_ENTRY = "kv"   # the HBM ledger entry holding the KV blocks of the continuous engine
@@ -137,7 +137,7 @@ def span_shape(request: SpanRequest, iterations: int, window: int | None) -> Pha
     return PhaseShape(*(np.concatenate([[f], c]) for f, c in zip(first, columns)))
 
 
-def _span_tokens(request: SpanRequest, iterations: int) -> int:
+def span_tokens(request: SpanRequest, iterations: int) -> int:
     """Tokens the first `iterations` steps of a span produce (prefill chunks count one each)."""
     if iterations <= 0:
         return 0
@@ -167,7 +167,7 @@ class SocketCore:
         self.counters = SocketCounters()
         self._cost_models: dict[tuple, CostModel] = {}
         self._last_run: tuple[str, RunRequest, int, int] | None = None  # job, request, busy, clock before
-        self._last_span: tuple[SpanRequest, int, int] | None = None     # the span in progress, busy, clock before
+        self._last_span: tuple | None = None   # job, model, start, busy, clock before, tokens of the span in progress
 
     # -- residency ------------------------------------------------------------------------------
     def load(self, model_id: str, shard_bytes: int, ready_at_ns: int, weights: object | None = None) -> None:
@@ -317,29 +317,36 @@ class SocketCore:
         if busy_ns is None:
             steps, coll = self.span_times(request)
             busy_ns, collective = int(steps.sum()), int(np.rint(coll).sum())
-        self._last_span = (request, int(busy_ns), self.clock_ns)
+        self.track_span(request.job_id, request.model_id, request.start_ns, int(busy_ns), self.clock_ns,
+                        span_tokens(request, request.iterations))
         self.clock_ns = request.start_ns + int(busy_ns)
         resident.runs += 1
         self.counters.runs += 1
-        self.counters.tokens += _span_tokens(request, request.iterations)
+        self.counters.tokens += span_tokens(request, request.iterations)
         self.counters.busy_ns += int(busy_ns)
         return SpanResult(request.job_id, self.name, request.start_ns, self.clock_ns, int(busy_ns), collective)
 
-    def truncate_span(self, job_id: str, iterations: int, busy_ns: int, at_ns: int) -> int:
+    def track_span(self, job_id: str, model_id: str, start_ns: int, busy_ns: int, clock_before: int,
+                   tokens: int) -> None:
+        """Remember the span in progress (a failure may cut it short)."""
+        self._last_span = (job_id, model_id, start_ns, busy_ns, clock_before, tokens)
+
+    def truncate_span(self, job_id: str, iterations: int, busy_ns: int, tokens: int, at_ns: int) -> int:
         """A member of the group failed at `at_ns`: the span in progress keeps its first
-        `iterations` steps (`busy_ns` of them); this socket is idle from then. Returns the clock."""
-        if self._last_span is None or self._last_span[0].job_id != job_id:
+        `iterations` steps (`busy_ns` and `tokens` of them); this socket is idle from then.
+        Returns the clock."""
+        if self._last_span is None or self._last_span[0] != job_id:
             raise ValueError(f"{self.name}: {job_id} is not the span in progress")
-        request, busy, clock_before = self._last_span
-        if not request.start_ns + busy > at_ns:
-            raise ValueError(f"{self.name}: {job_id} already ended at {request.start_ns + busy} ns, by {at_ns} ns")
+        _, model_id, start_ns, busy, clock_before, full_tokens = self._last_span
+        if not start_ns + busy > at_ns:
+            raise ValueError(f"{self.name}: {job_id} already ended at {start_ns + busy} ns, by {at_ns} ns")
         self.counters.busy_ns -= busy - int(busy_ns)
-        self.counters.tokens -= _span_tokens(request, request.iterations) - _span_tokens(request, iterations)
+        self.counters.tokens -= full_tokens - int(tokens)
         if iterations == 0:
             self.counters.runs -= 1
-            if request.model_id in self.residents:
-                self.residents[request.model_id].runs -= 1
-        kept_end = request.start_ns + int(busy_ns) if iterations else clock_before
+            if model_id in self.residents:
+                self.residents[model_id].runs -= 1
+        kept_end = start_ns + int(busy_ns) if iterations else clock_before
         self.clock_ns = max(kept_end, int(at_ns))
         self._last_span = None
         return self.clock_ns

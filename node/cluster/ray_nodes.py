@@ -91,23 +91,6 @@ class RayNodes:
         addresses = ray.get([handle.start.remote() for handle in self.sockets.values()])
         return dict(zip(self.sockets, addresses))
 
-    def restart_socket(self, name: str, timeout_s: float = 60.0) -> str:
-        """After its process died, wait for Ray to bring the socket actor back (a new, empty
-        instance), start its gRPC server again and re-register it; returns its new address."""
-        import time
-
-        import ray
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return ray.get(self.sockets[name].start.remote(), timeout=timeout_s)
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as exc:
-                if time.monotonic() > deadline or isinstance(exc, ray.exceptions.ActorDiedError) \
-                        and "restart" not in str(exc).lower():
-                    raise RuntimeError(f"socket actor {name} did not come back after a restart: {exc}") from None
-                time.sleep(0.05)
-
     def ray_node_of(self) -> dict[str, str]:
         """Which Ray node hosts each socket actor (for reports and tests)."""
         import ray
