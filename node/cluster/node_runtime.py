@@ -14,42 +14,43 @@ __all__ = ["NodeRuntime"]
 
 
 class NodeRuntime:
-    """The engine of one partition and the cache of its sockets."""
+    """The engines of the partitions this runtime hosts (one, or several whose nodes share a Ray
+    node), each with the cache of its sockets."""
 
-    def __init__(self, spec: NodeSpec, nodes: int, partition: PartitionSpec, recipe: EngineRecipe,
+    def __init__(self, spec: NodeSpec, nodes: int, partitions: list[PartitionSpec], recipe: EngineRecipe,
                  sockets: dict[str, object], stores: dict[int, object], functional: bool = False,
                  flush_commands: int = 2048) -> None:
-        self.partition = partition
-        self.backend = ActorNodeBackend(spec, nodes, partition, sockets, stores, functional, flush_commands)
-        self.engine = recipe.build(self.backend, partition)
+        self.partitions = partitions
+        self.backends = [ActorNodeBackend(spec, nodes, p, {m: sockets[m] for g in p.groups for m in g.members},
+                                          {n: stores[n] for n in p.nodes}, functional, flush_commands)
+                         for p in partitions]
+        self.engines = [recipe.build(b, p) for b, p in zip(self.backends, partitions)]
         self.stopped = ""
 
-    def setup(self) -> int:
-        return self.engine.setup()
+    def setup(self) -> list[int]:
+        return [engine.setup() for engine in self.engines]
 
-    def advance(self, round_input: RoundInput) -> RoundOutput:
-        """One round of the engine; the socket actors' answers that are in are checked, and a
+    def advance(self, inputs: list[RoundInput]) -> list[RoundOutput]:
+        """One round of each engine; the socket actors' answers that are in are checked, and a
         divergence stops the run (reported, not raised: the ingress stops every partition)."""
-        output = self.engine.advance(round_input)
-        try:
-            self.backend.collect()
-        except ActorDivergence as exc:
-            self.stopped = self.stopped or str(exc)
-        if self.stopped:
+        outputs = [engine.advance(i) for engine, i in zip(self.engines, inputs)]
+        for backend in self.backends:
+            try:
+                backend.collect()
+            except ActorDivergence as exc:
+                self.stopped = self.stopped or str(exc)
+        for output in outputs:
             output.stopped = output.stopped or self.stopped
-        return output
+        return outputs
 
-    def finish(self) -> PartitionResult:
-        """The engine's totals, once every socket confirmed its share."""
-        try:
-            return self.engine.finish()
-        except ActorDivergence as exc:
-            engine = self.engine
-            return PartitionResult(groups=[g.stats for g in engine.groups], metrics=getattr(engine, "metrics", None),
-                                   peak_kv_bytes=[], fault_stats=dict(engine.fault_stats), backend={},
-                                   stopped=str(exc))
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
+    def finish(self) -> list[PartitionResult]:
+        """The engines' totals, once every socket confirmed its share."""
+        results = []
+        for engine in self.engines:
+            try:
+                results.append(engine.finish())
+            except ActorDivergence as exc:
+                results.append(PartitionResult(groups=[g.stats for g in engine.groups],
+                                               metrics=getattr(engine, "metrics", None), peak_kv_bytes=[],
+                                               fault_stats=dict(engine.fault_stats), backend={}, stopped=str(exc)))
+        return results

@@ -21,13 +21,14 @@ from rdu.node.cluster.platform import NodeSpec
 from rdu.node.cluster.ray_nodes import RayNodes
 from rdu.scheduler.backend import GroupInfo
 from rdu.scheduler.engine_recipe import EngineRecipe
-from rdu.scheduler.partition import PartitionResult, RoundInput, RoundOutput, partition_groups
+from rdu.scheduler.partition import PartitionResult, PartitionSpec, RoundInput, RoundOutput, partition_groups
 
 __all__ = ["RayCluster", "RayRunner"]
 
 
 class RayRunner:
-    """One node runtime actor per partition; a round is one call to each, in parallel."""
+    """Node runtime actors, each hosting the engines of one or more partitions; a round is one
+    call to each, in parallel."""
 
     def __init__(self, cluster: "RayCluster", recipe: EngineRecipe) -> None:
         import ray
@@ -36,31 +37,36 @@ class RayRunner:
         self.partitions = partition_groups(cluster.groups())
         actors = cluster.actors
         runtime = ray.remote(NodeRuntime)
+        self.hosted = runtime_blocks(self.partitions, cluster.host_of_node, cluster.runtime_slots)
         self.runtimes = []
-        for spec in self.partitions:
-            members = {m for g in spec.groups for m in g.members}
-            sockets = {name: handle for name, handle in actors.sockets.items() if name in members}
-            stores = {n: actors.model_stores[n] for n in spec.nodes}
-            strategy = PlacementGroupSchedulingStrategy(actors.placement_groups[spec.nodes[0]],
+        for block in self.hosted:
+            specs = [self.partitions[i] for i in block]
+            strategy = PlacementGroupSchedulingStrategy(actors.placement_groups[specs[0].nodes[0]],
                                                         placement_group_bundle_index=0)
             self.runtimes.append(runtime.options(num_cpus=0, scheduling_strategy=strategy, max_restarts=0).remote(
-                cluster.spec, cluster.nodes, spec, recipe, sockets, stores, cluster.functional,
+                cluster.spec, cluster.nodes, specs, recipe, actors.sockets,
+                {n: actors.model_stores[n] for p in specs for n in p.nodes}, cluster.functional,
                 cluster.flush_commands))
 
-    def setup(self) -> list[int]:
+    def _gather(self, refs: list) -> list:
+        """Each runtime's list of per-partition answers, back in partition order."""
         import ray
 
-        return ray.get([r.setup.remote() for r in self.runtimes])
+        answers = [None] * len(self.partitions)
+        for block, outputs in zip(self.hosted, ray.get(refs)):
+            for i, output in zip(block, outputs):
+                answers[i] = output
+        return answers
+
+    def setup(self) -> list[int]:
+        return self._gather([r.setup.remote() for r in self.runtimes])
 
     def round(self, inputs: list[RoundInput]) -> list[RoundOutput]:
-        import ray
-
-        return ray.get([r.advance.remote(i) for r, i in zip(self.runtimes, inputs)])
+        return self._gather([r.advance.remote([inputs[i] for i in block])
+                             for r, block in zip(self.runtimes, self.hosted)])
 
     def finish(self) -> list[PartitionResult]:
-        import ray
-
-        return ray.get([r.finish.remote() for r in self.runtimes])
+        return self._gather([r.finish.remote() for r in self.runtimes])
 
     def close(self) -> None:
         import ray
@@ -68,6 +74,22 @@ class RayRunner:
         for runtime in self.runtimes:
             ray.kill(runtime, no_restart=True)
         self.runtimes = []
+
+
+def runtime_blocks(partitions: list[PartitionSpec], host_of_node: dict[int, str],
+                   slots: dict[str, int]) -> list[list[int]]:
+    """Which partitions each node runtime hosts: the partitions whose nodes share a Ray node are
+    split into as many runtimes as that Ray node has CPUs (a runtime per partition when there
+    are enough), each runtime placed with its partitions' sockets."""
+    by_host: dict[str, list[int]] = {}
+    for spec in partitions:
+        by_host.setdefault(host_of_node[spec.nodes[0]], []).append(spec.index)
+    blocks = []
+    for host, indices in by_host.items():
+        count = max(1, min(len(indices), slots.get(host, 1)))
+        size = -(-len(indices) // count)
+        blocks += [indices[i:i + size] for i in range(0, len(indices), size)]
+    return sorted(blocks)
 
 
 class RayCluster:
@@ -91,13 +113,21 @@ class RayCluster:
         self.actors = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
         self.runner: RayRunner | None = None
         self._hosts: dict[str, str] = {}
+        self.host_of_node: dict[int, str] = {}
+        self.runtime_slots: dict[str, int] = {}
         self._stats_refs: list = []
         self._stats: list[dict] | None = None
 
     def launch(self) -> None:
-        """Start every socket actor, model store and the peer registry."""
+        """Start every socket actor, model store and the peer registry; learn where they landed
+        (node runtimes go with them: as many per Ray node as it has CPUs, see `runtime_blocks`)."""
+        import ray
+
         self.actors.start()
         self._hosts = self.actors.ray_node_of()
+        self.host_of_node = {n: self._hosts[f"node{n}/socket0"] for n in range(self.nodes)}
+        self.runtime_slots = {node["NodeID"]: int(node["Resources"].get("CPU", 1))
+                              for node in ray.nodes() if node.get("Alive")}
 
     def groups(self) -> list[GroupInfo]:
         return list(self._groups)
