@@ -301,19 +301,15 @@ class Ingress:
         for result in results:
             for key, value in result.fault_stats.items():
                 faults[key] = faults.get(key, 0) + value
-        if self.recipe.kind == "static":
-            summary.update({k: faults[k] for k in ("faults_injected", "faults_recovered", "recovery_ns",
-                                                    "runs_retried", "requests_redispatched")})
-        else:
+        summary.update({k: faults.get(k, 0) for k in ("faults_injected", "faults_recovered", "recovery_ns",
+                                                       "runs_retried", "requests_redispatched")})
+        if self.recipe.kind == "continuous":
             merged = EngineMetrics()
             for result in results:
                 if result.metrics is not None:
                     merged.merge(result.metrics)
             summary.update(merged.summary(self.metrics, self.config.slo_ttft_ms, self.config.slo_tpot_ms,
                                           summary["virtual_ns"], [b for r in results for b in r.peak_kv_bytes]))
-            if self.config.faults:
-                summary.update({k: faults.get(k, 0) for k in ("faults_injected", "faults_recovered", "recovery_ns",
-                                                               "runs_retried", "requests_redispatched")})
         summary["scheduler"] = self.recipe.kind
         return ServingResult(records=self.metrics.records, groups=stats, summary=summary,
                              placement=self.recipe.placement)

@@ -298,6 +298,7 @@ class EngineMetrics:
             "itl_ns": weighted_percentiles(values, counts),
             "queue_ns": percentiles(metrics.queue),
             "preemptions": self.preemptions,
+            "swapped_bytes": self.swapped_bytes,
             "kv_utilisation": {"mean_at_completion": round(float(kv.mean()), 6),
                                "max_at_completion": round(float(kv.max()), 6),
                                "peak_kv_bytes_per_socket": max(peak_kv_bytes, default=0)},

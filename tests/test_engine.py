@@ -44,6 +44,8 @@ def _records(result):
     ("dgx-h100", 4, 2, {"max_num_batched_tokens": 512, "max_num_seqs": 16, "block_size": 8,
                         "model_selection": "oldest-first"}),
     ("dgx-h100", 1, 3, {"overrides": {"socket.hbm.capacity_bytes": "4 GB"}, "workload": CROWDED}),
+    ("dgx-h100", 1, 3, {"overrides": {"socket.hbm.capacity_bytes": "4 GB"}, "workload": CROWDED,
+                        "preemption": "swap"}),
 ])
 def test_event_to_event_equals_one_iteration_at_a_time(platform, experts, seed, config):
     """Spans (k up to the next event) and forced k = 1 give the same summary and records, to the ns."""
@@ -66,6 +68,33 @@ def test_preemption_loses_nothing_and_kv_returns_to_zero():
     for core in backend.sockets.values():
         assert KV_ENTRY not in core.tiers.hbm
         assert core.tiers.hbm.peak_bytes > core.tiers.hbm.used_bytes   # the KV really was in the ledger
+
+
+def test_swap_preemption_keeps_the_computed_tokens_and_pays_for_the_copies():
+    """The same crowded load with swap: sequences resume where they were (no second prefill of
+    what they had computed), their KV crossing the HBM <-> capacity-tier links both ways, and
+    nothing is lost; recompute prefills the preempted tokens again instead."""
+    crowded = {"socket.hbm.capacity_bytes": "4 GB"}
+    swap, backend = serve("dgx-h100", 1, CROWDED, overrides=crowded, preemption="swap")
+    recompute, _ = serve("dgx-h100", 1, CROWDED, overrides=crowded)
+    sw, rc = swap.summary, recompute.summary
+    assert sw["preemptions"] > 0 and rc["preemptions"] > 0
+    assert sorted(r.id for r in swap.records) == list(range(120)) and sw["requests_duplicated"] == 0
+    assert sw["swapped_bytes"] > 0 and rc["swapped_bytes"] == 0
+    prefilled = lambda s: s["tokens_per_step"]["mean"] * s["iterations"]  # noqa: E731  tokens of every step
+    assert prefilled(sw) < prefilled(rc)   # recompute prefills the preempted tokens again
+    for core in backend.sockets.values():
+        assert KV_ENTRY not in core.tiers.hbm
+
+
+def test_a_swap_waits_for_its_copy_on_the_links():
+    """A swapped-out sequence comes back only after its KV crossed the links: a slower copy path
+    (capacity tier -> HBM) makes the swapping run slower, and leaves recompute as it was."""
+    crowded = {"socket.hbm.capacity_bytes": "4 GB"}
+    slow = {**crowded, "links.ddr_to_hbm.bandwidth_bytes_per_s": 2e9, "links.host_shared.bandwidth_bytes_per_s": 2e9}
+    fast_swap, _ = serve("dgx-h100", 1, CROWDED, overrides=crowded, preemption="swap")
+    slow_swap, _ = serve("dgx-h100", 1, CROWDED, overrides=slow, preemption="swap")
+    assert slow_swap.summary["e2e_ns"]["mean"] > fast_swap.summary["e2e_ns"]["mean"]
 
 
 @pytest.mark.parametrize("platform", ["dgx-h100", "sn40l-node"])
