@@ -101,11 +101,11 @@ class PartitionRunner(Protocol):
     def setup(self) -> list[int]:
         """Every engine loads what starts resident; when each is ready (virtual ns)."""
 
-    def round(self, inputs: list["RoundInput"]) -> list["RoundOutput"]:
-        """Advance every engine as its input says; their outputs, in partition order."""
+    def round(self, inputs: dict[int, "RoundInput"]) -> dict[int, "RoundOutput"]:
+        """Advance the engines of these partitions (by index) as their inputs say."""
 
-    def finish(self) -> list["PartitionResult"]:
-        """Every engine's totals (also after a stop or an interrupt)."""
+    def finish(self, partitions: list[int]) -> dict[int, "PartitionResult"]:
+        """These engines' totals (also after a stop or an interrupt); they get no more rounds."""
 
     def close(self) -> None:
         """Release what the runner holds (actors); idempotent."""

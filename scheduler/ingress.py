@@ -80,6 +80,7 @@ class Ingress:
         self._routed_since_sync = 0
         self._dispatched = 0
         self._results: list[PartitionResult] | None = None
+        self._retired: dict[int, PartitionResult] = {}   # partitions whose nodes all died, and their totals
         self.rounds = 0
 
     # -- the run --------------------------------------------------------------------------------
@@ -134,11 +135,13 @@ class Ingress:
         """Advance every engine to `until_ns`; returns the requests handed back."""
         if self.stop_requested():
             raise KeyboardInterrupt("stop requested")
-        inputs = [RoundInput(until_ns=until_ns, deliveries=tuple(self._pending[spec.index]),
-                             stores=tuple(self._stores[spec.index]),
-                             kill_nodes=tuple(n for n in kill_nodes if n in spec.nodes), start_ns=start_ns)
-                  for spec in self.runner.partitions]
-        outputs = self.runner.round(inputs)
+        live = [spec for spec in self.runner.partitions if spec.index not in self._retired]
+        inputs = {spec.index: RoundInput(until_ns=until_ns, deliveries=tuple(self._pending[spec.index]),
+                                         stores=tuple(self._stores[spec.index]),
+                                         kill_nodes=tuple(n for n in kill_nodes if n in spec.nodes), start_ns=start_ns)
+                  for spec in live}
+        answers = self.runner.round(inputs)
+        outputs = [answers[spec.index] for spec in live]
         self.rounds += 1
         self._pending = [[] for _ in self.runner.partitions]
         self._stores = [[] for _ in self.runner.partitions]
@@ -235,6 +238,10 @@ class Ingress:
             return
         orphans = self._round(at_ns, kill_nodes=(node,))
         self.dead_nodes.add(node)
+        gone = [spec.index for spec in self.runner.partitions
+                if spec.index not in self._retired and set(spec.nodes) <= self.dead_nodes]
+        if gone:   # their totals now: their runtimes may go with the node
+            self._retired.update(self.runner.finish(gone))
         self.cluster.lost_node(node)
         doomed = [v for v in self.views.values() if node in {int(m.split("/")[0][4:]) for m in v.info.members}]
         for view in doomed:
@@ -275,10 +282,15 @@ class Ingress:
 
     # -- results --------------------------------------------------------------------------------
     def _finish(self) -> list[PartitionResult]:
+        """Every partition's totals, in partition order (those of dead partitions from their death)."""
         if self._results is None:
-            self._results = self.runner.finish() if self.runner is not None else []
-            for result in self._results:
-                self._timeline(*result.timeline)
+            if self.runner is None:
+                return []
+            live = [spec.index for spec in self.runner.partitions if spec.index not in self._retired]
+            totals = {**self._retired, **(self.runner.finish(live) if live else {})}
+            self._results = [totals[spec.index] for spec in self.runner.partitions]
+            for index in live:
+                self._timeline(*totals[index].timeline)
         return self._results
 
     def backend_info(self) -> dict:

@@ -208,11 +208,11 @@ class InlineRunner:
     def setup(self) -> list[int]:
         return [engine.setup() for engine in self.engines]
 
-    def round(self, inputs: list[RoundInput]) -> list[RoundOutput]:
-        return [engine.advance(i) for engine, i in zip(self.engines, inputs)]
+    def round(self, inputs: dict[int, RoundInput]) -> dict[int, RoundOutput]:
+        return {i: self.engines[i].advance(round_input) for i, round_input in inputs.items()}
 
-    def finish(self) -> list[PartitionResult]:
-        return [engine.finish() for engine in self.engines]
+    def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
+        return {i: self.engines[i].finish() for i in partitions}
 
     def close(self) -> None:
         pass

@@ -20,37 +20,37 @@ class NodeRuntime:
     def __init__(self, spec: NodeSpec, nodes: int, partitions: list[PartitionSpec], recipe: EngineRecipe,
                  sockets: dict[str, object], stores: dict[int, object], functional: bool = False,
                  flush_commands: int = 2048) -> None:
-        self.partitions = partitions
-        self.backends = [ActorNodeBackend(spec, nodes, p, {m: sockets[m] for g in p.groups for m in g.members},
-                                          {n: stores[n] for n in p.nodes}, functional, flush_commands)
-                         for p in partitions]
-        self.engines = [recipe.build(b, p) for b, p in zip(self.backends, partitions)]
+        self.backends = {p.index: ActorNodeBackend(spec, nodes, p, {m: sockets[m] for g in p.groups for m in g.members},
+                                                   {n: stores[n] for n in p.nodes}, functional, flush_commands)
+                         for p in partitions}
+        self.engines = {p.index: recipe.build(self.backends[p.index], p) for p in partitions}
         self.stopped = ""
 
-    def setup(self) -> list[int]:
-        return [engine.setup() for engine in self.engines]
+    def setup(self) -> dict[int, int]:
+        return {i: engine.setup() for i, engine in self.engines.items()}
 
-    def advance(self, inputs: list[RoundInput]) -> list[RoundOutput]:
+    def advance(self, inputs: dict[int, RoundInput]) -> dict[int, RoundOutput]:
         """One round of each engine; the socket actors' answers that are in are checked, and a
         divergence stops the run (reported, not raised: the ingress stops every partition)."""
-        outputs = [engine.advance(i) for engine, i in zip(self.engines, inputs)]
-        for backend in self.backends:
+        outputs = {i: self.engines[i].advance(round_input) for i, round_input in inputs.items()}
+        for i in inputs:
             try:
-                backend.collect()
+                self.backends[i].collect()
             except ActorDivergence as exc:
                 self.stopped = self.stopped or str(exc)
-        for output in outputs:
+        for output in outputs.values():
             output.stopped = output.stopped or self.stopped
         return outputs
 
-    def finish(self) -> list[PartitionResult]:
-        """The engines' totals, once every socket confirmed its share."""
-        results = []
-        for engine in self.engines:
+    def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
+        """These engines' totals, once every socket confirmed its share."""
+        results = {}
+        for i in partitions:
+            engine = self.engines[i]
             try:
-                results.append(engine.finish())
+                results[i] = engine.finish()
             except ActorDivergence as exc:
-                results.append(PartitionResult(groups=[g.stats for g in engine.groups],
-                                               metrics=getattr(engine, "metrics", None), peak_kv_bytes=[],
-                                               fault_stats=dict(engine.fault_stats), backend={}, stopped=str(exc)))
+                results[i] = PartitionResult(groups=[g.stats for g in engine.groups],
+                                             metrics=getattr(engine, "metrics", None), peak_kv_bytes=[],
+                                             fault_stats=dict(engine.fault_stats), backend={}, stopped=str(exc))
         return results

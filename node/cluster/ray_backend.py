@@ -48,25 +48,35 @@ class RayRunner:
                 {n: actors.model_stores[n] for p in specs for n in p.nodes}, cluster.functional,
                 cluster.flush_commands))
 
-    def _gather(self, refs: list) -> list:
-        """Each runtime's list of per-partition answers, back in partition order."""
+    def _calls(self, method: str, partitions, args=None) -> dict:
+        """Call `method` on every runtime hosting one of `partitions` (with its share of `args`,
+        a dict by partition), in parallel; their answers merged by partition."""
         import ray
 
-        answers = [None] * len(self.partitions)
-        for block, outputs in zip(self.hosted, ray.get(refs)):
-            for i, output in zip(block, outputs):
-                answers[i] = output
+        refs = []
+        for runtime, block in zip(self.runtimes, self.hosted):
+            mine = [i for i in block if i in partitions]
+            if mine:
+                share = {i: args[i] for i in mine} if args is not None else mine
+                refs.append(getattr(runtime, method).remote(share))
+        answers: dict = {}
+        for part in ray.get(refs):
+            answers.update(part)
         return answers
 
     def setup(self) -> list[int]:
-        return self._gather([r.setup.remote() for r in self.runtimes])
+        import ray
 
-    def round(self, inputs: list[RoundInput]) -> list[RoundOutput]:
-        return self._gather([r.advance.remote([inputs[i] for i in block])
-                             for r, block in zip(self.runtimes, self.hosted)])
+        answers: dict = {}
+        for part in ray.get([r.setup.remote() for r in self.runtimes]):
+            answers.update(part)
+        return [answers[i] for i in range(len(self.partitions))]
 
-    def finish(self) -> list[PartitionResult]:
-        return self._gather([r.finish.remote() for r in self.runtimes])
+    def round(self, inputs: dict[int, RoundInput]) -> dict[int, RoundOutput]:
+        return self._calls("advance", set(inputs), inputs)
+
+    def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
+        return self._calls("finish", set(partitions))
 
     def close(self) -> None:
         import ray
