@@ -87,6 +87,7 @@ class StaticEngine:
         self._group_of_socket = {m: g for g in self.groups for m in g.info.members}
         self.setup_ns = 0
         self.until_ns = 0
+        self._now = 0
         self.stopped = ""
         self._restarts: dict[str, int] = {}   # kills survived per socket
         self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0}
@@ -199,8 +200,6 @@ class StaticEngine:
     def _job_id(self, group: StaticGroup, what: str) -> str:
         self._jobs += 1
         return f"{group.info.name}/j{self._jobs}/{what}"
-
-    _now = 0
 
     def _loop(self, until_ns: int) -> None:
         handlers = {"dispatch": self._on_dispatch, "enqueue": self._on_enqueue, "free": self._on_free,
