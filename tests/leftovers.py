@@ -5,11 +5,16 @@
 
 Only processes of this user that appeared after the snapshot count, so somebody else's Ray (or
 the developer's own, started before) is never blamed, and nothing is killed.
+
+`RunProcesses` follows the processes of one command run as a child (tests/test_clean_exit.py):
+its descendants and whatever holds files in its Ray session directory, so that a test blames a
+run only for its own processes, even while other test sessions start Rays on the same machine.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +36,88 @@ def ray_processes() -> dict[int, str]:
         if any(marker in cmdline for marker in MARKERS):
             found[int(entry.name)] = cmdline[:160]
     return found
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """This user's live processes (not zombies): PID -> (parent PID, start time in clock ticks)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            data = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X"):
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+_SESSION_DIR = re.compile(r"--session[-_]dir=(\S+)")
+
+
+class RunProcesses:
+    """The processes of one child command (an `rdu run`): its descendants, as seen by `follow`
+    while it lives, and any process of this user holding files in the Ray session directories
+    named on their command lines (a raylet's children, reparented when it dies)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.seen: dict[int, int] = {}   # PID -> start ticks
+        self.command_lines: dict[int, str] = {}
+        self.session_dirs: set[str] = set()
+
+    def follow(self) -> set[int]:
+        """Add the root's current descendants; returns them."""
+        table = process_table()
+        now: set[int] = set()
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _start) in table.items():
+                if pid not in now and (ppid == self.root_pid or ppid in now):
+                    now.add(pid)
+                    grew = True
+        for pid in now - set(self.seen):
+            self.seen[pid] = table[pid][1]
+            self.command_lines[pid] = command_line(pid)
+            self.session_dirs.update(_SESSION_DIR.findall(self.command_lines[pid]))
+        return now
+
+    def commands(self) -> list[str]:
+        """The command lines of every descendant seen (as first seen)."""
+        return list(self.command_lines.values())
+
+    def alive(self) -> dict[int, str]:
+        """Those still alive (the same processes, not reused PIDs), with their command lines."""
+        table = process_table()
+        found = {pid for pid, start in self.seen.items() if table.get(pid, (0, -1))[1] == start}
+        folders = tuple(folder.rstrip("/") + "/" for folder in self.session_dirs)
+        for pid in set(table) - found - {os.getpid()} if folders else ():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(folders) for fd in fds):
+                    found.add(pid)
+            except OSError:
+                continue
+        return {pid: command_line(pid)[:160] for pid in found}
+
+    def wait_gone(self, timeout_s: float) -> dict[int, str]:
+        """Wait up to `timeout_s` for all of them to be gone; returns those left."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.alive()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
 
 
 def main() -> int:
