@@ -1,8 +1,9 @@
 """Closed-form time of collectives over a tensor-parallel group, from its hop links.
 
-Two layers. `collective_ns` is the bare ring on the links (no software cost), which the
-event-level collectives of the functional plane reproduce to the nanosecond. `timed` is what the
-hardware and its collective library do, and what the cost model charges: a start-up cost per
+Two layers. `collective_ns` is the bare ring on the links (no software cost). `timed` (and its
+sum `hardware_ns`) is what the hardware and its collective library do, what the cost model
+charges, and what the event-level collectives of the functional plane (interconnect.collectives,
+running the algorithm `algorithm` picks) reproduce to the nanosecond: a start-up cost per
 call (software, synchronisation), then an algorithm chosen by size and topology — one-shot
 (every rank sends straight to every peer: one hop latency, more bytes) for small messages where
 the topology has direct paths, the ring otherwise — at the achieved share of link bandwidth.
@@ -152,8 +153,10 @@ class RingTiming:
         return np.full_like(nbytes, float(math.ceil(self.direct.latency_ns))), serialisation_ns(egress, bandwidth)
 
     def algorithm(self, nbytes: float) -> str:
-        """The algorithm a collective of `nbytes` per rank uses on this group."""
-        if self.direct is not None and nbytes <= self.collective.one_shot_max_bytes:
+        """The algorithm a collective of `nbytes` per rank uses on this group (the same choice
+        `timed` makes, and the one the functional plane runs)."""
+        limit = self.collective.one_shot_max_bytes
+        if self.direct is not None and limit > 0 and nbytes <= limit:
             return "one_shot"
         return "ring"
 

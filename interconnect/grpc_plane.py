@@ -63,6 +63,8 @@ class PlaneStats:
     tensors_sent: int = 0
     bytes_sent: int = 0
     rejected: int = 0
+    dropped: int = 0          # messages a lossy link lost before delivery (fault injection)
+    duplicates: int = 0       # retransmissions of a delivered message, acknowledged and dropped
 
 
 _STATUS_OF = ((PermissionError, grpc.StatusCode.PERMISSION_DENIED),   # ReplayRefused included
@@ -126,14 +128,25 @@ class _Servicer:
                 chunk = parse_chunk(raw)
                 if not assembler.in_progress:
                     owner.check_tensor_start(sender, chunk)
+                    if owner.is_repeat(chunk):
+                        assembler = _RepeatSkipper()
                 assembler.add(chunk)
                 if assembler.done:
                     received = assembler.result()
-                    owner.mailbox.deliver(received)
-                    owner.stats.tensors_received += 1
-                    owner.stats.bytes_received += received.array.nbytes
-                    if received.header.want_ack:
-                        yield pb.Ack(tensor_id=received.header.tensor_id, received_bytes=received.array.nbytes)
+                    header = received.header
+                    if isinstance(assembler, _RepeatSkipper):      # delivered before: only acknowledge
+                        owner.stats.duplicates += 1
+                    elif owner.link_loses(header.src):             # lost in transit: no delivery, no ack
+                        owner.mailbox.cancel(header.src, header.tensor_id, int(header.total_bytes))
+                        owner.stats.dropped += 1
+                        assembler = owner.assembler(sender)
+                        continue
+                    else:
+                        owner.mailbox.deliver(received)
+                        owner.stats.tensors_received += 1
+                        owner.stats.bytes_received += received.array.nbytes
+                    if header.want_ack:
+                        yield pb.Ack(tensor_id=header.tensor_id, received_bytes=int(header.total_bytes))
                     assembler = owner.assembler(sender)
             if assembler.in_progress:
                 raise WireError(f"stream ended before the last chunk of {assembler.header.tensor_id!r}")
@@ -168,13 +181,41 @@ class _Servicer:
             s = self.server.stats
             return pb.StatsReply(socket=self.server.name, tensors_received=s.tensors_received,
                                  bytes_received=s.bytes_received, tensors_sent=s.tensors_sent,
-                                 bytes_sent=s.bytes_sent, rejected=s.rejected)
+                                 bytes_sent=s.bytes_sent, rejected=s.rejected, dropped=s.dropped)
 
 
 class _AdmittingAssembler(TensorAssembler):
     """An assembler that remembers whether its tensor's budget was reserved (to free it on failure)."""
 
     admitted = False
+
+
+class _RepeatSkipper(TensorAssembler):
+    """Reads a retransmission of a tensor already delivered (its first copy's acknowledgement was
+    late): the chunks are checked and counted but nothing is reserved, kept or delivered."""
+
+    admitted = False
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        if self.done:
+            raise WireError("chunk after the last chunk")
+        if chunk.seq != self.next_seq:
+            raise WireError(f"chunk {chunk.seq} out of order (expected {self.next_seq})")
+        if chunk.seq == 0:
+            self._check_header(chunk.header)
+            self.header = chunk.header
+        elif chunk.HasField("header"):
+            raise WireError("header repeated after the first chunk")
+        self.filled += len(chunk.data)
+        if self.filled > self.header.total_bytes:
+            raise WireError(f"more data than the {self.header.total_bytes} bytes announced")
+        self.next_seq += 1
+        self.done = chunk.last
+
+    def result(self) -> Received:
+        if self.filled != self.header.total_bytes:
+            raise WireError(f"received {self.filled} bytes, header announced {self.header.total_bytes}")
+        return Received(header=self.header, array=np.empty(0, dtype=np.uint8))
 
 
 class InterconnectServer:
@@ -195,6 +236,7 @@ class InterconnectServer:
         self.tls = tls
         self.mailbox = Mailbox(peer_budget_bytes, unclaimed_ttl_s)
         self.stats = PlaneStats()
+        self._loss: dict[str, tuple[float, random.Random]] = {}
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self.port = 0
@@ -231,6 +273,25 @@ class InterconnectServer:
             raise PermissionError(f"refused a tensor from unknown peer {header.src[:64]!r}")
         if header.dst != self.name:
             raise PermissionError(f"refused a tensor addressed to {header.dst[:64]!r}")
+
+    def is_repeat(self, chunk: pb.TensorChunk) -> bool:
+        """A retransmission (attempt > 0) of a tensor this server already delivered."""
+        header = chunk.header
+        return chunk.HasField("header") and header.attempt > 0 and self.mailbox.delivered(header.tensor_id)
+
+    def set_loss(self, src: str, probability: float, seed: int = 0) -> None:
+        """Fault injection: lose each message arriving from `src` with `probability` (seeded per
+        link, drawn once per arriving message in stream order, so the same ones are lost every
+        run); 0 makes the link healthy again. A lost message is neither delivered nor acknowledged."""
+        if probability <= 0:
+            self._loss.pop(src, None)
+        else:
+            self._loss[src] = (probability, random.Random(f"{seed}:{src}->{self.name}"))
+
+    def link_loses(self, src: str) -> bool:
+        """Whether the link from `src` loses the message that just arrived."""
+        lossy = self._loss.get(src)
+        return lossy is not None and lossy[1].random() < lossy[0]
 
     def assembler(self, sender: str | None) -> TensorAssembler:
         """A fresh assembler whose admission reserves the peer's mailbox budget before allocating."""
@@ -321,10 +382,11 @@ class _PeerStream:
 class PeerClient:
     """Sends tensors to peers over one persistent stream per peer (reopened if it broke).
 
-    A link to a peer may be made lossy (`set_loss`, fault injection): each message is then lost
-    with that probability (seeded, so the same messages are lost every run); the sender notices
-    the missing acknowledgement when its deadline expires and sends again, up to
-    `max_attempts` times, and the message arrives one retransmission timeout later per loss.
+    A link to a peer may be lossy (fault injection: the peer's server loses messages from this
+    socket, `InterconnectServer.set_loss`). Messages to such a peer (`set_loss` here) ask for an
+    acknowledgement; when none comes within `ack_deadline_s` the sender presumes the message
+    lost and sends it again (attempt 1, 2, ...), up to `max_attempts` times, each copy arriving
+    one retransmission timeout of virtual time later than the one before.
 
     Every call carries this sender's credential (derived from `run_token`, the run secret, which
     itself is never sent); with `tls` the channels are mutual TLS with the run's certificate."""
@@ -338,8 +400,8 @@ class PeerClient:
         self.retransmit_timeout_ns = retransmit_timeout_ns
         self.ack_deadline_s = ack_deadline_s
         self.max_attempts = max_attempts
-        self._loss: dict[str, tuple[float, random.Random]] = {}
-        self.lost_messages = 0
+        self._lossy: set[str] = set()
+        self.lost_messages = 0      # sends presumed lost (no acknowledgement in time) and repeated
         self.resolve = resolve
         self.stats = stats
         self.run_token = run_token
@@ -367,6 +429,16 @@ class PeerClient:
             self._streams[peer] = stream
         return stream
 
+    async def connect(self, peers: Iterable[str], timeout_s: float = 30.0) -> None:
+        """Open the stream to each of `peers` now and wait until its channel is ready (what a
+        collective library does when a communicator is made), so the first messages do not pay
+        for name resolution and connection set-up."""
+        for peer in peers:
+            await self._stream(peer)
+            channel = self._channels[self._addresses[peer]]
+            async with asyncio.timeout(timeout_s):
+                await channel.channel_ready()
+
     async def health(self, peer: str, timeout_s: float = 5.0) -> pb.HealthReply:
         """Ask a peer's server whether it serves (an authenticated call like every other)."""
         stub = await self._stub(peer)
@@ -377,24 +449,13 @@ class PeerClient:
         stub = await self._stub(peer)
         return await stub.Stats(pb.StatsRequest(), timeout=timeout_s, metadata=self.metadata)
 
-    def set_loss(self, peer: str, probability: float, seed: int = 0) -> None:
-        """Lose each message to `peer` with `probability` (0 makes the link healthy again)."""
-        if probability <= 0:
-            self._loss.pop(peer, None)
+    def set_loss(self, peer: str, probability: float) -> None:
+        """Treat the link to `peer` as lossy when `probability` > 0: every message to it waits for
+        its acknowledgement and is sent again when that does not come (0: a healthy link)."""
+        if probability > 0:
+            self._lossy.add(peer)
         else:
-            self._loss[peer] = (probability, random.Random(f"{seed}:{self.name}->{peer}"))
-
-    async def _losses_before_delivery(self, peer: str, tensor_id: str) -> int:
-        """How many attempts of this message are lost (waiting out each ack deadline)."""
-        if peer not in self._loss:
-            return 0
-        probability, rng = self._loss[peer]
-        for attempt in range(self.max_attempts):
-            if rng.random() >= probability:
-                return attempt
-            self.lost_messages += 1
-            await asyncio.sleep(self.ack_deadline_s)   # no acknowledgement within the deadline
-        raise LinkLost(f"{self.name} -> {peer}: {tensor_id} lost {self.max_attempts} times: the link is down")
+            self._lossy.discard(peer)
 
     def forget(self, peer: str) -> None:
         """Drop a peer's cached address and stream (it may have restarted on another port)."""
@@ -406,27 +467,43 @@ class PeerClient:
         (raising `TransferRejected` if it refused); otherwise a refusal surfaces on a later send."""
         header.src = self.name
         header.run_token = ""   # the stream is authenticated by this sender's credential instead
-        lost = await self._losses_before_delivery(header.dst, header.tensor_id)
-        if lost:
-            header.virtual_arrival_ns += int(lost * self.retransmit_timeout_ns)
-        header.want_ack = wait_ack or header.dst in self._loss
+        lossy = header.dst in self._lossy
+        header.want_ack = wait_ack or lossy
+        if not lossy:
+            await self._deliver(header, array, self.deadline_s)
+        else:
+            first_arrival_ns = header.virtual_arrival_ns
+            for attempt in range(self.max_attempts):
+                header.attempt = attempt
+                header.virtual_arrival_ns = first_arrival_ns + int(attempt * self.retransmit_timeout_ns)
+                if await self._deliver(header, array, self.ack_deadline_s):
+                    break
+                self.lost_messages += 1     # no acknowledgement in time: presumed lost, sent again
+            else:
+                raise LinkLost(f"{self.name} -> {header.dst}: {header.tensor_id} unacknowledged "
+                               f"{self.max_attempts} times: the link is down")
+        self.stats.tensors_sent += 1
+        self.stats.bytes_sent += array.nbytes
+
+    async def _deliver(self, header: pb.TensorHeader, array: np.ndarray, ack_deadline_s: float) -> bool:
+        """Write one copy, asking the registry again while the peer is unreachable (it may have
+        restarted elsewhere). False: its acknowledgement did not come within `ack_deadline_s`."""
         for attempt in range(self.max_attempts):
             try:
-                await self._write(header, array)
-                break
+                return await self._write(header, array, ack_deadline_s)
             except _PeerUnavailable as exc:  # the peer restarted elsewhere: ask the registry again
                 self.forget(header.dst)
                 if attempt == self.max_attempts - 1:
                     raise TransferRejected(f"{header.dst} unreachable for {header.tensor_id} after "
                                            f"{self.max_attempts} attempts: {exc}") from None
                 await asyncio.sleep(self.ack_deadline_s * (attempt + 1))
-        self.stats.tensors_sent += 1
-        self.stats.bytes_sent += array.nbytes
+        return False
 
-    async def _write(self, header: pb.TensorHeader, array: np.ndarray) -> None:
+    async def _write(self, header: pb.TensorHeader, array: np.ndarray, ack_deadline_s: float) -> bool:
         """One attempt: write the tensor's chunks on the peer's stream (and wait for the ack when
-        asked). Raises `_PeerUnavailable` when the peer could not be reached at all, so nothing
-        was delivered and the tensor can go again."""
+        asked: False if it did not come within `ack_deadline_s` on a lossy link). Raises
+        `_PeerUnavailable` when the peer could not be reached at all, so nothing was delivered and
+        the tensor can go again."""
         stream = await self._stream(header.dst)
         if not stream.alive:
             self._raise_for(stream, header)
@@ -445,10 +522,17 @@ class PeerClient:
                                f"{self.deadline_s} s") from None
         if waiter is not None:
             try:
-                async with asyncio.timeout(self.deadline_s):
+                async with asyncio.timeout(ack_deadline_s):
                     await waiter
             except TransferRejected:
                 self._raise_for(stream, header)
+            except TimeoutError:
+                if header.dst not in self._lossy:
+                    raise TimeoutError(f"{self.name} -> {header.dst}: no acknowledgement of {header.tensor_id} "
+                                       f"within {ack_deadline_s} s") from None
+                stream.waiting.pop(header.tensor_id, None)
+                return False
+        return True
 
     @staticmethod
     def _raise_for(stream: _PeerStream, header: pb.TensorHeader, exc: Exception | None = None) -> None:

@@ -75,6 +75,10 @@ class Mailbox:
         self._reserved_bytes[src] = held + nbytes
         self._remember(tensor_id)
 
+    def delivered(self, tensor_id: str) -> bool:
+        """Whether `tensor_id` was admitted here already (within the remembered window)."""
+        return tensor_id in self._seen
+
     def cancel(self, src: str, tensor_id: str, nbytes: int) -> None:
         """A reserved tensor never completed (its stream broke): free its budget and its id."""
         self._release(src, nbytes)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from rdu.protos import interconnect_pb2 as pb
 
@@ -19,6 +20,8 @@ __all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", 
 
 MAX_CHUNK_BYTES = 1 << 20            # 1 MiB: the best chunk size measured on this machine size
 MAX_TENSOR_BYTES = 1 << 30           # refuse anything larger than 1 GiB
+MAX_TIMED_BYTES = 1 << 50           # a message timed as more than 1 PiB is no model of anything
+MAX_ATTEMPTS = 64                    # retransmissions of one message
 MAX_DIMS = 32                        # numpy's own limit on older versions; no tensor here has more than 4
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int32", "int64", "uint8"})
 
@@ -52,8 +55,6 @@ def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
 def parse_chunk(raw: bytes) -> pb.TensorChunk:
     """Decode one chunk off the wire; malformed protobuf is a `WireError` like any broken rule
     (the server parses itself, so such input gets INVALID_ARGUMENT instead of gRPC's UNKNOWN)."""
-    from google.protobuf.message import DecodeError
-
     try:
         chunk = pb.TensorChunk.FromString(raw)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
@@ -126,6 +127,10 @@ class TensorAssembler:
                             f"header says {header.total_bytes}")
         if header.virtual_arrival_ns < header.virtual_send_ns or header.virtual_send_ns < 0:
             raise WireError("virtual arrival before virtual send")
+        if not 0 <= header.timed_bytes <= MAX_TIMED_BYTES:
+            raise WireError(f"timed_bytes {header.timed_bytes} outside [0, {MAX_TIMED_BYTES}]")
+        if not 0 <= header.attempt <= MAX_ATTEMPTS:
+            raise WireError(f"attempt {header.attempt} outside [0, {MAX_ATTEMPTS}]")
 
     @property
     def in_progress(self) -> bool:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drdu/protos/interconnect.proto\x12\x10rdu.interconnect\"\xf8\x01\n\x0cTensorHeader\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fvirtual_send_ns\x18\x07 \x01(\x03\x12\x1a\n\x12virtual_arrival_ns\x18\x08 \x01(\x03\x12.\n\x04step\x18\t \x01(\x0b\x32 .rdu.interconnect.CollectiveStep\x12\x11\n\trun_token\x18\n \x01(\t\x12\x10\n\x08want_ack\x18\x0b \x01(\x08\"Q\n\x0e\x43ollectiveStep\x12\x12\n\ncollective\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\"f\n\x0bTensorChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.rdu.interconnect.TensorHeader\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"0\n\x03\x41\x63k\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\"\x0f\n\rHealthRequest\"A\n\x0bHealthReply\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nvirtual_ns\x18\x03 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x8a\x01\n\nStatsReply\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x18\n\x10tensors_received\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x14\n\x0ctensors_sent\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x32\xe5\x01\n\x0cInterconnect\x12\x44\n\x08Transfer\x12\x1d.rdu.interconnect.TensorChunk\x1a\x15.rdu.interconnect.Ack(\x01\x30\x01\x12H\n\x06Health\x12\x1f.rdu.interconnect.HealthRequest\x1a\x1d.rdu.interconnect.HealthReply\x12\x45\n\x05Stats\x12\x1e.rdu.interconnect.StatsRequest\x1a\x1c.rdu.interconnect.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drdu/protos/interconnect.proto\x12\x10rdu.interconnect\"\x9e\x02\n\x0cTensorHeader\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fvirtual_send_ns\x18\x07 \x01(\x03\x12\x1a\n\x12virtual_arrival_ns\x18\x08 \x01(\x03\x12.\n\x04step\x18\t \x01(\x0b\x32 .rdu.interconnect.CollectiveStep\x12\x11\n\trun_token\x18\n \x01(\t\x12\x10\n\x08want_ack\x18\x0b \x01(\x08\x12\x13\n\x0btimed_bytes\x18\x0c \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\"Q\n\x0e\x43ollectiveStep\x12\x12\n\ncollective\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\"f\n\x0bTensorChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.rdu.interconnect.TensorHeader\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"0\n\x03\x41\x63k\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\"\x0f\n\rHealthRequest\"A\n\x0bHealthReply\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nvirtual_ns\x18\x03 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x9b\x01\n\nStatsReply\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x18\n\x10tensors_received\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x14\n\x0ctensors_sent\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x03\x32\xe5\x01\n\x0cInterconnect\x12\x44\n\x08Transfer\x12\x1d.rdu.interconnect.TensorChunk\x1a\x15.rdu.interconnect.Ack(\x01\x30\x01\x12H\n\x06Health\x12\x1f.rdu.interconnect.HealthRequest\x1a\x1d.rdu.interconnect.HealthReply\x12\x45\n\x05Stats\x12\x1e.rdu.interconnect.StatsRequest\x1a\x1c.rdu.interconnect.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rdu.protos.interconnect_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORHEADER']._serialized_start=52
-  _globals['_TENSORHEADER']._serialized_end=300
-  _globals['_COLLECTIVESTEP']._serialized_start=302
-  _globals['_COLLECTIVESTEP']._serialized_end=383
-  _globals['_TENSORCHUNK']._serialized_start=385
-  _globals['_TENSORCHUNK']._serialized_end=487
-  _globals['_ACK']._serialized_start=489
-  _globals['_ACK']._serialized_end=537
-  _globals['_HEALTHREQUEST']._serialized_start=539
-  _globals['_HEALTHREQUEST']._serialized_end=554
-  _globals['_HEALTHREPLY']._serialized_start=556
-  _globals['_HEALTHREPLY']._serialized_end=621
-  _globals['_STATSREQUEST']._serialized_start=623
-  _globals['_STATSREQUEST']._serialized_end=637
-  _globals['_STATSREPLY']._serialized_start=640
-  _globals['_STATSREPLY']._serialized_end=778
-  _globals['_INTERCONNECT']._serialized_start=781
-  _globals['_INTERCONNECT']._serialized_end=1010
+  _globals['_TENSORHEADER']._serialized_end=338
+  _globals['_COLLECTIVESTEP']._serialized_start=340
+  _globals['_COLLECTIVESTEP']._serialized_end=421
+  _globals['_TENSORCHUNK']._serialized_start=423
+  _globals['_TENSORCHUNK']._serialized_end=525
+  _globals['_ACK']._serialized_start=527
+  _globals['_ACK']._serialized_end=575
+  _globals['_HEALTHREQUEST']._serialized_start=577
+  _globals['_HEALTHREQUEST']._serialized_end=592
+  _globals['_HEALTHREPLY']._serialized_start=594
+  _globals['_HEALTHREPLY']._serialized_end=659
+  _globals['_STATSREQUEST']._serialized_start=661
+  _globals['_STATSREQUEST']._serialized_end=675
+  _globals['_STATSREPLY']._serialized_start=678
+  _globals['_STATSREPLY']._serialized_end=833
+  _globals['_INTERCONNECT']._serialized_start=836
+  _globals['_INTERCONNECT']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorHeader(_message.Message):
-    __slots__ = ("tensor_id", "src", "dst", "dtype", "shape", "total_bytes", "virtual_send_ns", "virtual_arrival_ns", "step", "run_token", "want_ack")
+    __slots__ = ("tensor_id", "src", "dst", "dtype", "shape", "total_bytes", "virtual_send_ns", "virtual_arrival_ns", "step", "run_token", "want_ack", "timed_bytes", "attempt")
     TENSOR_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class TensorHeader(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WANT_ACK_FIELD_NUMBER: _ClassVar[int]
+    TIMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     tensor_id: str
     src: str
     dst: str
@@ -30,7 +32,9 @@ class TensorHeader(_message.Message):
     step: CollectiveStep
     run_token: str
     want_ack: bool
-    def __init__(self, tensor_id: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., virtual_send_ns: _Optional[int] = ..., virtual_arrival_ns: _Optional[int] = ..., step: _Optional[_Union[CollectiveStep, _Mapping]] = ..., run_token: _Optional[str] = ..., want_ack: _Optional[bool] = ...) -> None: ...
+    timed_bytes: int
+    attempt: int
+    def __init__(self, tensor_id: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., virtual_send_ns: _Optional[int] = ..., virtual_arrival_ns: _Optional[int] = ..., step: _Optional[_Union[CollectiveStep, _Mapping]] = ..., run_token: _Optional[str] = ..., want_ack: _Optional[bool] = ..., timed_bytes: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CollectiveStep(_message.Message):
     __slots__ = ("collective", "label", "index", "steps")
@@ -83,17 +87,19 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("socket", "tensors_received", "bytes_received", "tensors_sent", "bytes_sent", "rejected")
+    __slots__ = ("socket", "tensors_received", "bytes_received", "tensors_sent", "bytes_sent", "rejected", "dropped")
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     TENSORS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     socket: str
     tensors_received: int
     bytes_received: int
     tensors_sent: int
     bytes_sent: int
     rejected: int
-    def __init__(self, socket: _Optional[str] = ..., tensors_received: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+    dropped: int
+    def __init__(self, socket: _Optional[str] = ..., tensors_received: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...

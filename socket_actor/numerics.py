@@ -21,7 +21,7 @@ import numpy as np
 from rdu.base import UserError
 from rdu.socket_actor.model_spec import ModelSpec
 
-__all__ = ["TinyConfig", "Collective", "KVCache", "init_weights", "shard_weights", "forward_shard",
+__all__ = ["TinyConfig", "Collective", "KVCache", "init_weights", "shard_weights", "forward_shard", "collective_kinds",
            "run_lockstep", "run_reference", "Shard"]
 
 
@@ -239,6 +239,12 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator
     final = _rms_norm(last, w["final_norm"], cfg.norm_eps)
     logits = yield Collective("all_gather", (final @ w["lm_head"]).astype(np.float32), "logits")
     return logits[0] if single else logits
+
+
+def collective_kinds(cfg: TinyConfig) -> list[str]:
+    """The kinds of the collectives `forward_shard` yields in one step, in order: the embedding,
+    two per layer (attention, MLP), then the logits."""
+    return ["all_reduce"] * (1 + 2 * cfg.num_layers) + ["all_gather"]
 
 
 def run_lockstep(steps: list[Generator[Collective, np.ndarray, np.ndarray]]) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-"""The gRPC data plane in one process (no Ray): servers on loopback, ring collectives, rejections."""
+"""The gRPC data plane in one process (no Ray): servers on loopback, collectives (ring and
+one-shot, as the timing model picks them), rejections, lossy links."""
 
 import asyncio
 import contextlib
@@ -8,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rdu.interconnect.collectives import RingCollectives
+from rdu.interconnect.collectives import Collectives
 from rdu.interconnect.collectives_timing import RingTiming
 from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
 from rdu.interconnect.plane_auth import call_metadata
@@ -23,9 +24,10 @@ TOKEN = "plane-test-secret"
 
 
 @contextlib.asynccontextmanager
-async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", token: str = TOKEN):
-    """Servers, clients and ring collectives of `nodes` x `per_node` sockets in this event loop."""
-    spec = load_platform(platform).spec
+async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", token: str = TOKEN,
+                     overrides: dict | None = None):
+    """Servers, clients and collectives of `nodes` x `per_node` sockets in this event loop."""
+    spec = load_platform(platform, overrides or {}).spec
     members = [socket_name(n, s) for n in range(nodes) for s in range(per_node)]
     servers = {m: InterconnectServer(m, members=members, run_token=token) for m in members}
     addresses = {m: await server.start() for m, server in servers.items()}
@@ -37,7 +39,7 @@ async def ring_plane(nodes: int, per_node: int, platform: str = "sn40l-node", to
     for m in members:
         topology = Topology(spec.links, nodes, per_node)  # each rank holds its own view of its egress links
         client = PeerClient(m, resolve, servers[m].stats, run_token=token)
-        rings.append(RingCollectives(m, members, topology, client, servers[m].mailbox, timeout_s=10))
+        rings.append(Collectives(m, members, topology, client, servers[m].mailbox, timeout_s=10))
     try:
         yield spec, members, servers, rings
     finally:
@@ -59,9 +61,9 @@ def test_ring_all_reduce_numerics_and_virtual_time(nodes, per_node):
                 assert np.abs(r.tensor - expected).max() <= 1e-4
             # every rank gets bitwise the same sum (each chunk is reduced once, then broadcast)
             assert all(np.array_equal(r.tensor, results[0].tensor) for r in results)
-            formula = RingTiming.for_group(Topology(spec.links, nodes, per_node), members).collective_ns(
-                "all_reduce", tensors[0].nbytes)
-            assert max(r.clock_ns for r in results) == 1000 + formula
+            timing = RingTiming.for_group(Topology(spec.links, nodes, per_node), members)
+            assert {r.algorithm for r in results} == {"ring"}
+            assert max(r.clock_ns for r in results) == 1000 + timing.hardware_ns("all_reduce", tensors[0].nbytes)
             assert sum(s.stats.bytes_received for s in servers.values()) == sum(r.wire_bytes for r in results) > 0
 
     asyncio.run(main())
@@ -74,8 +76,8 @@ def test_all_gather_and_reduce_scatter():
             gathered = await asyncio.gather(*(ring.all_gather(p, 0, "g") for ring, p in zip(rings, parts)))
             for g in gathered:
                 assert g.tensor.shape == (2, 12) and g.tensor[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-            hop = spec.links.p2p
-            assert gathered[0].clock_ns == 3 * (hop.latency_ns + math.ceil(24 * 1e9 / hop.bandwidth_bytes_per_s))
+            hop, startup = spec.links.p2p, spec.links.collective.startup_ns
+            assert gathered[0].clock_ns == startup + 3 * (hop.latency_ns + math.ceil(24 * 1e9 / hop.bandwidth_bytes_per_s))
             tensors = [np.arange(8, dtype=np.float32) * (r + 1) for r in range(4)]
             scattered = await asyncio.gather(*(ring.reduce_scatter(t, 0, "rs") for ring, t in zip(rings, tensors)))
             total = np.arange(8, dtype=np.float32) * 10
@@ -191,16 +193,19 @@ def test_lossy_link_resends_and_stays_exact():
     async def main():
         async with ring_plane(1, 4) as (spec, members, servers, rings):
             for ring in rings:
-                ring.client.ack_deadline_s = 0.005
-            rings[1].client.set_loss("node0/socket2", 0.4, seed=3)
+                ring.client.ack_deadline_s = 0.05
+            servers["node0/socket2"].set_loss("node0/socket1", 0.4, seed=3)   # the link loses for real...
+            rings[1].client.set_loss("node0/socket2", 0.4)                     # ...and its sender resends
             tensors = [np.full(64, r + 1, dtype=np.float32) for r in range(4)]
             results = await asyncio.gather(*(ring.all_reduce(t, 0, "lossy") for ring, t in zip(rings, tensors)))
             assert all(np.array_equal(r.tensor, np.full(64, 10, dtype=np.float32)) for r in results)
-            lost = rings[1].client.lost_messages
-            assert lost > 0
-            clean = RingTiming.for_group(Topology(spec.links, 1, 4), members).collective_ns("all_reduce", 256)
+            dropped = servers["node0/socket2"].stats.dropped
+            assert dropped > 0 and rings[1].client.lost_messages >= dropped
+            clean = RingTiming.for_group(Topology(spec.links, 1, 4), members).hardware_ns("all_reduce", 256)
             assert max(r.clock_ns for r in results) > clean
             rings[1].client.set_loss("node0/socket2", 1.0)
+            rings[1].client.ack_deadline_s = 0.005
+            servers["node0/socket2"].set_loss("node0/socket1", 1.0)
             with pytest.raises(Exception, match="the link is down"):
                 await rings[1].client.send(pb.TensorHeader(tensor_id="dead", dst="node0/socket2"),
                                            np.ones(1, np.float32))
@@ -218,5 +223,98 @@ def test_a_ring_rank_takes_a_chunk_only_from_its_predecessor():
                                np.full(4, 1e3, np.float32), wait_ack=True)
             with pytest.raises(PermissionError, match="came from 'node0/socket2', not from 'node0/socket3'"):
                 await rings[0].all_reduce(np.ones(16, np.float32), 0, "x")
+
+    asyncio.run(main())
+
+
+# The virtual time of a functional collective is the timing model's, algorithm by algorithm: the
+# plane runs the algorithm `RingTiming.algorithm` picks for the size it times by, and its messages,
+# timed by the link model, land on `RingTiming.hardware_ns` when nothing else contends.
+ALGORITHM_CASES = [
+    # platform, overrides, nodes x per node, bytes to time by, algorithm the timing model picks
+    ("sn40l-node", {}, 1, 8, 1024, "ring"),                           # a ring topology: always the ring
+    ("sn40l-node", {}, 2, 4, 1024, "ring"),                           # across nodes: slower hops
+    ("dgx-a100", {}, 1, 8, 4096, "one_shot"),                         # a switch: copies share one port
+    ("dgx-a100", {}, 1, 8, 1 << 20, "ring"),                          # above one_shot_max_bytes
+    ("dgx-a100", {"links.p2p.topology": "full_mesh"}, 1, 4, 4096, "one_shot"),   # a link per peer
+]
+
+
+@pytest.mark.parametrize("kind", ["all_reduce", "all_gather", "reduce_scatter"])
+@pytest.mark.parametrize("platform, overrides, nodes, per_node, timed_bytes, algorithm", ALGORITHM_CASES)
+def test_each_algorithm_lands_on_the_analytic_time(platform, overrides, nodes, per_node, timed_bytes, algorithm,
+                                                   kind):
+    async def main():
+        async with ring_plane(nodes, per_node, platform, overrides=overrides) as (spec, members, servers, rings):
+            timing = RingTiming.for_group(Topology(spec.links, nodes, per_node), members)
+            assert timing.algorithm(timed_bytes) == algorithm
+            rng = np.random.default_rng(1)
+            t = len(members)
+            tensors = [rng.standard_normal(4 * t).astype(np.float32) for _ in members]   # a small payload...
+            if kind == "all_gather":
+                calls = [ring.all_gather(x, 7_000, "k", timed_bytes=timed_bytes) for ring, x in zip(rings, tensors)]
+            else:
+                calls = [getattr(ring, kind)(x, 7_000, "k", timed_bytes=timed_bytes) for ring, x in zip(rings, tensors)]
+            results = await asyncio.gather(*calls)                                        # ...timed by the nominal size
+            assert {r.algorithm for r in results} == {algorithm}
+            # every rank is done when the group is (across nodes some ranks get their last chunk early)
+            assert {r.clock_ns for r in results} == {7_000 + timing.hardware_ns(kind, timed_bytes)}
+            # numerics: sums formed in a fixed order, the same bits on every rank
+            total = tensors[0].copy()
+            for x in tensors[1:]:
+                total += x
+            if kind == "all_reduce":
+                for r in results:
+                    assert np.array_equal(r.tensor, results[0].tensor)
+                    assert np.abs(r.tensor - total).max() <= 1e-5
+                if algorithm == "one_shot":
+                    assert np.array_equal(results[0].tensor, total)   # rank 0 + rank 1 + ..., exactly
+            elif kind == "all_gather":
+                for r in results:
+                    assert np.array_equal(r.tensor, np.concatenate(tensors))
+            else:
+                for rank, r in enumerate(results):
+                    owned = (rank + 1) % t
+                    assert np.abs(r.tensor - total[4 * owned:4 * owned + 4]).max() <= 1e-5
+
+    asyncio.run(main())
+
+
+def test_one_shot_numerics_are_the_same_bits_every_run():
+    async def once():
+        async with ring_plane(1, 8, "dgx-a100") as (spec, members, servers, rings):
+            tensors = [np.random.default_rng(r).standard_normal(256).astype(np.float32) for r in range(8)]
+            results = await asyncio.gather(*(ring.all_reduce(x, 0, "bits") for ring, x in zip(rings, tensors)))
+            assert {r.algorithm for r in results} == {"one_shot"}
+            return [r.tensor.tobytes() for r in results]
+
+    first, second = asyncio.run(once()), asyncio.run(once())
+    assert len(set(first)) == 1 and first == second
+
+
+def test_a_lossy_link_delays_one_shot_by_one_retransmit_timeout_per_loss():
+    """One-shot over a link that loses messages for real: node0/socket2's server drops some of
+    node0/socket1's messages, socket1 misses their acknowledgements and resends; socket2 ends
+    each collective exactly one retransmission timeout later per lost copy, the others on time."""
+    async def main():
+        async with ring_plane(1, 4, "dgx-a100") as (spec, members, servers, rings):
+            victim = servers["node0/socket2"]
+            victim.set_loss("node0/socket1", 0.3, seed=11)
+            rings[1].client.set_loss("node0/socket2", 0.3)
+            timing = RingTiming.for_group(Topology(spec.links, 1, 4), members)
+            clean = timing.hardware_ns("all_reduce", 64)
+            rto = spec.links.retransmit_timeout_ns
+            clock, losses = 0, 0
+            for call in range(12):
+                before = victim.stats.dropped
+                tensors = [np.full(16, r + call, dtype=np.float32) for r in range(4)]
+                results = await asyncio.gather(*(ring.all_reduce(x, clock, f"c{call}") for ring, x in zip(rings, tensors)))
+                lost = victim.stats.dropped - before
+                losses += lost
+                assert all(np.array_equal(r.tensor, np.full(16, 6 + 4 * call, np.float32)) for r in results)
+                assert results[2].clock_ns == clock + clean + int(lost * rto)
+                assert [r.clock_ns for i, r in enumerate(results) if i != 2] == [clock + clean] * 3
+                clock = max(r.clock_ns for r in results)
+            assert losses > 0 and rings[1].client.lost_messages >= losses
 
     asyncio.run(main())

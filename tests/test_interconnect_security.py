@@ -12,10 +12,10 @@ import pytest
 from rdu.interconnect.grpc_plane import SERVICE_NAME, InterconnectServer, PeerClient, TransferRejected
 from rdu.interconnect.mailbox import Mailbox
 from rdu.interconnect.plane_auth import call_metadata, make_run_tls, sender_credential
-from rdu.interconnect.registry import PeerRegistry
 from rdu.interconnect.wire import MAX_CHUNK_BYTES, Received, chunk_tensor
 from rdu.protos import interconnect_pb2 as pb
 from rdu.protos import interconnect_pb2_grpc as pb_grpc
+from tests.plane_helpers import InProcessRegistry
 
 SECRET = "security-test-secret"
 ME, PEER, OTHER = "node0/socket0", "node0/socket1", "node0/socket2"
@@ -277,24 +277,6 @@ async def _address(address):
 
 # -- the forged-chunk attack on a live check-tp style run ---------------------------------------
 
-class _Remote:
-    """Stands in for a Ray actor method (`.remote(...)` returns an awaitable)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(self.fn(*args))
-        return future
-
-
-class _Registry:
-    def __init__(self):
-        self.inner = PeerRegistry()
-        self.lookup, self.register = _Remote(self.inner.lookup), _Remote(self.inner.register)
-
-
 async def _forge(address: str, tensor_id: str, src: str, dst: str, variant: int) -> str:
     """One forged tensor as a local process that knows only the port (and names) would send it."""
     header = pb.TensorHeader(tensor_id=tensor_id, src=src, dst=dst, want_ack=True, virtual_arrival_ns=1)
@@ -325,7 +307,7 @@ def test_forged_chunks_into_a_live_tensor_parallel_decode_are_refused():
     members = [f"node0/socket{s}" for s in range(tp)]
 
     async def main():
-        registry = _Registry()
+        registry = InProcessRegistry()
         actors = [SocketActor(m, spec.socket, spec.links, 1, tp, registry, members, "127.0.0.1", "a-fresh-run-secret")
                   for m in members]
         for actor in actors:

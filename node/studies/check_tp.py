@@ -1,6 +1,9 @@
 """`rdu check-tp`: the functional model's decode, tensor-parallel across every socket actor of
 N emulated nodes over the gRPC interconnect, checked token by token against the single-process
-reference forward pass."""
+reference forward pass. Collectives run the algorithm the platform's timing model picks for
+their size (ring, or one-shot where the topology has direct paths), and the virtual time is the
+cost model's; afterwards one socket asks every member's server, over the plane's Stats call,
+what it received, and the report carries that per socket."""
 
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
                     if src not in cluster.sockets or dst not in cluster.sockets:
                         raise UserError(f"--fault {fault.text!r}: no socket {src if src not in cluster.sockets else dst}")
                     ray.get(cluster.sockets[src].set_link_loss.remote(dst, fault.probability, seed))
+            ray.get([cluster.sockets[name].connect.remote(list(members)) for name in members])
             started = time.perf_counter()
             try:
                 results = ray.get([cluster.sockets[name].generate.remote(MODEL_ID, members, prompts.tolist(), tokens)
@@ -74,6 +78,7 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
                     raise RunStopped(str(exc.cause)) from None
                 raise
             wall_s = time.perf_counter() - started
+            plane = ray.get(cluster.sockets[members[0]].plane_stats.remote(list(members)))
             ray_nodes = cluster.ray_node_of()
         finally:
             cluster.shutdown()
@@ -81,13 +86,20 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
     reference_ids, reference_logits = run_reference(weights, cfg, prompts, tokens)
     max_abs_err = max(float(np.abs(r["logits"] - reference_logits).max()) for r in results)
     generated = tokens * batch
+    algorithms: dict[str, int] = {}
+    for name, count in results[0]["algorithms"].items():
+        algorithms[name] = algorithms.get(name, 0) + count
     return {
         "nodes": nodes, "sockets_per_node": sockets_per_node, "tp": tp, "platform": spec.name,
         "tokens": tokens, "batch": batch, "prompt_tokens": prompt_tokens, "seed": seed,
         "max_abs_err": max_abs_err,
         "tokens_match": all(np.array_equal(r["tokens"], reference_ids) for r in results),
         "grpc_bytes": int(sum(r["grpc_bytes_sent"] for r in results)),
-        "messages_lost": int(sum(r["messages_lost"] for r in results)),
+        "collective_algorithms": algorithms,
+        "messages_lost": int(sum(s["dropped"] for s in plane.values())),
+        "messages_resent": int(sum(r["messages_lost"] for r in results)),
+        "plane_received": {name: {"tensors": s["tensors_received"], "bytes": s["bytes_received"],
+                                  "dropped": s["dropped"], "rejected": s["rejected"]} for name, s in plane.items()},
         "virtual_ns": int(max(r["end_ns"] for r in results)),
         "wall_s": round(wall_s, 3),
         "tokens_per_s": round(generated / wall_s, 2) if wall_s > 0 else None,
