@@ -69,6 +69,7 @@ class Collectives:
         self._successor_path = topology.path(me, self.successor) if self.ranks > 1 else []
         self._peer_paths = [topology.path(me, peer) for peer in self.peers]
         self._timing: RingTiming | None = None
+        self._hardware_ns: dict[tuple[str, int], int] = {}
         self.calls = 0
         self.epoch = ""
         self.wire_bytes = 0
@@ -84,6 +85,7 @@ class Collectives:
     def topology_changed(self) -> None:
         """Links were degraded: time (and choose algorithms) afresh."""
         self._timing = None
+        self._hardware_ns.clear()
 
     def begin(self, epoch: str) -> None:
         """Number the collectives that follow from 1 under `epoch` (a job id every rank knows), so
@@ -119,7 +121,10 @@ class Collectives:
     def _done(self, kind: str, nbytes: int, start_ns: int, clock_ns: int) -> int:
         """This rank's clock at the end of a collective that started at `start_ns`: when its last
         message arrived, but never before the group is done by the timing model."""
-        return max(clock_ns, start_ns + int(self.timing.hardware_ns(kind, nbytes)))
+        key = (kind, nbytes)
+        if key not in self._hardware_ns:   # a numpy evaluation: worth remembering per size
+            self._hardware_ns[key] = int(self.timing.hardware_ns(kind, nbytes))
+        return max(clock_ns, start_ns + self._hardware_ns[key])
 
     # -- the ring -------------------------------------------------------------------------------
     async def _exchange(self, call: int, kind: str, label: str, phase: str, step: int, steps: int,
