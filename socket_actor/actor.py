@@ -18,6 +18,7 @@ from rdu.interconnect.plane_auth import PlaneTLS
 from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient
 from rdu.base import UserError
 from rdu.interconnect.topology import Topology, TopologySpec
+from rdu.socket_actor.command_log import CommandLog, apply_log
 from rdu.socket_actor.core import SocketCore, RunRequest, RunResult, SpanRequest, SpanResult
 from rdu.socket_actor.cost_model import CostModel
 from rdu.socket_actor.model_spec import ModelSpec
@@ -210,17 +211,15 @@ class SocketActor:
             group.topology_changed()
         return links
 
-    async def run_many(self, batch: int, commands: list[tuple]) -> list:
-        """Apply batch number `batch` of commands, after every earlier batch; returns each
-        command's result. (Ray may start an async actor's calls out of order when their
-        arguments take different routes, so the batches carry their order themselves.)"""
+    async def apply_log(self, batch: int, log: CommandLog) -> tuple:
+        """Apply the runtime's command log number `batch` to this socket, after every earlier one,
+        checking each command against this socket's own state; returns its digest (see
+        socket_actor.command_log). Ray may start an async actor's calls out of order when their
+        arguments take different routes, so the logs carry their order themselves."""
         async with self._batches:
             await self._batches.wait_for(lambda: self._next_batch == batch)
             try:
-                results = []
-                for name, *args in commands:
-                    results.append(await getattr(self, name)(*args))
-                return results
+                return apply_log(self.core, log)
             finally:
                 self._next_batch += 1
                 self._batches.notify_all()
