@@ -135,7 +135,14 @@ class RingTiming:
 
     def _ring_parts(self, kind: str, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(hop latencies, serialisation) of the ring algorithm at the achieved bandwidth."""
-        scaled = self._scaled()
+        scaled = self.__dict__.get("_scaled_ring")
+        if scaled is None:   # the cost model asks per span: build the scaled ring once
+            scaled = self._scaled()
+            object.__setattr__(self, "_scaled_ring", scaled)
+        if scaled.uniform:   # steps x (latency + chunk serialisation), split in its two parts
+            hop, steps = scaled.hops[0], scaled.steps(kind)
+            return (np.full_like(nbytes, float(steps * math.ceil(hop.latency_ns))),
+                    steps * serialisation_ns(scaled.chunk_bytes(nbytes), hop.bandwidth_bytes_per_s))
         total = np.asarray(scaled.collective_ns(kind, nbytes), dtype=np.float64)
         latency = np.asarray(scaled.collective_ns(kind, nbytes * 0.0), dtype=np.float64) + total * 0
         return latency, total - latency
