@@ -53,17 +53,20 @@ class CommandLog:
     of the group, else the members it concerns (a reload after a restart)."""
 
     ops: list[tuple] = field(default_factory=list)
+    commands: int = 0
 
     def __len__(self) -> int:
-        return sum(len(op[1].jobs) if op[0] == "spans" else 1 for op in self.ops)
+        return self.commands
 
     def span(self, job: str, model: str, start_ns: int, busy_ns: int, kv_bytes: int, tokens: int) -> None:
         if not self.ops or self.ops[-1][0] != "spans":
             self.ops.append(("spans", SpanColumns()))
         self.ops[-1][1].add(job, model, start_ns, busy_ns, kv_bytes, tokens)
+        self.commands += 1
 
     def add(self, *op) -> None:
         self.ops.append(op)
+        self.commands += 1
 
 
 def digest(core: SocketCore) -> tuple:

@@ -317,12 +317,12 @@ class SocketCore:
         if busy_ns is None:
             steps, coll = self.span_times(request)
             busy_ns, collective = int(steps.sum()), int(np.rint(coll).sum())
-        self.track_span(request.job_id, request.model_id, request.start_ns, int(busy_ns), self.clock_ns,
-                        span_tokens(request, request.iterations))
+        tokens = span_tokens(request, request.iterations)
+        self.track_span(request.job_id, request.model_id, request.start_ns, int(busy_ns), self.clock_ns, tokens)
         self.clock_ns = request.start_ns + int(busy_ns)
         resident.runs += 1
         self.counters.runs += 1
-        self.counters.tokens += span_tokens(request, request.iterations)
+        self.counters.tokens += tokens
         self.counters.busy_ns += int(busy_ns)
         return SpanResult(request.job_id, self.name, request.start_ns, self.clock_ns, int(busy_ns), collective)
 
