@@ -356,8 +356,15 @@ def bench_soak(requests: int = 100_000) -> list[Row]:
     return rows
 
 
+def bench_scaleout_group() -> list[Row]:
+    from bench.scaleout import bench_scaleout
+
+    return bench_scaleout()
+
+
 BENCHES: dict[str, Callable[[], list[Row]]] = {"plane": bench_plane, "trace": bench_trace, "soak": bench_soak,
-                                               "dashboard": bench_dashboard, "serving": bench_serving}
+                                               "dashboard": bench_dashboard, "serving": bench_serving,
+                                               "scaleout": bench_scaleout_group}
 
 
 def _crash_row(group: str, error: BaseException) -> Row:

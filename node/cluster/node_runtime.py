@@ -5,6 +5,8 @@ the cluster's ingress round by round. Plain Python; node/cluster/ray_backend.py 
 
 from __future__ import annotations
 
+import time
+
 from rdu.node.cluster.actor_backend import ActorDivergence, ActorNodeBackend
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.engine_recipe import EngineRecipe
@@ -25,6 +27,7 @@ class NodeRuntime:
                          for p in partitions}
         self.engines = {p.index: recipe.build(self.backends[p.index], p) for p in partitions}
         self.stopped = ""
+        self.cpu_s = 0.0   # CPU this runtime spent in rounds (the emulator's own measurement, never a result)
 
     def setup(self) -> dict[int, int]:
         return {i: engine.setup() for i, engine in self.engines.items()}
@@ -32,6 +35,7 @@ class NodeRuntime:
     def advance(self, inputs: dict[int, RoundInput]) -> dict[int, RoundOutput]:
         """One round of each engine; the socket actors' answers that are in are checked, and a
         divergence stops the run (reported, not raised: the ingress stops every partition)."""
+        started = time.process_time()
         outputs = {i: self.engines[i].advance(round_input) for i, round_input in inputs.items()}
         for i in inputs:
             try:
@@ -40,6 +44,7 @@ class NodeRuntime:
                 self.stopped = self.stopped or str(exc)
         for output in outputs.values():
             output.stopped = output.stopped or self.stopped
+        self.cpu_s += time.process_time() - started
         return outputs
 
     def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
@@ -49,6 +54,7 @@ class NodeRuntime:
             engine = self.engines[i]
             try:
                 results[i] = engine.finish()
+                results[i].backend["runtime_cpu_max_s"] = round(self.cpu_s, 3)
             except ActorDivergence as exc:
                 results[i] = PartitionResult(groups=[g.stats for g in engine.groups],
                                              metrics=getattr(engine, "metrics", None), peak_kv_bytes=[],
