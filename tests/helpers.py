@@ -33,3 +33,26 @@ def wait_until_serving(process, folder, timeout_s: float = 120.0, min_bytes: int
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.2)
     raise AssertionError(f"the run did not start serving within {timeout_s:.0f} s")
+
+
+def assert_each_request_once(run_dir) -> dict:
+    """A completed run's requests.csv holds every request of the workload exactly once (ids 0 ..
+    requests_in - 1), each finishing after it arrived, with its own times agreeing; and the
+    engine served none twice (a second record never reaches the file: the counter says). The
+    summary's `requests_lost` is no evidence of anything: a run that lost one raises instead of
+    writing it. Returns the summary."""
+    import csv
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    with open(run_dir / "requests.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(row["id"]) for row in rows) == list(range(summary["requests_in"])), \
+        "a request lost, served twice or unknown"
+    for row in rows:
+        arrival_ns, finish_ns, e2e_ns = int(row["arrival_ns"]), int(row["finish_ns"]), int(row["e2e_ns"])
+        assert finish_ns > arrival_ns and e2e_ns == finish_ns - arrival_ns and 0 < int(row["ttft_ns"]) <= e2e_ns, row
+    assert summary["requests_duplicated"] == 0
+    return summary

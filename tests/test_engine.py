@@ -14,6 +14,7 @@ from rdu.scheduler.serving import CoEServer, ServingConfig
 from rdu.scheduler.workloads import Request, Workload, WorkloadSpec, build_workload
 from rdu.socket_actor.core import KV_ENTRY
 from rdu.socket_actor.model_spec import load_model
+from rdu.socket_actor.operators import shard_weight_bytes
 
 LLAMA = load_model("llama-2-7b")
 RANDOM = {"kind": "synthetic", "requests": 120, "rate_per_s": 20,
@@ -61,8 +62,7 @@ def test_preemption_loses_nothing_and_kv_returns_to_zero():
     result, backend = serve(workload=CROWDED, overrides={"socket.hbm.capacity_bytes": "4 GB"}, seed=3)
     s = result.summary
     assert s["preemptions"] > 0
-    assert s["requests_completed"] == s["requests_in"] == 120 and s["requests_duplicated"] == 0
-    assert sorted(r.id for r in result.records) == list(range(120))
+    assert sorted(r.id for r in result.records) == list(range(120)) and s["requests_duplicated"] == 0
     assert sum(r.preemptions for r in result.records) == s["preemptions"]
     assert all(r.e2e_ns >= r.ttft_ns > 0 for r in result.records)
     for core in backend.sockets.values():
@@ -135,7 +135,12 @@ def test_coe_switches_in_the_background():
                 "output_tokens": {"kind": "uniform", "min": 20, "max": 300}}
     result, _ = serve("sn40l-node", 150, workload)
     s = result.summary
-    assert s["requests_completed"] == 200 and s["switches"] > 20 and s["evictions"] >= 0
+    assert sorted(r.id for r in result.records) == list(range(200)) and s["switches"] > 20
+    # the experts resident at the end (switched in, not evicted) fit in HBM next to the router:
+    # every switch beyond that evicted a model (a residency that lost count of either would not)
+    spec = load_platform("sn40l-node").spec.socket
+    fits = (spec.hbm.capacity_bytes - spec.hbm_reserved_bytes) // shard_weight_bytes(LLAMA, 8) - 1
+    assert 0 < s["switches"] - s["evictions"] <= fits
     assert 0 < s["model_time_share"]["router"] < s["model_time_share"]["experts"]
     waits = [r.switch_wait_ns for r in result.records if not r.hbm_hit]
     assert waits and max(waits) > 0

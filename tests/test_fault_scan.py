@@ -4,22 +4,14 @@ against requests.csv, not only against the summary's counters."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from rdu.node.cli.main import main
+from tests.helpers import assert_each_request_once
 
 SMALL = ["run", "--backend", "inline", "--experts", "20", "--limit", "60", "--scheduler", "static"]
-
-
-def served_once(out_dir) -> dict:
-    summary = json.loads((out_dir / "summary.json").read_text())
-    ids = [int(row["id"]) for row in csv.DictReader((out_dir / "requests.csv").open())]
-    assert sorted(ids) == list(range(summary["requests_in"])), "a request lost or served twice"
-    assert summary["requests_lost"] == 0 and summary["requests_duplicated"] == 0
-    return summary
 
 
 def rdu(capsys, tmp_path, name, *extra) -> dict:
@@ -27,7 +19,7 @@ def rdu(capsys, tmp_path, name, *extra) -> dict:
     code = main([*SMALL, *extra, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    return served_once(out)
+    return assert_each_request_once(out)
 
 
 def test_kill_socket_at_every_request_position(tmp_path, capsys):

@@ -32,10 +32,48 @@ def test_every_headline_claim_within_tolerance(reproduction):
 
 
 def test_claims_are_measured_not_copied(reproduction):
-    details = reproduction.details
-    assert details["switch_ns"]["dgx-a100"] > 30 * details["switch_ns"]["sn40l-node"]
-    coe = details["coe"]["dgx-a100/bs8"]
-    assert coe["switching_stall"] > coe["expert"] > coe["router"] > 0
+    """Change one preset number and each claim moves as the physics says, by the amount it says:
+    a claim copied from the paper, or computed from the wrong inputs, would not move, or would
+    move the wrong ones. A switch takes bytes / min(DDR read rate, DDR -> HBM link rate)."""
+    from rdu.node.studies.reproduce import _experiment, claim_values, overridden
+
+    names = ["switching_vs_dgx_a100", "switching_vs_dgx_h100", "coe_bs8_vs_dgx_a100", "expert_only_vs_dgx_a100"]
+    base = claim_values(names)
+    sn_switch, a100_switch = _experiment("switch", "sn40l-node"), _experiment("switch", "dgx-a100")
+    assert base["switching_vs_dgx_a100"] == pytest.approx(a100_switch / sn_switch)
+
+    def moved(platform: str, field: str, value: float) -> tuple[dict, int, int]:
+        """Each claim's value over its base value, and the SN40L and A100 switch times."""
+        with overridden({platform: {field: value}}):
+            now = claim_values(names)
+            return ({n: now[n] / base[n] for n in names}, _experiment("switch", "sn40l-node"),
+                    _experiment("switch", "dgx-a100"))
+
+    # half the SN40L's DDR -> HBM link (125 -> 62.5 GB/s per socket): its switch takes twice as
+    # long, both switching claims halve, the CoE claim drops, the expert-only claim stays
+    ratio, sn, a100 = moved("sn40l-node", "links.ddr_to_hbm.bandwidth_bytes_per_s", 62.5e9)
+    assert sn / sn_switch == pytest.approx(2.0, rel=0.01) and a100 == a100_switch
+    assert ratio["switching_vs_dgx_a100"] == pytest.approx(0.5, rel=0.01)
+    assert ratio["switching_vs_dgx_h100"] == pytest.approx(0.5, rel=0.01)
+    assert ratio["coe_bs8_vs_dgx_a100"] < 0.95 and ratio["expert_only_vs_dgx_a100"] == 1.0
+    # half its DDR (200 -> 100 GB/s): now below the link's 125 GB/s, so the switch takes 125/100
+    # as long, not twice
+    ratio, sn, _ = moved("sn40l-node", "socket.ddr.bandwidth_bytes_per_s", 100e9)
+    assert sn / sn_switch == pytest.approx(1.25, rel=0.01)
+    assert ratio["switching_vs_dgx_a100"] == pytest.approx(0.8, rel=0.01)
+    # half the A100's host PCIe (32 -> 16 GB/s): its switch doubles, and so does the claim against
+    # it; the claim against the H100 stays; the CoE claim, mostly switching stall on the A100, rises
+    ratio, sn, a100 = moved("dgx-a100", "links.host_shared.bandwidth_bytes_per_s", 16e9)
+    assert a100 / a100_switch == pytest.approx(2.0, rel=0.01) and sn == sn_switch
+    assert ratio["switching_vs_dgx_a100"] == pytest.approx(2.0, rel=0.01) and ratio["switching_vs_dgx_h100"] == 1.0
+    assert ratio["coe_bs8_vs_dgx_a100"] > 1.5
+    # twice the SN40L's HBM bandwidth: its memory-bound decode speeds up (expert-only and CoE
+    # claims rise); the switch, bound by DDR and its link, does not move
+    ratio, sn, _ = moved("sn40l-node", "socket.hbm.bandwidth_bytes_per_s", 3.6e12)
+    assert ratio["expert_only_vs_dgx_a100"] > 1.2 and ratio["coe_bs8_vs_dgx_a100"] > 1.05
+    assert sn == sn_switch and ratio["switching_vs_dgx_a100"] == 1.0
+    # the report's figures are these measurements
+    assert reproduction.details["switch_ns"]["sn40l-node"] == sn_switch
     assert reproduction.assumptions["sn40l-node"]  # the report lists what the presets assume
 
 

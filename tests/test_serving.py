@@ -25,11 +25,9 @@ def serve(platform="sn40l-node", experts=150, nodes=1, tp=8, seed=0, overrides=N
 def test_first_2000_trace_requests_all_complete():
     result = serve()
     s = result.summary
-    assert s["requests_completed"] == s["requests_in"] == 2000
     assert 0 < s["hbm_hit_rate"] < 1 and s["switches"] > 0 and s["virtual_ns"] > 0
     assert s["ttft_ns"]["p50"] <= s["ttft_ns"]["p90"] <= s["ttft_ns"]["p99"]
-    records = {r.id: r for r in result.records}
-    assert len(records) == 2000
+    assert sorted(r.id for r in result.records) == list(range(2000))
     for r in result.records:
         assert r.ttft_ns <= r.e2e_ns and r.switch_wait_ns <= r.expert_wait_ns
         assert r.e2e_ns == r.finish_ns - r.arrival_ns
