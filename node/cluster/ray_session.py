@@ -183,7 +183,9 @@ class _SessionProcesses:
         self.session_dirs: set[str] = set()   # from the GCS's and raylet's command lines
 
     def _candidate(self, pid: int, start: int) -> bool:
-        return pid not in self.members and pid not in (self.own_pid, self.driver_pid) and (pid, start) not in self.before
+        """Not yet a member, not the watchdog or the driver, and not running before the watchdog."""
+        return (pid not in self.members and pid not in (self.own_pid, self.driver_pid)
+                and (pid, start) not in self.before)
 
     def refresh(self) -> None:
         """Forget members that are gone; add new Ray children of the driver and of members."""
