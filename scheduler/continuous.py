@@ -296,6 +296,8 @@ class ContinuousEngine:
             self._holders[expert].add(node)
         for d in round_input.deliveries:
             self.push(d.enqueue_ns, _DISPATCH, (d.request.id,), ("dispatch", d.request, d.node))
+        if round_input.deliveries and not self.stopped:
+            self._cut_spans(min(d.enqueue_ns for d in round_input.deliveries))
         if not self.stopped:
             try:
                 self._loop(round_input.until_ns)
@@ -336,10 +338,10 @@ class ContinuousEngine:
         heapq.heappush(heap, (int(time_ns), cls, key, payload))
 
     def _next_external_ns(self) -> int:
-        """The next event that can change a group's decision (not another group's boundary); the
-        end of the round stands for deliveries not known yet."""
-        head = self._external[0][0] if self._external else 1 << 62
-        return min(head, self.until_ns)
+        """The next event that can change a group's decision (not another group's boundary), of
+        those known now: a later round's delivery that lands inside a span cuts it there
+        (`_cut_spans`), as if it had been known."""
+        return self._external[0][0] if self._external else 1 << 62
 
     def _job_id(self, group: ContinuousGroup, what: str) -> str:
         self._jobs += 1
@@ -457,7 +459,7 @@ class ContinuousEngine:
         iterations = self._iterations(group, request, limit, start)
         if iterations > 1:   # the blocks the decodes fill during the span
             grow = int((-(-(contexts + iterations - 1) // self.step.block_size) - held).sum())
-            group.memory.take_kv(grow * group.block_bytes(model))
+            group.memory.take_kv(grow * group.block_bytes(model), provisional=True)
             seqs = batch.decodes + [s for s, _ in batch.chunks]
             for s, c in zip(seqs, contexts):
                 s.blocks = blocks_for(int(c) + iterations - 1, self.step.block_size)
@@ -506,6 +508,7 @@ class ContinuousEngine:
         """Apply the span that just ended: tokens, finished sequences, metrics."""
         batch, request, steps, result, coll = group.span
         group.span = None
+        group.memory.commit_peak()
         k = len(steps)
         group.last_step_ns = int(steps[-1])
         start = request.start_ns
@@ -601,26 +604,55 @@ class ContinuousEngine:
             return
         self._kill_socket(fault, self.now)
 
+    def _cut_spans(self, at_ns: int) -> None:
+        """An event at `at_ns` became known (a delivery of this round): every span still running
+        then stops at its first iteration end at or after it, exactly where it would have stopped
+        had the event been known when it started."""
+        for group in self.groups:
+            if group.span is not None and not group.dead:
+                self._shorten(group, at_ns, side="left")
+
+    def _shorten(self, group: ContinuousGroup, at_ns: int, side: str) -> int:
+        """Cut the group's span: keep the iterations ending before `at_ns` (`side="right"`: at or
+        before it — a failure; `"left"`: up to the first end at or after it — a new event), give
+        back the KV blocks reserved for the others, and move the group's boundary to the new end.
+        Returns the iterations cut off."""
+        batch, request, steps, result, coll = group.span
+        ends = request.start_ns + np.cumsum(steps)
+        kept = int(np.searchsorted(ends, at_ns, side=side)) + (side == "left")
+        cut = len(steps) - min(kept, len(steps))
+        if cut == 0:
+            return 0
+        self.backend.truncate_span(group.info.index, request, kept, int(ends[kept - 1]) if kept else at_ns)
+        if len(steps) > 1:   # the blocks reserved for the iterations cut off go back
+            seqs = batch.decodes + [s for s, _ in batch.chunks]
+            contexts = [s.computed + 1 for s in batch.decodes] + [s.prompt for s, _ in batch.chunks]
+            bs, back = self.step.block_size, 0
+            for s, c in zip(seqs, contexts):   # (the span's contexts at its first decode iteration)
+                keep_blocks = blocks_for(c + max(kept, 1) - 1, bs)
+                back += s.blocks - keep_blocks
+                s.blocks = keep_blocks
+            group.memory.give_kv(back * group.block_bytes(batch.model))
+        group.epoch += 1
+        if kept:
+            end = int(ends[kept - 1])
+            result = replace(result, end_ns=end, busy_ns=end - request.start_ns,
+                             collective_ns=int(np.rint(coll[:kept]).sum()))
+            group.span = (batch, replace(request, iterations=kept), steps[:kept], result, coll[:kept])
+            self.push(end, _STEP, (group.info.index,), ("step", group, group.epoch))
+        else:
+            group.span = None
+            group.busy = False
+        return cut
+
     def _interrupt(self, group: ContinuousGroup, now: int) -> int:
         """A member of `group` failed at `now`: the span in progress keeps the iterations that
         ended by then; every running sequence loses its KV (recompute: prefilled again later).
         Returns the iterations lost."""
         lost = 0
         if group.span is not None:
-            batch, request, steps, result, coll = group.span
-            ends = request.start_ns + np.cumsum(steps)
-            kept = int(np.searchsorted(ends, now, side="right"))
-            lost = len(steps) - kept
-            if lost:
-                self.backend.truncate_span(group.info.index, request, kept, now)
-                self.fault_stats["runs_retried"] += 1
-                if kept:
-                    end = int(ends[kept - 1])
-                    result = replace(result, end_ns=end, busy_ns=end - request.start_ns,
-                                     collective_ns=int(np.rint(coll[:kept]).sum()))
-                    group.span = (batch, replace(request, iterations=kept), steps[:kept], result, coll[:kept])
-                else:
-                    group.span = None
+            lost = self._shorten(group, now, side="right")
+            self.fault_stats["runs_retried"] += lost > 0
             if group.span is not None:
                 self._commit(group)
         for s in sorted((s for seqs in group.running.values() for s in seqs), key=lambda s: -s.order):

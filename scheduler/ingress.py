@@ -118,9 +118,10 @@ class Ingress:
         return self.result()
 
     def _drain(self) -> None:
-        """After the last arrival: rounds of `_DRAIN_WINDOWS` windows past the engines' next
-        event, until none has anything left (bounded rounds: observers follow, a stop lands)."""
-        step = self.window_ns * _DRAIN_WINDOWS
+        """After the last arrival: rounds of `_DRAIN_WINDOWS` windows (a virtual second at least)
+        past the engines' next event, until none has anything left (bounded rounds: observers
+        follow, a stop lands)."""
+        step = max(self.window_ns * _DRAIN_WINDOWS, 1_000_000_000)
         while True:
             pending = [d.enqueue_ns for deliveries in self._pending for d in deliveries]
             nxt = min([self._next_event_ns, *pending])

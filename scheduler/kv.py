@@ -31,9 +31,15 @@ class GroupMemory:
     def free_bytes(self) -> int:
         return self.usable_bytes - self.weights_bytes - self.kv_bytes
 
-    def take_kv(self, nbytes: int) -> None:
-        """Account KV blocks (the caller checked that they fit)."""
+    def take_kv(self, nbytes: int, provisional: bool = False) -> None:
+        """Account KV blocks (the caller checked that they fit). `provisional`: blocks a span
+        reserves for its later iterations, which a cut may give back; they count towards the
+        peak only once the span is committed (`commit_peak`)."""
         self.kv_bytes += nbytes
+        if not provisional:
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
+
+    def commit_peak(self) -> None:
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
 
     def give_kv(self, nbytes: int) -> None:
