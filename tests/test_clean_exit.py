@@ -194,7 +194,7 @@ def test_the_watchdog_ends_only_the_ray_processes_its_driver_started_after_it(tm
         while not all(tree.follow() for tree in trees):
             assert time.monotonic() < deadline, "the sleepers did not start their children"
             time.sleep(0.05)
-        time.sleep(0.6)   # the watchdog refreshes its list every 0.25 s
+        time.sleep(1.2)   # the watchdog refreshes its list every 0.5 s
         watchdog.close()
         assert ours.poll() is not None and not trees[0].alive(), "a Ray program of ours or its child was left"
         assert before.poll() is None and not_ray.poll() is None and trees[1].alive(), "the watchdog ended too much"

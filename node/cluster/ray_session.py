@@ -91,8 +91,8 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 # The watchdog: its own process, so that it outlives a driver killed with SIGKILL.
 
 _WATCHDOG_MODULE = "rdu.node.cluster.ray_session"
-_WATCH_POLL_S = 0.25       # how often the watchdog refreshes its list while the driver lives
-_REAP_SETTLE_S = 3.0       # a reap gives up on processes that are still there after this long
+_WATCH_POLL_S = 0.5        # how often the watchdog refreshes its list while the driver lives
+_REAP_SETTLE_S = 10.0      # a reap gives up on processes still there after this long (normally ~0.1 s)
 _SESSION_DIR_ARG = re.compile(r"--session[-_]dir=(\S+)")
 
 
@@ -214,18 +214,24 @@ class _SessionProcesses:
 
     def reap(self) -> int:
         """SIGKILL every member still alive, until none is left (or `_REAP_SETTLE_S`); returns
-        how many were killed."""
+        how many were killed. Known members go first; the sweep (every process's open files: the
+        costly part on a busy machine) only adds stragglers."""
         killed: set[int] = set()
         deadline = time.monotonic() + _REAP_SETTLE_S
+        self.refresh()
+        self._kill_members(killed)
+        self.sweep()
         while True:
             self.refresh()
-            self.sweep()
             if not self.members or time.monotonic() > deadline:
                 return len(killed)
-            for pid, start in list(self.members.items()):
-                if _kill_if_same(pid, start):
-                    killed.add(pid)
+            self._kill_members(killed)
             time.sleep(0.05)
+
+    def _kill_members(self, killed: set[int]) -> None:
+        for pid, start in list(self.members.items()):
+            if _kill_if_same(pid, start):
+                killed.add(pid)
 
 
 def _watch(driver_pid: int, ray_dir: str) -> int:
@@ -260,10 +266,11 @@ class RayWatchdog:
         return self._process.pid
 
     @classmethod
-    def start(cls, ray_dir: str | None = None, ready_timeout_s: float = 15.0) -> RayWatchdog | None:
+    def start(cls, ray_dir: str | None = None, ready_timeout_s: float = 60.0) -> RayWatchdog | None:
         """A watchdog following this process, or None where there is none (not Linux, or it did
-        not come up): a run never fails for want of one. `ray_dir`: where the programs of Ray
-        that this process starts live (default: the installed Ray package)."""
+        not come up: it is ready within a fraction of a second, unless the machine is swamped):
+        a run never fails for want of one. `ray_dir`: where the programs of Ray that this process
+        starts live (default: the installed Ray package)."""
         if not sys.platform.startswith("linux") or not sys.executable:
             return None
         if ray_dir is None:
@@ -287,7 +294,8 @@ class RayWatchdog:
         return cls(process)
 
     def close(self, timeout_s: float = _REAP_SETTLE_S + 5.0) -> None:
-        """The session is over: the watchdog kills what is left of it, and exits."""
+        """The session is over: the watchdog kills what is left of it, and exits. Waits for that
+        up to `timeout_s`; past it, the watchdog finishes on its own (never killed half-way)."""
         try:
             self._process.stdin.close()
         except OSError:
@@ -295,8 +303,7 @@ class RayWatchdog:
         try:
             self._process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+            pass
 
 
 @contextmanager
