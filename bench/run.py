@@ -42,6 +42,7 @@ from bench.progress import BenchProgress, stdout_to_stderr  # noqa: E402
 from bench.report import (BenchRecord, Row, check_complete, check_writable, exit_code, format_value,  # noqa: E402
                           load_record, save_record, verdict_lines, write_readme)
 from rdu.base import UserError  # noqa: E402
+from rdu.scheduler.timeline import Done, Event  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
@@ -169,7 +170,7 @@ class _EventCounter:
     def __init__(self) -> None:
         self.events = 0
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         self.events += 1
 
 
@@ -237,7 +238,7 @@ class _TimedSink:
         self.sink.attach(backend)
         self.spent_s += time.perf_counter() - started
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         started = time.perf_counter()
         self.sink(event)
         self.spent_s += time.perf_counter() - started
@@ -314,8 +315,8 @@ class _MemoryProbe:
     def attach(self, backend) -> None:
         self.backend = backend
 
-    def __call__(self, event: dict) -> None:
-        if event["type"] != "done":
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, Done):
             return
         self.done += 1
         if self.done in self.marks:

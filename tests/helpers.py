@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rdu.interconnect.topology import Topology
 from rdu.node.cluster.layout import nodes_for_tp, tp_groups
 from rdu.node.cluster.platform import load_platform
@@ -16,6 +18,25 @@ def group_for(platform: str, tp: int, overrides: dict | None = None):
 
 def cost_model(platform: str, model: str, tp: int, mode=None, orchestration=None):
     return group_for(platform, tp).cost_model(load_model(model), mode, orchestration)
+
+
+@contextlib.contextmanager
+def events_as_made(observe):
+    """Within it, `observe(event)` sees each timeline event when an in-process engine makes it
+    (engines pack their timeline in a `TimelineBuffer`; a run's sinks get it a round later, when
+    the sockets' ledgers have moved on)."""
+    from rdu.scheduler.timeline import TimelineBuffer
+
+    packs = TimelineBuffer.__call__
+
+    def made(buffer, event):
+        packs(buffer, event)
+        observe(event)
+    TimelineBuffer.__call__ = made
+    try:
+        yield
+    finally:
+        TimelineBuffer.__call__ = packs
 
 
 def wait_until_serving(process, folder, timeout_s: float = 120.0, min_bytes: int = 5_000) -> None:

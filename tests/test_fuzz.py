@@ -5,9 +5,11 @@ runs many more (HYPOTHESIS_PROFILE=scale)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import typing
 from pathlib import Path
 
 import msgpack
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from rdu.node.cli.main import main
 from rdu.node.cluster.platform import load_platform
+from rdu.scheduler.timeline import EVENT_TYPES, Setup
 
 settings.register_profile("default", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -181,25 +184,84 @@ def test_run_configs(capsys, tmp_path_factory, fields):
 
 packable = st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(),
                      st.none())
-events = st.lists(st.dictionaries(st.sampled_from(["type", "t_ns", "group", "model", "end_ns", "request",
-                                                   "requests", "name", "nodes", "groups", "summary", "ttft_ns",
-                                                   "tpot_ns", "members", "node"]),
-                                  st.one_of(st.sampled_from(["setup", "arrival", "run", "switch", "done", "end",
-                                                             "router", "fault", "group0"]), packable,
-                                            st.lists(st.integers(0, 5), max_size=3),
-                                            st.lists(st.fixed_dictionaries({"name": st.just("group0"),
-                                                                            "node": st.integers(0, 3),
-                                                                            "members": st.just(["node0/socket0"])}),
-                                                     max_size=2))),
-                  max_size=10)
+garbage = st.dictionaries(st.sampled_from(["type", "t_ns", "group", "model", "end_ns", "requests", "groups"]),
+                          st.one_of(st.sampled_from(["setup", "run", "switch", "done", "router", "group0"]), packable,
+                                    st.lists(st.integers(0, 5), max_size=3)), max_size=6)
+
+# Records of the timeline's own vocabulary (scheduler/timeline.py), each field drawn by its type
+# (times near the ends of int64 too), names from a small cluster so that they meet, and now and
+# then a field that is not of its type: the observers must draw them or refuse them in one line.
+_times = st.one_of(st.integers(0, 10**12), st.sampled_from([0, 1, 2**62, 2**63 - 1]))
+_members = st.sampled_from(["node0/socket0", "node0/socket1", "node1/socket0", "node1/socket1", "node0/socket9",
+                            "socket"])
+_BY_NAME = {
+    "group": st.sampled_from(["group0", "group1", "group7"]), "model": st.sampled_from(["router", "expert0001"]),
+    "kind": st.sampled_from(["kill-socket", "kill-node", "drop-link"]), "target": _members,
+    "capacity_tier_name": st.sampled_from(["ddr", "host_dram"]), "p2p_topology": st.sampled_from(["ring", "switch"]),
+    "nodes": st.sampled_from([2] * 8 + [0, 3]), "sockets_per_node": st.sampled_from([2] * 8 + [1, 10**9]),
+    "tp": st.integers(1, 2),
+    "members": st.lists(_members, max_size=3), "arrivals": st.dictionaries(_members, _times, max_size=3),
+    "victims": st.lists(st.sampled_from(["router", "expert0001"]), max_size=2),
+    "models": st.lists(st.sampled_from(["router", "expert0001"]), max_size=2),
+    "groups": st.lists(st.sampled_from(["group0", "group1"]), max_size=2),
+    "detail": st.dictionaries(st.text(max_size=4), packable, max_size=2), "summary": st.just({}),
+}
+_LAYOUTS = st.lists(st.fixed_dictionaries({
+    "name": st.sampled_from(["group0", "group1"]), "node": st.integers(0, 1),
+    "members": st.tuples(st.sampled_from([["node0/socket0", "node0/socket1"], ["node1/socket0", "node1/socket1"],
+                                          ["node0/socket0"]]), st.lists(_members, min_size=1, max_size=2),
+                         st.integers(0, 5)).map(lambda t: t[1] if t[2] == 0 else t[0])}),
+    min_size=1, max_size=2)
 
 
-@pytest.mark.parametrize("command", ["trace", "plot"])
-@given(stream=events)
-def test_event_streams(capsys, tmp_path_factory, command, stream):
-    folder = tmp_path_factory.mktemp("events")
+def _field(name: str, hint) -> st.SearchStrategy:
+    if "GroupLayout" in str(hint):
+        return _LAYOUTS
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if hint is bool:
+        return st.booleans()
+    if hint is str:
+        return st.text(max_size=6)
+    if hint is int:
+        return _times
+    return st.lists(st.one_of(st.integers(0, 5), _times), max_size=3)   # list[int]: requests, tier use
+
+
+def _record(cls) -> st.SearchStrategy:
+    """A record of `cls`, mostly well typed; one in eight has one field replaced by anything."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    typed_record = st.fixed_dictionaries({"type": st.just(cls.type), **{n: _field(n, hints[n]) for n in names}})
+    spoilt = st.tuples(typed_record, st.sampled_from(names), packable).map(lambda t: {**t[0], t[1]: t[2]})
+    return st.tuples(typed_record, spoilt, st.integers(0, 7)).map(lambda t: t[1] if t[2] == 0 else t[0])
+
+
+typed = st.one_of(*(_record(cls) for cls in EVENT_TYPES.values() if cls is not Setup))
+events = st.builds(lambda setup, first, rest: [setup, *rest] if first else rest, _record(Setup),
+                   st.integers(0, 3).map(bool),   # most streams start with their setup
+                   st.lists(st.one_of(typed, typed, typed, garbage), max_size=12))
+
+
+def _views_of(capsys, folder, stream, command: list[str]) -> None:
+    """`rdu COMMAND` on a run directory holding `stream`: drawn, or refused in one line; nothing
+    written but what the command makes."""
     with (folder / "events.msgpack").open("wb") as handle:
         for event in stream:
             handle.write(msgpack.packb(event))
-    code, out, err = rdu(capsys, [command, str(folder)])
+    code, out, err = rdu(capsys, [command[0], str(folder), *command[1:]])
     assert_clean(code, out, err)
+    assert sorted(p.name for p in folder.iterdir() if p.name != "plots") in (["events.msgpack"],
+                                                                             ["events.msgpack", "trace.json"])
+
+
+@pytest.mark.parametrize("command", [["trace"], ["dash", "--speed", "1e15"]])
+@given(stream=events)
+def test_event_streams(capsys, tmp_path_factory, command, stream):
+    _views_of(capsys, tmp_path_factory.mktemp("events"), stream, command)
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 5))   # three PNGs an example: fewer
+@given(stream=events)
+def test_event_streams_plotted(capsys, tmp_path_factory, stream):
+    _views_of(capsys, tmp_path_factory.mktemp("events"), stream, ["plot"])

@@ -9,6 +9,8 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +19,16 @@ from matplotlib.figure import Figure
 
 from rdu.base import UserError
 from rdu.node.cli.main import main
+from rdu.node.observe.events_log import EventsWriter, read_events
+from rdu.node.observe.plot_data import RunData, gather
 from rdu.node.observe.plot_style import count_axis, new_figure, plain_number, spans_decades
-from rdu.node.observe.plots import PLOT_FILES, _RunData, latency_figure, run_figures, utilisation_figure, write_plots
+from rdu.node.observe.plots import PLOT_FILES, latency_figure, run_figures, utilisation_figure, write_plots
 from rdu.node.studies.reproduce import Claim, Reproduction
 from rdu.node.studies.reproduce_plots import coe_figure, fusion_figure, headline_figure
 from rdu.node.runs.run import execute_run
 from rdu.node.runs.run_config import resolve_run_config
 from rdu.node.studies.sweep_plots import build_study_figure
+from rdu.scheduler.timeline import End, Evict, GroupLayout, KvResize, Run, Setup, Switch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,17 +108,15 @@ def continuous_run_dir(tmp_path_factory):
 
 
 def test_the_kv_panel_follows_the_kv_blocks_and_the_batch(continuous_run_dir):
-    from rdu.node.observe.events_log import read_events
-    from rdu.node.observe.plots import _gather
-
     events = list(read_events(continuous_run_dir / "events.msgpack"))
-    data = _gather(continuous_run_dir / "events.msgpack")
-    runs = [e for e in events if e["type"] == "run"]
-    peak = max(e["kv_bytes"] for e in runs)
-    assert peak > 0 and max(b for points in data.kv.values() for _, b in points) == peak
-    assert all(points[-1][1] == 0 for points in data.kv.values())        # the blocks all come back
+    data = gather(continuous_run_dir / "events.msgpack")
+    runs = [e for e in events if isinstance(e, Run)]
+    peak = max(e.kv_bytes for e in runs)
+    assert peak > 0 and max(g.kv_bytes.maximum() for g in data.groups.values()) == peak
+    # the blocks all come back
+    assert all(g.kv_bytes.at_bin_ends(data.grid.used)[-1] == 0 for g in data.groups.values())
     summary = json.loads((continuous_run_dir / "summary.json").read_text())
-    assert sum(n for _, n in data.evictions) == summary["evictions"]      # evictions for KV included
+    assert data.evictions_total == summary["evictions"] == data.evictions.sum()   # evictions for KV included
     figure = run_figures(continuous_run_dir)["hbm_and_switches.png"]
     assert_readable(figure)
     kv = next(a for a in figure.axes if a.get_title().startswith("KV cache per socket"))
@@ -122,10 +125,11 @@ def test_the_kv_panel_follows_the_kv_blocks_and_the_batch(continuous_run_dir):
     assert any(a.get_ylabel() == "sequences per step" for a in figure.axes)
 
 
-def test_a_static_run_says_it_has_no_kv_blocks(run_dir):
+def test_a_static_run_shows_the_kv_cache_of_its_batches(run_dir):
+    peak = max(e.kv_bytes for e in read_events(run_dir / "events.msgpack") if isinstance(e, Run))
     figure = run_figures(run_dir)["hbm_and_switches.png"]
     kv = next(a for a in figure.axes if a.get_title().startswith("KV cache per socket"))
-    assert [t.get_text() for t in kv.texts] == ["no KV blocks in the events (the static cycle reserves KV up front)"]
+    assert not kv.texts and f"peak {peak / 2**30:,.2f} GiB" in kv.get_title()
 
 
 def test_a_crashed_run_is_plotted_from_its_events(run_dir, tmp_path):
@@ -146,16 +150,46 @@ def test_missing_run_directory(tmp_path, capsys):
 
 # --- latency CDFs ------------------------------------------------------------------------------------------
 
-def _run_data(groups: int = 1, sockets: int = 8) -> _RunData:
-    setup = {"name": "t", "groups": [{"name": f"group{g}", "members": [f"node{g}/socket{s}" for s in range(sockets)]}
-                                     for g in range(groups)]}
-    data = _RunData(setup=setup, end_ns=10**10, complete=True)
-    for g in range(groups):
-        name = f"group{g}"
-        data.hbm[name] = [(0, 0), (10**9, (g + 1) << 30)]
-        data.intervals[name] = {"router": [(0, 10**8 * (g + 1))], "expert prefill": [], "expert decode": [],
-                                "switch wait": []}
-    return data
+def _event_log(path, groups: int = 1, sockets: int = 8):
+    """A short log of `groups` TP groups (one per node): each loads a model whose size grows with
+    its index, runs the router on it, and evicts it; the last also holds KV for a while."""
+    layouts = [GroupLayout(f"group{g}", g, [f"node{g}/socket{s}" for s in range(sockets)]) for g in range(groups)]
+    writer = EventsWriter(path)
+    writer(Setup(t_ns=0, name="t", platform="sn40l-node", nodes=groups, sockets_per_node=sockets, tp=sockets,
+                 experts=4, model="llama-2-7b", router_model="llama-2-7b", policy="lru", scheduler="continuous",
+                 requests=groups, groups=layouts, hbm_usable_bytes=64 << 30, sram_bytes=0,
+                 capacity_tier_bytes=1 << 40, capacity_tier_name="ddr", capacity_tier_used_bytes=[0] * groups,
+                 expert_shard_bytes=1 << 30, router_shard_bytes=1 << 30, p2p_topology="ring", host_link=False))
+    for g, layout in enumerate(layouts):
+        writer(Switch(t_ns=0, group=layout.name, model="router", ready_ns=10**8, victims=[], prefetch=False,
+                      arrivals={m: 10**8 for m in layout.members}, shard_bytes=(g + 1) << 30, kv_bytes=0))
+        writer(Run(t_ns=10**8, group=layout.name, model="router", end_ns=10**8 * (g + 2), first_step_ns=10**7,
+                   collective_ns=0, requests=[g], iterations=2, prefill_tokens=100, decodes=0, accesses=0, hits=0,
+                   stall_ns=0, kv_bytes=(g + 1) << 20, queued=0))
+        writer(KvResize(t_ns=10**9, group=layout.name, kv_bytes=0))
+        writer(Evict(t_ns=5 * 10**9, group=layout.name, models=["router"], reason="test", kv_bytes_needed=0))
+    writer(End(t_ns=10**10, interrupted=False, stopped="", summary={}))
+    writer.close()
+    return path
+
+
+def _run_data(groups: int = 1, sockets: int = 8) -> RunData:
+    with tempfile.TemporaryDirectory() as folder:
+        return gather(_event_log(Path(folder) / "events.msgpack", groups, sockets))
+
+
+def test_gathered_series_follow_the_events(tmp_path):
+    """The bins the plots draw from: busy time and the copy links per group, HBM and KV steps."""
+    data = gather(_event_log(tmp_path / "events.msgpack", groups=3, sockets=2))
+    assert data.end_ns == 10**10 and data.complete and data.evictions_total == 3
+    for g in range(3):
+        series = data.groups[f"group{g}"]
+        assert series.busy_total_ns["router"] == 10**8 * (g + 1) == series.busy_ns["router"].sum()
+        assert series.copy_total_ns == 10**8 == series.copies_ns.sum()       # the mean of its sockets' copy lanes
+        assert series.weights_bytes.maximum() == (g + 1) << 30 and series.kv_bytes.maximum() == (g + 1) << 20
+        used = data.grid.used
+        assert series.weights_bytes.at_bin_ends(used)[-1] == 0 == series.kv_bytes.at_bin_ends(used)[-1]
+    assert data.grid.used * data.grid.width_ns > data.end_ns >= (data.grid.used - 1) * data.grid.width_ns
 
 
 def test_latency_axes_spanning_decades_are_log_and_narrow_ones_linear():
@@ -175,10 +209,10 @@ def test_latency_axes_spanning_decades_are_log_and_narrow_ones_linear():
 
 def test_many_tp_groups_become_a_band_and_a_summary_not_hundreds_of_entries():
     figure = utilisation_figure(_run_data(groups=40, sockets=4))
-    bars, lines = figure.axes
+    bars, lines, copies = figure.axes
     assert [t.get_text() for t in bars.get_yticklabels()][0] == "mean of 40 TP groups"
     assert len(bars.get_yticklabels()) == 3
-    assert len(lines.get_legend().texts) == 2
+    assert len(lines.get_legend().texts) == len(copies.get_legend().texts) == 2
     assert_readable(figure)
 
 
@@ -281,3 +315,34 @@ def test_plotting_never_imports_pyplot():
             "print('matplotlib.pyplot' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# --- memory: the plots of a long run cost what those of a short one cost ---------------------------------
+
+_PEAK_RSS = """
+import resource, sys
+from rdu.node.observe.plot_data import gather
+data = gather(sys.argv[1])
+print(data.end_ns, sum(len(v) for v in data.latencies.values()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _gathered(events_path):
+    """(end_ns, latencies kept, peak RSS in KiB) of a fresh process that gathers a run's plot data."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(events_path)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    return tuple(int(v) for v in done.stdout.split())
+
+
+def test_plot_data_memory_does_not_grow_with_the_run(continuous_run_dir, tmp_path):
+    """The same cluster for 4 and for 40 times as long (a run's events replayed back to back):
+    every series is binned while the events are read, so memory grows only by the 8-byte
+    latencies of each request, not by the events (the old lists per request and per run did)."""
+    from tests.test_trace_export import _repeat_events
+
+    events = list(read_events(continuous_run_dir / "events.msgpack"))
+    short, long = (_repeat_events(events, times, tmp_path / f"{times}.msgpack") for times in (4, 40))
+    (short_end, short_kept, short_kib), (long_end, long_kept, long_kib) = _gathered(short), _gathered(long)
+    assert long_end > 9 * short_end and long_kept == 10 * short_kept > 0
+    grown_bytes = long.stat().st_size - short.stat().st_size
+    assert (long_kib - short_kib) * 1024 < max(grown_bytes / 20, 2 << 20), (short_kib, long_kib, grown_bytes)

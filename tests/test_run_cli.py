@@ -35,10 +35,11 @@ def test_run_writes_a_complete_directory(tmp_path, capsys):
     resolved = (out / "config.resolved.yaml").read_text()
     assert "policy: lru" in resolved and "platform_resolved:" in resolved
     from rdu.node.observe.events_log import read_events
+    from rdu.scheduler.timeline import Done, End, Setup
 
     events = list(read_events(out / "events.msgpack"))
-    assert events[0]["type"] == "setup" and events[-1]["type"] == "end"
-    assert sum(e["type"] == "done" for e in events) == 300
+    assert isinstance(events[0], Setup) and isinstance(events[-1], End)
+    assert sum(isinstance(e, Done) for e in events) == 300
     assert data["run"]["events"] == len(events)
 
 

@@ -1,6 +1,7 @@
 """trace.json: valid Chrome trace events, one process per node, one track per socket and link,
 well-nested spans in time order, and a trace even from a truncated events file."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from rdu.node.observe.events_log import EventsWriter, read_events
 from rdu.node.runs.run import execute_run
 from rdu.node.runs.run_config import resolve_run_config
 from rdu.node.observe.trace_export import build_trace_json, write_trace
+from rdu.scheduler.timeline import End, Evict, Run, Switch
 
 
 def _run(out, **overrides):
@@ -85,31 +87,35 @@ def test_one_process_per_node_and_one_track_per_socket_and_link(two_nodes):
         on_node = {name for (p, _), name in names.items() if p == pid}
         for socket in range(8):
             member = f"node{node}/socket{socket}"
-            assert {f"{member} compute", f"{member} DDR->HBM link", f"{member} P2P link (collectives)"} <= on_node
+            # the socket's own copy path (Topology.copy_path): its DDR channel and its DDR -> HBM link
+            assert {f"{member} compute", f"{member} DDR->HBM (ddr_channel + ddr)",
+                    f"{member} P2P link (collectives)"} <= on_node
 
 
 def test_every_run_is_a_span_with_prefill_and_decode_on_every_member(two_nodes):
     _, trace, events = two_nodes
-    runs = [e for e in events if e["type"] in ("router", "run")]
+    runs = [e for e in events if isinstance(e, Run)]
     named = Counter(e["name"] for e in spans(trace))
-    assert named["prefill"] == 4 * len(runs)
-    assert named["decode"] == 4 * sum(e["end_ns"] > e["t_ns"] + e["ttft_ns"] for e in runs)
-    assert named["router"] == 4 * sum(e["type"] == "router" for e in runs)
+    # the first iteration of a span with prompt tokens is its prefill; a span of decodes only has none
+    assert named["prefill"] == 4 * sum(e.prefill_tokens > 0 for e in runs) > 0
+    assert named["decode"] == 4 * sum(e.end_ns > e.t_ns + (e.first_step_ns if e.prefill_tokens else 0)
+                                      for e in runs)
+    assert named["router"] == 4 * sum(e.model == "router" for e in runs)
     collectives = [e for e in spans(trace) if e["cat"] == "collective"]
-    assert len(collectives) == 4 * sum(e["collective_ns"] > 0 for e in runs)
+    assert len(collectives) == 4 * sum(e.collective_ns > 0 for e in runs)
     assert all(e["args"]["aggregated"] is True and e["args"]["collective_ns"] > 0 for e in collectives)
-    first = next(e for e in events if e["type"] == "run")
-    expert = next(e for e in spans(trace) if e["name"] == first["model"] and e["cat"] == "expert")
-    assert expert["ts"] == first["t_ns"] // 1000 and expert["ts"] + expert["dur"] == first["end_ns"] // 1000
+    first = next(e for e in events if isinstance(e, Run) and e.model != "router")
+    expert = next(e for e in spans(trace) if e["name"] == first.model and e["cat"] == "expert")
+    assert expert["ts"] == first.t_ns // 1000 and expert["ts"] + expert["dur"] == first.end_ns // 1000
 
 
 def test_switches_are_copies_on_each_member_ddr_link_and_hbm_is_a_counter(two_nodes):
     _, trace, events = two_nodes
-    switches = [e for e in events if e["type"] == "switch"]
+    switches = [e for e in events if isinstance(e, Switch)]
     copies = [e for e in spans(trace) if e["cat"] == "switch"]
-    assert len(copies) == sum(len(e["arrivals"]) for e in switches)
+    assert len(copies) == sum(len(e.arrivals) for e in switches)
     names = thread_names(trace)
-    assert all(names[(e["pid"], e["tid"])].endswith("DDR->HBM link") for e in copies)
+    assert all(names[(e["pid"], e["tid"])] == f"{e['args']['to']} DDR->HBM (ddr_channel + ddr)" for e in copies)
     hbm = [e for e in trace["traceEvents"] if e["ph"] == "C" and e["name"].endswith("HBM used")]
     assert {e["name"] for e in hbm} == {f"node{n}/socket{s} HBM used" for n in (0, 1) for s in range(8)}
     assert max(e["args"]["GiB"] for e in hbm) > 0
@@ -119,12 +125,14 @@ def test_gpu_copies_cross_the_shared_host_link(gpu_node):
     _, trace, events = gpu_node
     assert_well_formed(trace)
     names = thread_names(trace)
-    host = [e for e in spans(trace) if names[(e["pid"], e["tid"])] == "node0 host link (PCIe, shared)"]
-    switches = [e for e in events if e["type"] == "switch"]
+    # every copy reads the node's host DRAM and crosses its PCIe link: one lane the node's GPUs share
+    host = [e for e in spans(trace) if names[(e["pid"], e["tid"])] == "node0 DDR->HBM shared (dram + host)"]
+    switches = [e for e in events if isinstance(e, Switch)]
     assert len(host) == 8 * len(switches)
-    last = switches[0]["arrivals"]  # the router's copies to the 8 GPUs queue on PCIe one after another
+    last = switches[0].arrivals  # the router's copies to the 8 GPUs queue on PCIe one after another
     router_copies = sorted(host, key=lambda e: e["ts"])[:8]
     assert [e["ts"] + e["dur"] for e in router_copies] == sorted(t // 1000 for t in last.values())
+    assert all(b["ts"] >= a["ts"] + a["dur"] for a, b in zip(router_copies, router_copies[1:]))
 
 
 def test_truncated_events_still_give_a_trace(two_nodes, tmp_path):
@@ -166,7 +174,8 @@ FAULTS = ["kill-socket:node1/socket2@request=10", "kill-node:node1@request=150"]
 
 
 def test_faults_cut_the_interrupted_runs_and_are_marked(tmp_path):
-    run_dir = _run(tmp_path / "faults", nodes=2, tp=4, faults=FAULTS)
+    """The static cycle reports a batch when it starts: a fault that interrupts it cuts it there."""
+    run_dir = _run(tmp_path / "faults", nodes=2, tp=4, faults=FAULTS, scheduler={"kind": "static"})
     trace = json.loads(write_trace(run_dir).read_text())
     assert_well_formed(trace)  # an interrupted run is cut at the fault, so its retry does not overlap it
     faults = [e for e in trace["traceEvents"] if e.get("cat") == "fault"]
@@ -177,26 +186,28 @@ def test_faults_cut_the_interrupted_runs_and_are_marked(tmp_path):
 
 # -- streaming: memory bounded by the cluster, not by the number of requests ----------------------
 
-_TIME_FIELDS = ("t_ns", "end_ns", "ready_ns")
+_TIME_FIELDS = ("t_ns", "end_ns", "ready_ns", "recovered_at_ns")
+
+
+def _shifted(event, by_ns):
+    """`event` moved `by_ns` later in virtual time (its arrivals too)."""
+    changes = {f: getattr(event, f) + by_ns for f in _TIME_FIELDS if hasattr(event, f)}
+    if isinstance(event, Switch):
+        changes["arrivals"] = {m: t + by_ns for m, t in event.arrivals.items()}
+    return dataclasses.replace(event, **changes)
 
 
 def _repeat_events(events, times, path):
     """The events of a run replayed `times` times back to back in virtual time: a longer run of
     the same cluster, made without running one."""
-    setup, body = events[0], [e for e in events[1:] if e["type"] != "end"]
-    period = 1 + max(max(int(e.get(f, 0)) for f in _TIME_FIELDS) for e in body)
-    period = max(period, 1 + max((t for e in body for t in e.get("arrivals", {}).values()), default=0))
+    setup, body = events[0], [e for e in events[1:] if not isinstance(e, End)]
+    period = 1 + max(max(getattr(e, f, 0) for f in _TIME_FIELDS) for e in body)
+    period = max(period, 1 + max((t for e in body if isinstance(e, Switch) for t in e.arrivals.values()), default=0))
     writer = EventsWriter(path)
     writer(setup)
     for k in range(times):
         for event in body:
-            shifted = dict(event)
-            for field in _TIME_FIELDS:
-                if field in shifted:
-                    shifted[field] = int(shifted[field]) + k * period
-            if "arrivals" in shifted:
-                shifted["arrivals"] = {m: t + k * period for m, t in shifted["arrivals"].items()}
-            writer(shifted)
+            writer(_shifted(event, k * period))
     writer(events[-1])
     writer.close()
     return path
@@ -217,8 +228,8 @@ def test_spilled_trace_is_the_in_memory_trace_and_leaves_nothing_behind(two_node
     assert path.read_text() == in_memory  # byte for byte: the merge of the runs is the full sort
     trace = json.loads(in_memory)
     assert_well_formed(trace)
-    assert Counter(e["name"] for e in spans(trace))["prefill"] == 3 * 4 * sum(e["type"] in ("router", "run")
-                                                                               for e in events)
+    prefills = sum(isinstance(e, Run) and e.prefill_tokens > 0 for e in events)
+    assert Counter(e["name"] for e in spans(trace))["prefill"] == 3 * 4 * prefills
     assert sorted(p.name for p in run_dir.iterdir()) == ["events.msgpack", "trace.json"]
 
 
@@ -266,25 +277,3 @@ def test_a_failed_export_keeps_the_existing_trace_and_leaves_no_partial(two_node
     (copy / "trace.json").mkdir()
     assert main(["trace", str(copy)]) == 2
     assert "is a directory" in capsys.readouterr().err
-
-
-def test_trace_and_dashboard_agree_on_hbm_over_time(tmp_path):
-    """One reducer (node.live_stats.Residency) turns the events into HBM occupancy for the trace and
-    the dashboard alike: on a CoE run with evictions and KV, the trace's HBM counter of every socket
-    follows the dashboard's view event by event and ends where it does."""
-    from rdu.node.observe.live_stats import LiveStats
-
-    run_dir = _run(tmp_path / "coe", experts=150, limit=400)
-    events = list(read_events(run_dir / "events.msgpack"))
-    assert any(e["type"] == "evict" or e.get("victims") for e in events)
-    trace = json.loads(write_trace(run_dir).read_text())
-    counters = defaultdict(list)
-    for e in trace["traceEvents"]:
-        if e["ph"] == "C" and e["name"].endswith(" HBM used"):
-            counters[e["name"].removesuffix(" HBM used")].append(e["args"]["GiB"])
-    stats = LiveStats()
-    for event in events:
-        stats.feed(event)
-    final = {view.name: round(view.hbm_used_bytes / 2**30, 3) for view in stats.snapshot(1.0).sockets}
-    assert counters and {name: values[-1] for name, values in counters.items()} == final
-    assert max(max(v) for v in counters.values()) > min(final.values())  # KV came and went

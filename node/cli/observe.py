@@ -67,19 +67,22 @@ def cmd_dash(args: argparse.Namespace, console: Console) -> int:
     events = load_events(run_dir / EVENTS_FILE)
     with LiveDashboard(console) as dashboard:
         summary = replay(events, dashboard, speed=args.speed)
-    setup = dashboard.stats.setup or {}
+    setup = events[0]   # load_events puts the run's setup first
     if summary is None:
         console.print(f"{run_dir}: the run has no end event (it crashed or was stopped); replayed what it recorded",
                       highlight=False, soft_wrap=True)
         return 0
-    console.print(summary_table(summary, f"{setup.get('name', run_dir.name)}: {setup.get('experts', '?')} x "
-                                         f"{setup.get('model', '?')} on {setup.get('nodes', '?')} x "
-                                         f"{setup.get('platform', '?')}, TP{setup.get('tp', '?')}, "
-                                         f"{setup.get('policy', '?')}"))
-    console.print(f"requests completed {summary.get('requests_completed', 0):,} / {summary.get('requests_in', 0):,}, "
-                  f"{summary.get('throughput_tokens_per_s', 0):,.1f} tokens/s, {summary.get('switches', 0):,} "
-                  f"switches, HBM hit rate {summary.get('hbm_hit_rate', 0):.1%}, virtual time "
-                  f"{summary.get('virtual_ns', 0) / 1e9:,.3f} s", highlight=False, soft_wrap=True)
+    try:
+        table = summary_table(summary, f"{setup.name}: {setup.experts} x {setup.model} on {setup.nodes} x "
+                                       f"{setup.platform}, TP{setup.tp}, {setup.policy}")
+        totals = (f"requests completed {summary['requests_completed']:,} / {summary['requests_in']:,}, "
+                  f"{summary['throughput_tokens_per_s']:,.1f} tokens/s, {summary['switches']:,} switches, HBM hit "
+                  f"rate {summary['hbm_hit_rate']:.1%}, virtual time {summary['virtual_ns'] / 1e9:,.3f} s")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{run_dir / EVENTS_FILE}: the end event's summary is not a run's summary "
+                        f"({type(exc).__name__}: {exc})") from None
+    console.print(table)
+    console.print(totals, highlight=False, soft_wrap=True)
     return 0
 
 

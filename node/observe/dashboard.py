@@ -1,6 +1,6 @@
 """The live terminal dashboard of a run (`rdu run --dashboard`, `rdu dash RUN_DIR`).
 
-`render(snapshot)` draws a `StatsSnapshot` (node/live_stats.py) and looks at nothing else, so it
+`render(snapshot)` draws a `StatsSnapshot` (live_stats.py) and looks at nothing else, so it
 is testable on a recorded console and the same for a live run and a replay. `LiveDashboard` is
 the event sink: it feeds every event to `LiveStats` (a microsecond or two) and redraws on a
 wall-clock timer, never per event: at most `refresh_per_s` times a second, and less often if a
@@ -25,8 +25,10 @@ from rich.text import Text
 
 from rdu.base import UserError, format_bytes
 from rdu.interconnect.topology import Topology
-from rdu.node.observe.events_log import read_events
-from rdu.node.observe.live_stats import GroupView, LiveStats, SocketView, StatsSnapshot, format_virtual_s
+from rdu.node.observe.events_log import read_run
+from rdu.node.observe.live_stats import GroupView, LiveStats, SocketView, StatsSnapshot, format_virtual_s, moves_now
+from rdu.node.observe.timeline_state import copy_lanes
+from rdu.scheduler.timeline import End, Event, Setup
 
 __all__ = ["LiveDashboard", "render", "one_line", "replay", "load_events"]
 
@@ -85,10 +87,12 @@ def _header_lines(s: StatsSnapshot, width: int) -> list[Text]:
                *([Text(f"{s.clock_ns / 1e9 / s.wall_s:,.1f} virtual s per wall s")] if s.wall_s > 0 else []),
                Text(f"throughput {s.tokens_per_s:,.0f} tokens/s"),
                Text(f"switches {s.switches:,} (prefetched {s.prefetches:,})"), Text(f"evictions {s.evictions:,}"),
+               *([Text(f"preemptions {s.preemptions:,}")] if s.preemptions else []),
                Text(f"HBM hits {hit} of expert runs")]
-    nodes = [Text(f"node{node.index} {node.ddr_tier} ") + _tier(node.ddr_used_bytes, node.capacity_tier_bytes, 6)
+    nodes = [Text(f"node{node.index} {node.capacity_tier_name} ")
+             + _tier(node.capacity_tier_used_bytes, node.capacity_tier_bytes, 6)
              + Text(f" of {format_bytes(node.capacity_tier_bytes)}"
-                    + ("" if node.ddr_used_bytes is not None else " (not in the events)"), style="dim")
+                    + ("" if node.capacity_tier_used_bytes is not None else " (not in the events)"), style="dim")
              for node in s.nodes_view[:4]]
     if len(s.nodes_view) > 4:
         nodes.append(Text(f"... {len(s.nodes_view) - 4} more nodes", style="dim"))
@@ -249,7 +253,7 @@ def _links(s: StatsSnapshot) -> _Block:
 
 def _kv_cell(group: GroupView, bar_w: int) -> Text:
     """KV blocks held, as a share of the pool the resident weights leave (vLLM's "KV cache usage")."""
-    if group.kv_bytes is None or group.kv_pool_bytes <= 0:
+    if group.kv_pool_bytes <= 0:
         return Text("-")
     return _bar(group.kv_bytes / group.kv_pool_bytes, bar_w)
 
@@ -260,14 +264,11 @@ def _queues(s: StatsSnapshot, width: int = 120) -> _Block:
     beside the latency block."""
     name_w = max([len("queue"), *(len(g.name) for g in s.groups)])
     now_w = max([len("now"), *(len(g.activity) for g in s.groups)])
-    kv = any(g.kv_bytes is not None for g in s.groups)
     bar_w = 2 if width < 100 else 8
-    kv_col = [("KV use", bar_w + 5)] if kv else []
-    lines = [_row((_title("queue"), name_w), ("waiting", 7), ("batch", 5), *kv_col, ("now", now_w))]
+    lines = [_row((_title("queue"), name_w), ("waiting", 7), ("batch", 5), ("KV use", bar_w + 5), ("now", now_w))]
     for group in s.groups:
-        kv_col = [(_kv_cell(group, bar_w), bar_w + 5)] if kv else []
-        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 7), (f"{group.batch:>5}", 5), *kv_col,
-                          (group.activity, now_w)))
+        lines.append(_row((group.name, name_w), (f"{group.waiting:>7,}", 7), (f"{group.batch:>5}", 5),
+                          (_kv_cell(group, bar_w), bar_w + 5), (group.activity, now_w)))
     return _block(lines, cut_cells=max(0, now_w - 12))  # `expert0042 …` still says who runs
 
 
@@ -424,12 +425,12 @@ class LiveDashboard:
         except Exception:  # noqa: BLE001 - any Ray error: stop watching, the run goes on
             self._backend = None
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         self.stats.feed(event)
-        if event["type"] == "setup":  # serving starts now (a Ray backend may have taken seconds to start)
+        if isinstance(event, Setup):  # serving starts now (a Ray backend may have taken seconds to start)
             self._wall_start = time.perf_counter()
             self._next_draw = self._wall_start + self.interval_s
-        elif event["type"] == "end":
+        elif isinstance(event, End):
             self.draw(final=True)
         elif time.perf_counter() >= self._next_draw:
             self.draw()
@@ -460,21 +461,21 @@ class LiveDashboard:
         self._next_draw = done + max(self.interval_s, (done - now) * (1 - DRAW_SHARE) / DRAW_SHARE)
 
 
-def _virtual_span_ns(events: list[dict]) -> int:
-    """Virtual time a replay walks through: the latest start (done events finish in the future)."""
-    return max((e.get("t_ns", 0) for e in events if e["type"] != "done"), default=0)
+def _virtual_span_ns(events: Sequence[Event]) -> int:
+    """Virtual time a replay walks through: as far as the engines came (arrivals are routed
+    ahead of them, done events finish in the future)."""
+    return max((e.t_ns for e in events if moves_now(e)), default=0)
 
 
-def load_events(events_path: str | Path) -> list[dict]:
-    """All events of a recorded run (read before a replay starts, so a corrupt file is an error
-    before anything is drawn)."""
-    events = list(read_events(events_path))
-    if not events:
-        raise UserError(f"{events_path}: no events to replay")
-    return events
+def load_events(events_path: str | Path) -> list[Event]:
+    """All events of a recorded run, its setup first (read before a replay starts, so a corrupt
+    file is an error before anything is drawn)."""
+    setup, rest = read_run(events_path)
+    copy_lanes(setup, f"{events_path}: event 1 (setup)")   # a setup the views cannot lay out: refused now
+    return [setup, *rest]
 
 
-def replay(events: Sequence[dict], dashboard: LiveDashboard, speed: float | None = None,
+def replay(events: Sequence[Event], dashboard: LiveDashboard, speed: float | None = None,
            target_wall_s: float = 3.0) -> dict | None:
     """Feed a recorded run through `dashboard`, paced by virtual time: `speed` virtual seconds
     per wall second, or by default the whole run in about `target_wall_s`. Returns the end
@@ -487,16 +488,16 @@ def replay(events: Sequence[dict], dashboard: LiveDashboard, speed: float | None
     summary = None
     for event in _paced(events, started, speed, dashboard):
         dashboard(event)
-        if event["type"] == "end":
-            summary = event.get("summary")
+        if isinstance(event, End):
+            summary = event.summary
     return summary
 
 
-def _paced(events: Iterable[dict], started: float, speed: float, dashboard: LiveDashboard) -> Iterable[dict]:
+def _paced(events: Iterable[Event], started: float, speed: float, dashboard: LiveDashboard) -> Iterable[Event]:
     """Yield events no earlier than their virtual time says, keeping the dashboard drawn meanwhile."""
     for event in events:
-        if event["type"] != "done":
-            due = started + event.get("t_ns", 0) / 1e9 / speed
+        if moves_now(event):
+            due = started + event.t_ns / 1e9 / speed
             while (wait := due - time.perf_counter()) > 0.002:
                 time.sleep(min(wait, dashboard.interval_s))
                 dashboard.tick()

@@ -4,7 +4,8 @@ run goes and flushed often, so a run that crashes still leaves everything up to 
 Events are the typed events of `rdu.scheduler.timeline`, written as maps (their `type` and
 fields) in the order the serving loop produces them, which is not always time order (a run's
 `done` events carry their future finish times). `read_events` returns the typed events a file
-holds, refuses a record that is not one with one line, and stops cleanly at a truncated tail.
+holds, refuses a record that is not one with one line, and stops cleanly at a truncated tail;
+`read_run` also checks that they are the events of one run (its setup first).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import BinaryIO
 import msgpack
 
 from rdu.base import UserError
-from rdu.scheduler.timeline import Event, from_record, to_record
+from rdu.scheduler.timeline import Event, Setup, from_record, to_record
 
-__all__ = ["EventsWriter", "read_events", "EVENTS_FILE"]
+__all__ = ["EventsWriter", "read_events", "read_run", "EVENTS_FILE"]
 
 EVENTS_FILE = "events.msgpack"
 
@@ -70,4 +71,22 @@ def read_events(path: str | Path) -> Iterator[Event]:
                     count += 1
                     yield from_record(event, f"{path}: event {count}")
             except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-                raise UserError(f"{path}: corrupt event stream ({exc})") from None
+                raise UserError(f"{path}: event {count + 1}: corrupt event stream ({exc})") from None
+
+
+def read_run(path: str | Path) -> tuple[Setup, Iterator[Event]]:
+    """The setup event of the run in `path` and an iterator over the events after it; a stream
+    that does not start with a setup, or holds a second one, is refused with one line."""
+    events = read_events(path)
+    first = next(events, None)
+    if first is None:
+        raise UserError(f"{path}: no events (the run stopped before it started)")
+    if not isinstance(first, Setup):
+        raise UserError(f"{path}: event 1: the stream does not start with a setup event (found {first.type})")
+
+    def rest() -> Iterator[Event]:
+        for count, event in enumerate(events, start=2):
+            if isinstance(event, Setup):
+                raise UserError(f"{path}: event {count}: a second setup event (two runs in one file?)")
+            yield event
+    return first, rest()

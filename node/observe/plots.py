@@ -1,18 +1,20 @@
 """`rdu plot RUN_DIR`: PNG plots of a run, from its requests.csv and events.msgpack.
 
     latency_cdf.png         TTFT, time per output token and end-to-end latency, as CDFs
-    hbm_and_switches.png    HBM occupancy per socket over virtual time, and switches per interval
-    socket_utilisation.png  what each socket spent virtual time on, and busy share over time
+    hbm_and_switches.png    HBM occupancy per socket over virtual time, KV and batch, switches per interval
+    socket_utilisation.png  what each socket spent virtual time on, busy share over time, and the
+                            busy share of the DDR -> HBM copy links
 
-Figures are drawn in the shared style of `node.plot_style`: matplotlib's object API on the Agg canvas
-(no pyplot, no global backend state), so plotting works without a display and does not disturb other
-matplotlib users; latency axes that span a decade are log scale; legends sit outside the data.
+What they show is gathered in one pass, in bounded memory (`plot_data`), from the reducer the
+dashboard and the trace use. Figures are drawn in the shared style of `plot_style`: matplotlib's
+object API on the Agg canvas (no pyplot, no global backend state), so plotting works without a
+display and does not disturb other matplotlib users; latency axes that span a decade are log
+scale; legends sit outside the data.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +24,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from rdu.base import UserError
-from rdu.node.observe.events_log import EVENTS_FILE, read_events
-from rdu.node.observe.live_stats import Residency
+from rdu.node.observe.events_log import EVENTS_FILE
+from rdu.node.observe.plot_data import ACTIVITIES, RunData, gather, latencies_from_csv
 from rdu.node.observe.plot_style import legend_outside, log_axis, new_figure, save_figure, spans_decades, style_axes
-from rdu.scheduler.serving import ROUTER_ID
+from rdu.node.observe.time_bins import StepSeries
 
-__all__ = ["write_plots", "run_figures", "PLOT_FILES"]
+__all__ = ["write_plots", "run_figures", "latency_figure", "hbm_figure", "utilisation_figure", "PLOT_FILES"]
 
 PLOT_FILES = ("latency_cdf.png", "hbm_and_switches.png", "socket_utilisation.png")
 _GIB = float(1 << 30)
-_ACTIVITIES = ("router", "expert prefill", "expert decode", "switch wait")
+_CDF_POINTS = 4000      # a CDF of more requests is drawn through this many of its order statistics
 _COLOURS = {"router": "tab:purple", "expert prefill": "tab:blue", "expert decode": "tab:cyan",
             "switch wait": "tab:red"}
 _MAX_SOCKET_BARS = 16   # more sockets than this: one bar per TP group
@@ -42,111 +44,11 @@ _GROUP_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brow
                   "tab:olive", "tab:cyan", "navy")
 
 
-@dataclass
-class _RunData:
-    """What the plots need, gathered in one pass over the events."""
-
-    setup: dict
-    hbm: dict[str, list[tuple[int, int]]] = field(default_factory=dict)            # group -> (t_ns, weight bytes)
-    kv: dict[str, list[tuple[int, int]]] = field(default_factory=dict)             # group -> (t_ns, KV bytes)
-    batch: dict[str, list[tuple[int, int]]] = field(default_factory=dict)          # group -> (t_ns, sequences)
-    switches: list[tuple[int, bool, int]] = field(default_factory=list)            # (t_ns, prefetch, victims)
-    evictions: list[tuple[int, int]] = field(default_factory=list)                 # (t_ns, models): switch or evict
-    intervals: dict[str, dict[str, list[tuple[int, int]]]] = field(default_factory=dict)  # group -> kind -> spans
-    latencies: dict[str, list[int]] = field(default_factory=lambda: {"ttft_ns": [], "tpot_ns": [], "e2e_ns": []})
-    faults: list[tuple[int, str]] = field(default_factory=list)                   # (t_ns, "kill-node node1")
-    end_ns: int = 0
-    complete: bool = False
-
-
-def _gather(events_path: Path) -> _RunData:
-    """One pass over the event stream: residency, spans, switches, faults (a crashed run's stream too)."""
-    data: _RunData | None = None
-    residency: dict[str, Residency] = {}
-    latest_run: dict[str, list[tuple[str, int]]] = {}   # group -> (activity, index) of its latest run's spans
-    for event in read_events(events_path):
-        kind = event["type"]
-        if kind == "setup":
-            data = _RunData(setup=event)
-            for group in event["groups"]:
-                residency[group["name"]] = Residency()
-                data.hbm[group["name"]] = [(0, 0)]
-                data.intervals[group["name"]] = {activity: [] for activity in _ACTIVITIES}
-            continue
-        if data is None:
-            raise UserError(f"{events_path}: the stream does not start with a setup event")
-        group = event.get("group")
-        if group is not None and group not in residency:
-            continue
-        if kind in ("switch", "evict"):
-            residency[group].apply(event)
-            data.hbm[group].append((event["t_ns"], residency[group].weights_bytes))
-        if kind == "kv" or (kind == "run" and "kv_bytes" in event):   # the continuous engine's KV blocks
-            data.kv.setdefault(group, []).append((event["t_ns"], int(event["kv_bytes"])))
-            if kind == "run":
-                data.batch.setdefault(group, []).append((event["t_ns"], len(event["requests"])))
-        if kind == "evict":
-            data.evictions.append((event["t_ns"], len(event["models"])))
-        if kind == "switch":
-            if event["victims"]:
-                data.evictions.append((event["t_ns"], len(event["victims"])))
-            if event["model"] != ROUTER_ID:
-                data.switches.append((event["t_ns"], bool(event["prefetch"]), len(event["victims"])))
-        elif kind in ("router", "run"):
-            start, end = event["t_ns"], event["end_ns"]
-            first_token = min(end, start + event["ttft_ns"])
-            spans = data.intervals[group]
-            added = [("router", (start, end))] if kind == "router" else \
-                [("expert prefill", (start, first_token)), ("expert decode", (first_token, end))]
-            if event.get("stall_ns", 0) > 0:
-                added.append(("switch wait", (start - event["stall_ns"], start)))
-            latest_run[group] = []
-            for activity, span in added:
-                latest_run[group].append((activity, len(spans[activity])))
-                spans[activity].append(span)
-            data.end_ns = max(data.end_ns, end)
-        elif kind == "fault":  # the runs it interrupted end there
-            t_ns = event["t_ns"]
-            data.faults.append((t_ns, f"{event.get('kind', 'fault')} {event.get('target', '')}".strip()))
-            for hit in [*event.get("groups", ()), *([group] if group else [])]:
-                for activity, index in latest_run.pop(hit, []):
-                    start, end = data.intervals[hit][activity][index]
-                    data.intervals[hit][activity][index] = (start, max(start, min(end, t_ns)))
-        elif kind == "done":
-            data.latencies["ttft_ns"].append(event["ttft_ns"])
-            data.latencies["e2e_ns"].append(event["e2e_ns"])
-            if event["output_tokens"] > 1:
-                data.latencies["tpot_ns"].append(event["tpot_ns"])
-            data.end_ns = max(data.end_ns, event["t_ns"])
-        elif kind == "end":
-            data.complete = True
-            data.end_ns = max(data.end_ns, event["t_ns"])
-    if data is None:
-        raise UserError(f"{events_path}: no events (the run stopped before it started)")
-    return data
-
-
-def _latencies_from_csv(path: Path) -> dict[str, list[int]]:
-    """Latencies of a finished run from requests.csv (the per-request table the run wrote)."""
-    out: dict[str, list[int]] = {"ttft_ns": [], "tpot_ns": [], "e2e_ns": []}
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                out["ttft_ns"].append(int(row["ttft_ns"]))
-                out["e2e_ns"].append(int(row["e2e_ns"]))
-                if int(row["output_tokens"]) > 1:
-                    out["tpot_ns"].append(int(row["tpot_ns"]))
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"{path}: not a requests table ({exc})") from None
-    return out
-
-
-def _title(data: _RunData) -> str:
+def _title(data: RunData) -> str:
     """The run's identity, under every figure title, so a PNG read alone says what it shows."""
     s = data.setup
     partial = "" if data.complete else " [incomplete run]"
-    return f"{s.get('name', '?')}: {s.get('experts', '?')} x {s.get('model', '?')} on {s.get('nodes', '?')} x " \
-           f"{s.get('platform', '?')}, TP{s.get('tp', '?')}, {s.get('policy', '?')}{partial}"
+    return f"{s.name}: {s.experts} x {s.model} on {s.nodes} x {s.platform}, TP{s.tp}, {s.policy}{partial}"
 
 
 _LATENCIES = (("ttft_ns", "time to first token"), ("tpot_ns", "time per output token"),
@@ -160,8 +62,10 @@ def _cdf_panel(axes: Axes, label: str, values_ms: np.ndarray) -> None:
         style_axes(axes, f"{label} (no requests)", f"{label} (ms)", "fraction of requests")
         axes.text(0.5, 0.5, "no requests", ha="center", va="center", transform=axes.transAxes)
         return
-    fractions = np.arange(1, len(values_ms) + 1) / len(values_ms)
-    axes.step(values_ms, fractions, where="post", color="tab:blue")
+    ranks = np.arange(1, len(values_ms) + 1)
+    if len(values_ms) > _CDF_POINTS:   # what a reader can see of the curve; the percentiles use every request
+        ranks = np.unique(np.linspace(1, len(values_ms), _CDF_POINTS).round().astype(np.int64))
+    axes.step(values_ms[ranks - 1], ranks / len(values_ms), where="post", color="tab:blue")
     quantiles = []
     for q, style, _name in _PERCENTILES:
         value = float(np.percentile(values_ms, q))
@@ -174,50 +78,57 @@ def _cdf_panel(axes: Axes, label: str, values_ms: np.ndarray) -> None:
                "fraction of requests")
 
 
-def latency_figure(data: _RunData, latencies: dict[str, list[int]], source: str) -> Figure:
+def latency_figure(data: RunData, latencies: dict[str, Sequence[int]], source: str) -> Figure:
     """TTFT, TPOT and end-to-end CDFs side by side; one legend for the line styles, under the panels."""
     figure = new_figure(15, 5.2)
     figure.suptitle(f"Latency CDFs ({source})\n{_title(data)}")
     for axes, (key, label) in zip(figure.subplots(1, 3), _LATENCIES):
-        _cdf_panel(axes, label, np.sort(np.asarray(latencies[key], dtype=float)) / 1e6)
+        _cdf_panel(axes, label, np.sort(np.asarray(latencies[key], dtype=np.int64)) / 1e6)
     handles = [Line2D([], [], color="tab:blue", label="CDF")] + \
         [Line2D([], [], color="grey", linestyle=style, label=name) for _q, style, name in _PERCENTILES]
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
     return figure
 
 
-def _hbm_panel(axes: Axes, data: _RunData) -> None:
+def _steps(data: RunData, series: StepSeries, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, values) of a step series as a line: the peak of each bin, held to the run's end."""
+    grid = data.grid
+    edges_s = grid.fine_edges_ns()[:-1] / 1e9
+    peaks = series.peaks(grid.used) / scale
+    return np.append(edges_s, max(data.end_ns, 1) / 1e9), np.append(peaks, peaks[-1])
+
+
+def _step_lines(axes: Axes, data: RunData, series: dict[str, StepSeries], label: str) -> None:
+    """One step line per TP group (`label` formats its legend entry), or their band when many."""
+    if len(series) > _MAX_GROUP_LINES:
+        lines = [_steps(data, s, _GIB) for s in series.values()]
+        _band(axes, lines[0][0], [y for _, y in lines], "TP groups", step=True)
+        return
+    sockets = {g.name: len(g.members) for g in data.setup.groups}
+    for i, (group, s) in enumerate(series.items()):
+        times_s, values = _steps(data, s, _GIB)
+        axes.step(times_s, values, where="post", color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
+                  label=label.format(group=group, sockets=sockets[group]))
+
+
+def _hbm_panel(axes: Axes, data: RunData) -> None:
     """HBM used by weights per socket of each TP group, as a step over virtual time."""
-    end_s = max(data.end_ns, 1) / 1e9
-    sizes = {g["name"]: len(g["members"]) for g in data.setup["groups"]}
-    if len(data.hbm) > _MAX_GROUP_LINES:
-        grid_s = np.linspace(0, end_s, 400)
-        _band(axes, grid_s, [_step_at(points, grid_s) for points in data.hbm.values()], "TP groups", step=True)
-    for i, (group, points) in enumerate(data.hbm.items() if len(data.hbm) <= _MAX_GROUP_LINES else ()):
-        times_s = [t / 1e9 for t, _ in points] + [end_s]
-        used_gib = [b / _GIB for _, b in points] + [points[-1][1] / _GIB]
-        axes.step(times_s, used_gib, where="post", color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
-                  label=f"{group} (each of its {sizes.get(group, '?')} sockets)")
-    capacity = data.setup.get("hbm_usable_bytes")
-    if capacity:
-        axes.axhline(capacity / _GIB, color="black", linestyle="--", label="usable HBM per socket")
+    _step_lines(axes, data, {name: g.weights_bytes for name, g in data.groups.items()},
+                "{group} (each of its {sockets} sockets)")
+    axes.axhline(data.setup.hbm_usable_bytes / _GIB, color="black", linestyle="--", label="usable HBM per socket")
     axes.set_ylim(bottom=0)
     _mark_faults(axes, data)
-    style_axes(axes, "HBM occupancy per socket (members of a TP group hold the same shards)", "",
-               "HBM used by model weights (GiB per socket)")
+    style_axes(axes, "HBM occupancy per socket (members of a TP group hold the same shards; the peak of each "
+               f"{data.grid.width_ns / 1e9:,.3g} s interval)", "", "HBM used by model weights (GiB per socket)")
     legend_outside(axes)
 
 
-def _switches_panel(axes: Axes, data: _RunData) -> None:
+def _switches_panel(axes: Axes, data: RunData) -> None:
     """Demand switches and prefetches per time bin (stacked bars) and evictions (a step line)."""
-    end_s = max(data.end_ns, 1) / 1e9
-    bins = np.linspace(0, end_s, 61)
-    times = np.asarray([t / 1e9 for t, _, _ in data.switches])
-    prefetch = np.asarray([p for _, p, _ in data.switches], dtype=bool)
-    demand_counts, _ = np.histogram(times[~prefetch] if len(times) else [], bins=bins)
-    prefetch_counts, _ = np.histogram(times[prefetch] if len(times) else [], bins=bins)
-    evicted_s = [t / 1e9 for t, _ in data.evictions]
-    evictions, _ = np.histogram(evicted_s, bins=bins, weights=[n for _, n in data.evictions] or None)
+    edges, demand_counts = data.grid.coarse(data.demand_switches)
+    _, prefetch_counts = data.grid.coarse(data.prefetches)
+    _, evictions = data.grid.coarse(data.evictions)
+    bins = edges / 1e9
     width = bins[1] - bins[0]
     axes.bar(bins[:-1], demand_counts, width=width, align="edge", label="switches on demand", color="tab:red")
     axes.bar(bins[:-1], prefetch_counts, width=width, align="edge", bottom=demand_counts,
@@ -225,22 +136,10 @@ def _switches_panel(axes: Axes, data: _RunData) -> None:
     axes.step(bins[:-1], evictions, where="post", color="black", label="evictions")
     axes.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # counts: 0, 2, 4, never 2.5
     _mark_faults(axes, data)
-    style_axes(axes, f"DDR -> HBM expert switches ({len(data.switches):,} in total; evictions "
-               f"{sum(n for _, n in data.evictions):,}, for switches or KV blocks)", "virtual time (s)",
+    style_axes(axes, f"DDR -> HBM expert switches ({data.switches_total:,} in total; evictions "
+               f"{data.evictions_total:,}, for switches or KV blocks)", "virtual time (s)",
                f"count per {width:,.2f} s")
     legend_outside(axes)
-
-
-def _sample(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
-    """A (t_ns, value) step function sampled at `grid_s`, so many groups share one time grid."""
-    times_s = np.asarray([t / 1e9 for t, _ in points])
-    values = np.asarray([v for _, v in points], dtype=float)
-    return values[np.clip(np.searchsorted(times_s, grid_s, side="right") - 1, 0, len(values) - 1)]
-
-
-def _step_at(points: list[tuple[int, int]], grid_s: np.ndarray) -> np.ndarray:
-    """GiB of a (t_ns, bytes) step function sampled at `grid_s`."""
-    return _sample(points, grid_s) / _GIB
 
 
 def _band(axes: Axes, x: np.ndarray, series: list[np.ndarray], what: str, step: bool = False) -> None:
@@ -254,45 +153,37 @@ def _band(axes: Axes, x: np.ndarray, series: list[np.ndarray], what: str, step: 
          **({"where": "post"} if step else {}))
 
 
-def _kv_panel(axes: Axes, data: _RunData) -> None:
-    """KV blocks held per socket of each TP group over virtual time (the continuous engine's
-    paged KV, as the ledgers hold it), and, on the right axis, the sequences of each step."""
-    end_s = max(data.end_ns, 1) / 1e9
-    if not data.kv:
-        axes.text(0.5, 0.5, "no KV blocks in the events (the static cycle reserves KV up front)", ha="center",
-                  va="center", transform=axes.transAxes, fontsize="small")
+def _kv_panel(axes: Axes, data: RunData) -> None:
+    """KV held per socket of each TP group over virtual time (as the ledgers hold it: the
+    continuous engine's paged blocks, a static batch's cache), and, on the right axis, the
+    sequences of each step."""
+    if not data.kv_seen:
+        axes.text(0.5, 0.5, "no KV cache in the events", ha="center", va="center", transform=axes.transAxes,
+                  fontsize="small")
         style_axes(axes, "KV cache per socket", "", "KV (GiB per socket)")
         return
-    many = len(data.kv) > _MAX_GROUP_LINES
-    grid_s = np.linspace(0, end_s, 400)
-    if many:
-        _band(axes, grid_s, [_step_at(points, grid_s) for points in data.kv.values()], "TP groups", step=True)
-    for i, (group, points) in enumerate(sorted(data.kv.items()) if not many else ()):
-        times_s = [t / 1e9 for t, _ in points] + [end_s]
-        used_gib = [b / _GIB for _, b in points] + [points[-1][1] / _GIB]
-        axes.step(times_s, used_gib, where="post", color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
-                  label=f"{group} KV")
-    peak = max(b for points in data.kv.values() for _, b in points)
+    _step_lines(axes, data, {name: g.kv_bytes for name, g in data.groups.items()}, "{group} KV")
+    peak = max(g.kv_bytes.maximum() for g in data.groups.values())
     axes.set_ylim(bottom=0)
     right = axes.twinx()
-    batches = [_sample(points, grid_s) for points in data.batch.values()]
-    if batches:   # the mean over groups of the sequences per step, sampled on the grid
-        right.plot(grid_s, np.mean(batches, axis=0), color="black", linewidth=0.8, alpha=0.6,
-                   label="sequences per step (mean over groups)")
-        right.set_ylim(bottom=0)
-        right.set_ylabel("sequences per step")
-        right.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        right.grid(False)
+    grid = data.grid
+    centres_s = (grid.fine_edges_ns()[:-1] + grid.width_ns / 2) / 1e9
+    batches = [g.batch_sequences.at_bin_ends(grid.used) for g in data.groups.values()]
+    right.plot(centres_s, np.mean(batches, axis=0), color="black", linewidth=0.8, alpha=0.6,
+               label="sequences per step (mean over groups)")
+    right.set_ylim(bottom=0)
+    right.set_ylabel("sequences per step")
+    right.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    right.grid(False)
     _mark_faults(axes, data)
-    style_axes(axes, f"KV cache per socket (paged blocks; peak {peak / _GIB:,.2f} GiB) and batch size", "",
-               "KV (GiB per socket)")
+    style_axes(axes, f"KV cache per socket (peak {peak / _GIB:,.2f} GiB) and batch size", "", "KV (GiB per socket)")
     handles, labels = axes.get_legend_handles_labels()
     more_handles, more_labels = right.get_legend_handles_labels()
     axes.legend(handles + more_handles, labels + more_labels, loc="upper left", bbox_to_anchor=(1.06, 1.0),
                 fontsize="small", frameon=False)
 
 
-def hbm_figure(data: _RunData) -> Figure:
+def hbm_figure(data: RunData) -> Figure:
     """HBM occupancy by weights, then KV and batch size, above the expert switches per interval,
     on one time axis."""
     figure = new_figure(13, 10)
@@ -307,41 +198,31 @@ def hbm_figure(data: _RunData) -> Figure:
 _FAULT_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1)))
 
 
-def _mark_faults(axes: Axes, data: _RunData) -> None:
+def _mark_faults(axes: Axes, data: RunData) -> None:
     """A red vertical line at each injected fault, named in the legend (no text over the data)."""
     for i, (t_ns, label) in enumerate(data.faults):
         axes.axvline(t_ns / 1e9, color="red", linestyle=_FAULT_STYLES[i % len(_FAULT_STYLES)], linewidth=1.2,
                      label=f"fault at {t_ns / 1e9:,.2f} s: {label}")
 
 
-def _busy_ns(spans: list[tuple[int, int]], edges_ns: np.ndarray) -> np.ndarray:
-    """Busy time of `spans` in each interval between consecutive `edges_ns`."""
-    if not spans:
-        return np.zeros(len(edges_ns) - 1)
-    array = np.asarray(spans, dtype=float)
-    starts, ends = array[:, :1], array[:, 1:]
-    overlap = np.minimum(ends, edges_ns[1:]) - np.maximum(starts, edges_ns[:-1])
-    return np.clip(overlap, 0, None).sum(axis=0)
-
-
-def _share_bars(axes: Axes, data: _RunData) -> None:
+def _share_bars(axes: Axes, data: RunData) -> None:
     """Stacked horizontal bars: the share of the run each socket (or TP group) spent on each activity."""
     total_ns = max(data.end_ns, 1)
-    groups = data.setup["groups"]
-    per_socket = sum(len(g["members"]) for g in groups) <= _MAX_SOCKET_BARS
-    labels, shares = [], {a: [] for a in _ACTIVITIES}
+    groups = data.setup.groups
+    per_socket = sum(len(g.members) for g in groups) <= _MAX_SOCKET_BARS
+    labels, shares = [], {a: [] for a in ACTIVITIES}
     for group in groups:
-        rows = group["members"] if per_socket else [f"{group['name']} ({len(group['members'])} sockets)"]
+        rows = group.members if per_socket else [f"{group.name} ({len(group.members)} sockets)"]
+        totals = data.groups[group.name].busy_total_ns
         for row in rows:
-            labels.append(f"{row} ({group['name']})" if per_socket else row)
-            for activity in _ACTIVITIES:
-                busy = sum(end - start for start, end in data.intervals[group["name"]][activity])
-                shares[activity].append(100.0 * busy / total_ns)
+            labels.append(f"{row} ({group.name})" if per_socket else row)
+            for activity in ACTIVITIES:
+                shares[activity].append(100.0 * totals[activity] / total_ns)
     if len(labels) > _MAX_GROUP_BARS:
         labels, shares = _summary_rows(labels, shares)
     positions = np.arange(len(labels))
     left = np.zeros(len(labels))
-    for activity in _ACTIVITIES:
+    for activity in ACTIVITIES:
         axes.barh(positions, shares[activity], left=left, label=activity, color=_COLOURS[activity])
         left += np.asarray(shares[activity])
     for position, total in zip(positions, left):  # the busy total at each bar's end: no need to add segments
@@ -360,39 +241,65 @@ def _share_bars(axes: Axes, data: _RunData) -> None:
 
 def _summary_rows(labels: list[str], shares: dict[str, list[float]]) -> tuple[list[str], dict[str, list[float]]]:
     """Mean, busiest and least busy TP group: three readable bars instead of hundreds of thin ones."""
-    busy = np.sum([shares[a] for a in _ACTIVITIES], axis=0)
+    busy = np.sum([shares[a] for a in ACTIVITIES], axis=0)
     high, low = int(np.argmax(busy)), int(np.argmin(busy))
     rows = [f"mean of {len(labels)} TP groups", f"busiest: {labels[high]}", f"least busy: {labels[low]}"]
     return rows, {a: [float(np.mean(v)), v[high], v[low]] for a, v in shares.items()}
 
 
-def _busy_lines(axes: Axes, data: _RunData) -> None:
+def _share_lines(axes: Axes, data: RunData, series: dict[str, np.ndarray], what: str) -> tuple[float, float]:
+    """Busy share (%) per coarse interval of each series, or the band of many; returns the
+    interval in seconds and the highest share drawn."""
+    edges, lines = None, {}
+    for name, busy in series.items():
+        edges, share = data.grid.coarse_share(busy)
+        lines[name] = 100 * share
+    if edges is None:
+        return 0.0, 0.0
+    centres_s = (edges[:-1] + edges[1:]) / 2 / 1e9
+    if len(lines) > _MAX_GROUP_LINES:
+        _band(axes, centres_s, list(lines.values()), what)
+    for i, (name, share) in enumerate(lines.items() if len(lines) <= _MAX_GROUP_LINES else ()):
+        axes.plot(centres_s, share, color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)], label=name)
+    return (edges[1] - edges[0]) / 1e9, max(float(line.max()) for line in lines.values())
+
+
+def _busy_lines(axes: Axes, data: RunData) -> None:
     """Busy share of each TP group per time interval: when the sockets worked, not only how much."""
-    edges_ns = np.linspace(0, max(data.end_ns, 1), 61)
-    centres_s = (edges_ns[:-1] + edges_ns[1:]) / 2 / 1e9
-    groups = data.setup["groups"]
-    busy = [_busy_ns([span for activity in ("router", "expert prefill", "expert decode")
-                      for span in data.intervals[group["name"]][activity]], edges_ns) / np.diff(edges_ns) * 100
-            for group in groups]
-    if len(groups) > _MAX_GROUP_LINES:
-        _band(axes, centres_s, busy, "TP groups")
-    for i, group in enumerate(groups if len(groups) <= _MAX_GROUP_LINES else ()):
-        axes.plot(centres_s, busy[i], color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)],
-                  label=f"{group['name']} ({len(group['members'])} sockets)")
+    busy = {f"{g.name} ({len(g.members)} sockets)": sum(data.groups[g.name].busy_ns[a] for a in ACTIVITIES[:3])
+            for g in data.setup.groups}
+    interval_s, _ = _share_lines(axes, data, busy, "TP groups")
     _mark_faults(axes, data)
     axes.set_ylim(0, 105)
-    style_axes(axes, f"busy share per TP group over time ({(edges_ns[1] - edges_ns[0]) / 1e9:,.2f} s intervals)",
-               "virtual time (s)", "busy computing (% of interval)")
+    style_axes(axes, f"busy share per TP group over time ({interval_s:,.2f} s intervals)", "",
+               "busy computing (% of interval)")
     legend_outside(axes)
 
 
-def utilisation_figure(data: _RunData) -> Figure:
-    """Per-socket activity shares above the busy share of each TP group over virtual time."""
-    figure = new_figure(13, 8.5)
-    figure.suptitle(f"Socket utilisation over virtual time\n{_title(data)}")
-    top, bottom = figure.subplots(2, 1, height_ratios=(3, 2))
+def _copy_lines(axes: Axes, data: RunData) -> None:
+    """Busy share of the DDR -> HBM copy links: each group's sockets' own lanes (their mean) and
+    the lanes the sockets of a node share, per time interval."""
+    lanes = {f"{g.name} own copy links (mean of {len(g.members)})": data.groups[g.name].copies_ns
+             for g in data.setup.groups}
+    lanes.update(data.shared_lanes_ns)
+    interval_s, highest = _share_lines(axes, data, lanes, "copy lanes")
+    _mark_faults(axes, data)
+    axes.set_ylim(0, min(105.0, max(5.0, 1.15 * highest)))   # copies are brief: a full scale would flatten them
+    style_axes(axes, f"DDR -> HBM copy links: busy share over time ({interval_s:,.2f} s intervals)",
+               "virtual time (s)", "busy copying (% of interval)")
+    legend_outside(axes)
+
+
+def utilisation_figure(data: RunData) -> Figure:
+    """Per-socket activity shares above the busy share of each TP group and of the copy links
+    over virtual time."""
+    figure = new_figure(13, 11)
+    figure.suptitle(f"Socket and copy-link utilisation over virtual time\n{_title(data)}")
+    top, middle, bottom = figure.subplots(3, 1, height_ratios=(3, 2, 2))
     _share_bars(top, data)
-    _busy_lines(bottom, data)
+    _busy_lines(middle, data)
+    bottom.sharex(middle)
+    _copy_lines(bottom, data)
     return figure
 
 
@@ -401,10 +308,11 @@ def run_figures(run_dir: str | Path) -> dict[str, Figure]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    data = _gather(run_dir / EVENTS_FILE)
     requests_csv = run_dir / "requests.csv"
-    if requests_csv.is_file():
-        latencies, source = _latencies_from_csv(requests_csv), "requests.csv"
+    has_csv = requests_csv.is_file()
+    data = gather(run_dir / EVENTS_FILE, latencies=not has_csv)
+    if has_csv:
+        latencies, source = latencies_from_csv(requests_csv), "requests.csv"
     else:
         latencies, source = data.latencies, "done events: the run has no requests.csv"
     return {PLOT_FILES[0]: latency_figure(data, latencies, source), PLOT_FILES[1]: hbm_figure(data),
@@ -412,8 +320,9 @@ def run_figures(run_dir: str | Path) -> dict[str, Figure]:
 
 
 def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNGs of `run_dir` into `out_dir` (default run_dir/plots); returns their paths."""
+    """Write the PNGs of `run_dir` into `out_dir` (default run_dir/plots); returns their paths
+    (a figure is let go once saved: one drawn canvas in memory at a time)."""
     figures = run_figures(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    return [save_figure(figure, out / name) for name, figure in figures.items()]
+    return [save_figure(figures.pop(name), out / name) for name in list(figures)]

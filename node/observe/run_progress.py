@@ -14,6 +14,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rdu.base import UserError
 from rdu.scheduler.metrics import RequestRecord
 from rdu.scheduler.timeline import End, Event, Setup
 
@@ -45,11 +46,11 @@ class RunProgress:
             self._progress.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         if self._progress is not None:
             self._progress.stop()
-        elif self.total:
-            self._line(final=True)
+        elif self.total and not (exc_type is not None and issubclass(exc_type, UserError)):
+            self._line(final=True)   # a refused run says so in one line: no progress line before it
 
     event_types = (Setup, End)   # the run's own events; completed requests come through `on_record`
 

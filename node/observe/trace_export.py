@@ -1,21 +1,24 @@
 """A run's timeline as a Chrome trace (`trace.json`), which Perfetto (ui.perfetto.dev) and
 chrome://tracing open: built from `events.msgpack` alone, so it works on a crashed run too.
 
-Layout: one process per node; in it, per socket, one track for what the socket computes
-(router and expert runs, each split into prefill and decode, and the waits for a switch), one
-for its DDR -> HBM link (the copies of switches) and one for its P2P port (the collective time
-of each run, which the cost model gives as a total per run: the span covers the run and its
-name and args carry the total); on GPU platforms one more for the node's shared host link
-(PCIe), which every copy crosses. Counters: HBM occupancy per socket, and requests waiting per
-group.
+What it draws comes from the reducer the dashboard and the plots use (`timeline_state`): HBM
+residency, the copies on their links, runs cut short by faults. Layout: one process per node; in
+it, per socket, one track for what the socket computes (router and expert runs, each split into
+prefill and decode, the waits for a switch, preemptions), one per lane of its DDR -> HBM copy
+path that is its own (the links of `Topology.copy_path` that only its copies cross, e.g. its DDR
+channel and its DDR -> HBM link) and one for its P2P port (the collective time of each run,
+which the cost model gives as a total per run: the span covers the run and its name and args
+carry the total); then one per lane the node's sockets share (GPU platforms: host DRAM and
+PCIe), which every copy into the node crosses. Counters: HBM occupancy per socket, and requests
+waiting per group.
 
 Timestamps are microseconds, floored to whole microseconds: exact in floating point, so spans
 that nest in integer nanoseconds still nest after a viewer converts them (a nanosecond lost to
 rounding would make a decode span stick out of its run). Spans on one track never overlap
 unless one contains the other.
 
-Memory does not grow with the run: events are read one at a time, the builder keeps only state
-bounded by the cluster (the latest run of each group, HBM residency, link queues), and the trace
+Memory does not grow with the run: events are read one at a time, the reducer keeps only state
+bounded by the cluster (the latest run of each group, HBM residency, lane queues), and the trace
 events it makes go to an external merge sort (`_SpillSorter`: sorted runs of at most
 `SPILL_ITEMS` events spilled to a hidden directory in the run directory, merged while the file is
 written), so a 100k-request run is exported in the memory of a 300-request one.
@@ -38,8 +41,9 @@ import msgpack
 
 from rdu.base import UserError
 from rdu.interconnect.topology import Topology
-from rdu.node.observe.events_log import EVENTS_FILE, read_events
-from rdu.node.observe.live_stats import CopyLinks, Residency, node_of
+from rdu.node.observe.events_log import EVENTS_FILE, read_run
+from rdu.node.observe.timeline_state import CopyHold, GroupState, Lane, RunSpan, TimelineState, TimelineView
+from rdu.scheduler.timeline import End, Event, Fault, Preempt, Setup, to_record
 
 __all__ = ["write_trace", "build_trace_json", "TRACE_FILE", "SPILL_ITEMS"]
 
@@ -62,29 +66,37 @@ class _Track:
 
 
 class _Tracks:
-    """Processes (nodes) and threads (sockets, links), with their metadata events."""
+    """Processes (nodes) and threads (sockets, copy lanes), with their metadata events: per
+    socket its compute, its own copy lanes and its P2P port; per node the lanes its sockets'
+    copies share."""
 
-    def __init__(self, setup: dict) -> None:
+    def __init__(self, setup: Setup, lanes_of: dict[str, tuple[Lane, ...]]) -> None:
         self.metadata: list[dict] = []
         self._tracks: dict[str, _Track] = {}
-        nodes = int(setup["nodes"])
-        members_by_node: dict[int, list[str]] = {n: [] for n in range(nodes)}
-        for group in setup["groups"]:
-            for member in group["members"]:
-                members_by_node.setdefault(node_of(member), []).append(member)
+        members_by_node: dict[int, list[str]] = {}
+        for group in setup.groups:
+            for member in group.members:
+                members_by_node.setdefault(Topology.parse(member)[0], []).append(member)
         for node, members in sorted(members_by_node.items()):
             pid = node + 1
-            self._meta("process_name", pid, 0, {"name": f"node{node} ({setup.get('platform', '?')})"})
+            self._meta("process_name", pid, 0, {"name": f"node{node} ({setup.platform})"})
             self._meta("process_sort_index", pid, 0, {"sort_index": node})
             tid = 0
-            for member in sorted(members, key=Topology.parse):
-                for key, label in ((member, f"{member} compute"), (f"{member}/ddr", f"{member} DDR->HBM link"),
-                                   (f"{member}/p2p", f"{member} P2P link (collectives)")):
-                    tid += 1
-                    self._add(key, label, pid, tid)
-            if setup.get("host_link"):
+            shared: dict[str, Lane] = {}
+            for member in sorted(dict.fromkeys(members), key=Topology.parse):
                 tid += 1
-                self._add(f"node{node}/host", f"node{node} host link (PCIe, shared)", pid, tid)
+                self._add(member, f"{member} compute", pid, tid)
+                for lane in lanes_of.get(member, ()):
+                    if lane.shared:
+                        shared[lane.name] = lane
+                    else:
+                        tid += 1
+                        self._add(lane.name, lane.label, pid, tid)
+                tid += 1
+                self._add(_p2p(member), f"{member} P2P link (collectives)", pid, tid)
+            for lane in shared.values():
+                tid += 1
+                self._add(lane.name, lane.label, pid, tid)
 
     def _meta(self, name: str, pid: int, tid: int, args: dict) -> None:
         self.metadata.append({"ph": "M", "name": name, "pid": pid, "tid": tid, "args": args})
@@ -98,7 +110,12 @@ class _Tracks:
         return self._tracks.get(key)
 
 
-_json = json.JSONEncoder(separators=(",", ":")).encode   # one encoder: json.dumps builds one per call
+def _p2p(member: str) -> str:
+    """The key of a socket's P2P track (collectives are not copies: no lane of the reducer)."""
+    return f"{member} p2p"
+
+
+_json = json.JSONEncoder(separators=(",", ":"), default=repr).encode   # one encoder: json.dumps builds one per call
 
 
 # A trace event as a sort key that carries its own rendering: spans and instants
@@ -175,27 +192,22 @@ class _SpillSorter:
         return heapq.merge(*(self._read_run(run) for run in runs), self._buffer)
 
 
-class _TraceBuilder:
-    """Turns events into trace events, pre-rendered as JSON bodies: the members of a TP group
+class _TraceBuilder(TimelineView):
+    """Draws what the reducer (`TimelineState`, shared with the dashboard and the plots) derives
+    from the events as trace events, pre-rendered as JSON bodies: the members of a TP group
     share each span, so a span's body is rendered once and stamped onto every member's track
     (a run of the whole Azure trace has ~370k events; building them as dicts doubles the time).
-    Trace events go to `sink` as they are made; the builder itself keeps only per-group and
-    per-link state."""
+    Trace events go to `sink` as they are made; the builder keeps only per-group and per-lane state."""
 
-    def __init__(self, setup: dict, sink: Callable[[_Item], None]) -> None:
+    def __init__(self, setup: Setup, sink: Callable[[_Item], None], where: str = "setup") -> None:
         self.setup = setup
-        self.tracks = _Tracks(setup)
-        self.members = {g["name"]: list(g["members"]) for g in setup["groups"]}
-        self.group_node = {g["name"]: int(g["node"]) for g in setup["groups"]}
-        self.residency = {name: Residency() for name in self.members}
-        self.copy_links = CopyLinks(host_link=bool(setup.get("host_link")))
-        self.waiting = {name: 0 for name in self.members}
         self.sink = sink
-        self.latest_run: dict[str, tuple[dict, str]] = {}       # group -> its latest run, drawn once it is over
+        self.state = TimelineState(setup, self, where)
+        self.tracks = _Tracks(setup, self.state.lanes_of)
 
     def _span(self, keys: list[str], name: str, category: str, start_ns: int, end_ns: int, args: dict | None,
               depth: int = 0) -> None:
-        """One span on the track of each of `keys` (sockets or links)."""
+        """One span on the track of each of `keys` (sockets or lanes)."""
         if end_ns < start_ns:
             return
         ts = _us(start_ns)
@@ -207,112 +219,88 @@ class _TraceBuilder:
             if track is not None:
                 self.sink((0, track.pid, track.tid, ts, -dur, depth, "X", body))
 
+    def _instant(self, pid: int, tid: int, scope: str, name: str, category: str, t_ns: int, args: dict) -> None:
+        body = f'"s":"{scope}","name":{_json(name)},"cat":"{category}","ts":{_us(t_ns)},"args":{_json(args)}'
+        self.sink((0, pid, tid, _us(t_ns), 0.0, 0, "i", body))
+
     def _counter(self, pid: int, name: str, t_ns: int, args_json: str) -> None:
         self.sink((1, pid, name, _us(t_ns), args_json))
 
-    def feed(self, event: dict) -> None:
-        handler = getattr(self, f"_on_{event['type']}", None)
-        if handler is None or ("group" in event and event["group"] not in self.members):
-            return  # done/end events, or a group the setup did not announce
-        handler(event)
-
-    def _on_arrival(self, event: dict) -> None:
-        group = event["group"]
-        self.waiting[group] += 1
-        self._counter(self.group_node[group] + 1, f"{group} requests waiting", event["t_ns"],
-                      f'{{"requests":{self.waiting[group]}}}')
-
-    def _on_router(self, event: dict) -> None:
-        group = event["group"]
-        self.waiting[group] = int(event["queued"])
-        self._counter(self.group_node[group] + 1, f"{group} requests waiting", event["t_ns"],
-                      f'{{"requests":{self.waiting[group]}}}')
-        self._hold_run(event, "router")
-
-    def _on_run(self, event: dict) -> None:
-        self._hbm(event)  # a continuous span resizes the group's KV entry
-        self._hold_run(event, "expert")
-
-    def _hold_run(self, event: dict, category: str) -> None:
-        """A run is drawn when the group's next one starts, or cut short by a fault that
-        interrupts it (the group then retries it, and the two must not overlap)."""
-        group = event["group"]
-        if group in self.latest_run:
-            self._draw_run(group)
-        self.latest_run[group] = (event, category)
-
-    def _draw_run(self, group: str, cut_at_ns: int | None = None) -> None:
-        event, category = self.latest_run.pop(group)
-        members = self.members[group]
-        start, planned_end, ttft = int(event["t_ns"]), int(event["end_ns"]), int(event["ttft_ns"])
-        end = planned_end if cut_at_ns is None else min(planned_end, cut_at_ns)
-        stall = int(event.get("stall_ns", 0))
-        if stall > 0:
-            self._span(members, f"wait for {event['model']} switch", "switch_wait", start - stall,
-                       min(start, end) if cut_at_ns is not None else start, {"stall_ns": stall})
-        if end <= start:
-            return  # interrupted before it began
-        first_token = min(end, start + ttft)
-        collective_ns = int(event.get("collective_ns", 0))
-        args = {"group": group, "requests": len(event["requests"]), "ttft_ns": ttft, "run_ns": end - start,
-                "collective_ns": collective_ns}
-        if "hit" in event:
-            args["hbm_hit"] = bool(event["hit"])
-        if end < planned_end:
-            args["interrupted_at_ns"] = end
-        self._span(members, event["model"], category, start, end, args)
-        self._span(members, "prefill", category, start, first_token, None, depth=1)
-        if end > first_token:
-            self._span(members, "decode", category, first_token, end, None, depth=1)
-        if collective_ns > 0:
-            self._span([f"{m}/p2p" for m in members], f"collectives {collective_ns / 1e6:,.2f} ms ({event['model']})",
-                       "collective", start, end, {"collective_ns": collective_ns, "run_ns": planned_end - start,
-                                                  "aggregated": True})
-
-    def _hbm(self, event: dict) -> None:
-        """Apply an event to its group's HBM residency (the one reducer the dashboard uses too) and
-        draw the HBM counter of every member when what the ledgers hold changed."""
-        group = event["group"]
-        residency = self.residency[group]
-        before = residency.used_bytes
-        residency.apply(event)
-        if residency.used_bytes == before and event["type"] != "switch":
-            return
-        used = f'{{"GiB":{round(residency.used_bytes / _GIB, 3)}}}'
-        for member in self.members[group]:
-            self._counter(node_of(member) + 1, f"{member} HBM used", event["t_ns"], used)
-
-    def _on_evict(self, event: dict) -> None:
-        self._hbm(event)
-
-    def _on_kv(self, event: dict) -> None:
-        self._hbm(event)
-
-    def _on_switch(self, event: dict) -> None:
-        self._hbm(event)
-        verb = "prefetch" if event["prefetch"] else "copy"
-        for copy in self.copy_links.copies(event):
-            args = {"sent_ns": copy.sent_ns, "arrival_ns": copy.arrival_ns, "waited_for_link_ns": copy.start_ns -
-                    copy.sent_ns, "shard_bytes": copy.shard_bytes, "to": copy.member, "victims": event["victims"]}
-            self._span(list(copy.links), f"{verb} {copy.model}", "switch", copy.start_ns, copy.arrival_ns, args)
-
-    def _on_fault(self, event: dict) -> None:
-        group = event.get("group")
-        for hit in [*event.get("groups", ()), *([group] if group else [])]:
-            if hit in self.latest_run:
-                self._draw_run(hit, cut_at_ns=int(event["t_ns"]))
-        pid = self.group_node[group] + 1 if group in self.group_node else 1
-        args = {k: v for k, v in event.items() if k not in ("type", "t_ns")}
-        body = f'"s":"p","name":"fault","cat":"fault","ts":{_us(event.get("t_ns", 0))},"args":{_json(args)}'
-        self.sink((0, pid, 0, _us(event.get("t_ns", 0)), 0.0, 0, "i", body))
+    def feed(self, event: Event) -> None:
+        self.state.feed(event)
+        if isinstance(event, Fault):
+            self._fault(event)
+        elif isinstance(event, Preempt):
+            self._preempt(event)
 
     def finish(self) -> None:
         """Draw the runs still held (the last of each group)."""
-        for group in list(self.latest_run):
-            self._draw_run(group)
+        self.state.finish()
+
+    # -- what the reducer reports ---------------------------------------------------------------
+    def waiting_changed(self, group: GroupState, t_ns: int) -> None:
+        self._counter(group.node + 1, f"{group.name} requests waiting", t_ns, f'{{"requests":{group.waiting}}}')
+
+    def hbm_changed(self, group: GroupState, t_ns: int) -> None:
+        used = f'{{"GiB":{round(group.residency.used_bytes / _GIB, 3)}}}'
+        for member in group.members:
+            self._counter(Topology.parse(member)[0] + 1, f"{member} HBM used", t_ns, used)
+
+    def copy_held(self, hold: CopyHold) -> None:
+        args = {"to": hold.member, "group": hold.group, "links": list(hold.lane.links), "sent_ns": hold.sent_ns,
+                "arrival_ns": hold.arrival_ns, "waited_for_link_ns": hold.start_ns - hold.sent_ns,
+                "shard_bytes": hold.shard_bytes}
+        self._span([hold.lane.name], f"{'prefetch' if hold.prefetch else 'copy'} {hold.model}", "switch",
+                   hold.start_ns, hold.end_ns, args)
+
+    def run_ended(self, group: GroupState, span: RunSpan) -> None:
+        run, members = span.run, group.members
+        if run.stall_ns > 0:
+            self._span(members, f"wait for {run.model} switch", "switch_wait", *span.stall, {"stall_ns": run.stall_ns})
+        start, end = span.start_ns, span.end_ns
+        if end <= start:
+            return  # interrupted before it began
+        category = "router" if span.router else "expert"
+        args = {"group": group.name, "requests": len(run.requests), "iterations": run.iterations,
+                "prefill_tokens": run.prefill_tokens, "decodes": run.decodes, "first_step_ns": run.first_step_ns,
+                "run_ns": end - start, "collective_ns": run.collective_ns, "kv_bytes": run.kv_bytes,
+                "queued": run.queued}
+        if run.accesses:
+            args["hbm_hits"] = f"{run.hits} of {run.accesses}"
+        if span.interrupted:
+            args["interrupted_at_ns"] = end
+        self._span(members, run.model, category, start, end, args)
+        prefill_end = span.prefill_end_ns
+        if prefill_end > start:
+            self._span(members, "prefill", category, start, prefill_end, None, depth=1)
+        if end > prefill_end:
+            self._span(members, "decode", category, prefill_end, end, None, depth=1)
+        if run.collective_ns > 0:
+            self._span([_p2p(m) for m in members], f"collectives {run.collective_ns / 1e6:,.2f} ms ({run.model})",
+                       "collective", start, end, {"collective_ns": run.collective_ns, "run_ns": run.end_ns - start,
+                                                  "aggregated": True})
+
+    # -- events drawn as they are ---------------------------------------------------------------
+    def _fault(self, event: Fault) -> None:
+        group = self.state.groups.get(event.groups[0]) if event.groups else None
+        args = {key: value for key, value in to_record(event).items() if key not in ("type", "t_ns")}
+        self._instant(group.node + 1 if group is not None else 1, 0, "p", "fault", "fault", event.t_ns, args)
+
+    def _preempt(self, event: Preempt) -> None:
+        """On the compute track of every member: its KV blocks went (the sequence re-queues)."""
+        group = self.state.groups.get(event.group)
+        if group is None:
+            return
+        args = {"request": event.request, "model": event.model, "generated": event.generated, "mode": event.mode,
+                "kv_bytes": event.kv_bytes}
+        for member in group.members:
+            track = self.tracks.get(member)
+            if track is not None:
+                self._instant(track.pid, track.tid, "t", f"preempt request {event.request}", "preempt", event.t_ns,
+                              args)
 
     def other_data(self, ended: bool, events: int) -> dict:
-        return {"run": self.setup.get("name", "?"), "platform": self.setup.get("platform", "?"), "events": events,
+        return {"run": self.setup.name, "platform": self.setup.platform, "events": events,
                 "complete": ended, "collectives": _COLLECTIVES_NOTE,
                 "time": "virtual time of the emulated machine, floored to whole microseconds"}
 
@@ -330,22 +318,14 @@ def _stream_trace(events_path: str | Path, out: TextIO, spill_dir: Path | None) 
     time order (parents before children), then the counters (a truncated stream gives the
     trace up to where it stops)."""
     sorter = _SpillSorter(spill_dir)
-    builder: _TraceBuilder | None = None
-    ended, count = False, 0
-    for event in read_events(events_path):
+    setup, events = read_run(events_path)
+    builder = _TraceBuilder(setup, sorter.add, f"{events_path}: event 1 (setup)")
+    ended, count = False, 1
+    for event in events:
         count += 1
-        if event["type"] == "setup":
-            if builder is not None:
-                raise UserError(f"{events_path}: event {count}: a second setup event (two runs in one file?)")
-            builder = _TraceBuilder(event, sorter.add)
-        elif builder is None:
-            raise UserError(f"{events_path}: the stream does not start with a setup event")
-        elif event["type"] == "end":
+        if isinstance(event, End):
             ended = True
-        else:
-            builder.feed(event)
-    if builder is None:
-        raise UserError(f"{events_path}: no events (the run stopped before it started)")
+        builder.feed(event)
     builder.finish()
     out.write('{"traceEvents":[\n')
     first = True
