@@ -40,7 +40,7 @@ def _rows() -> list[Row]:
             Row("trace", "identical", 1.0, "bool", "yes", True)]
 
 
-def _record(groups=("plane", "trace", "soak", "dashboard", "serving"), rows=None, failed=()) -> BenchRecord:
+def _record(groups=tuple(bench_run.BENCHES), rows=None, failed=()) -> BenchRecord:
     return BenchRecord(date="2030-01-02", cores=2, groups=list(groups), rows=_rows() if rows is None else rows,
                        failed=list(failed))
 
