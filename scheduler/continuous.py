@@ -33,7 +33,7 @@ from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
 from rdu.scheduler.serving_types import ServingStopped
 from rdu.scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
-from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Preempt, Run, TimelineBuffer
+from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Preempt, Run, Switch, TimelineBuffer
 from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import SpanRequest
 from rdu.socket_actor.operators import kv_bytes_per_token_per_socket
@@ -645,16 +645,32 @@ class ContinuousEngine:
             group.busy = False
         return cut
 
+    def _emit_cut_run(self, group: ContinuousGroup, planned: tuple, lost: int) -> None:
+        """The part of a span a failure cut off, as a `run` from the last kept iteration to the
+        planned end (the `fault` that follows tells observers where it really stopped)."""
+        batch, request, steps, result, coll = planned
+        kept = len(steps) - lost
+        start = request.start_ns + int(steps[:kept].sum())
+        self.emit(Run(t_ns=start, group=group.info.name, model=model_id(batch.model), end_ns=result.end_ns,
+                      first_step_ns=int(steps[kept]), collective_ns=int(np.rint(coll[kept:]).sum()),
+                      requests=sorted({s.request.id for s in batch.decodes} | {s.request.id for s, _ in batch.chunks}),
+                      iterations=lost, prefill_tokens=0 if kept else sum(c for _, c in batch.chunks),
+                      decodes=len(batch.decodes), accesses=0, hits=0, stall_ns=0, kv_bytes=request.kv_bytes,
+                      queued=len(group.waiting.get(batch.model, ()))))
+
     def _interrupt(self, group: ContinuousGroup, now: int) -> int:
         """A member of `group` failed at `now`: the span in progress keeps the iterations that
         ended by then; every running sequence loses its KV (recompute: prefilled again later).
         Returns the iterations lost."""
         lost = 0
         if group.span is not None:
+            planned = group.span
             lost = self._shorten(group, now, side="right")
             self.fault_stats["runs_retried"] += lost > 0
             if group.span is not None:
                 self._commit(group)
+            if lost and self.listening:   # the iterations the failure cut off, as planned: observers cut them at `now`
+                self._emit_cut_run(group, planned, lost)
         for s in sorted((s for seqs in group.running.values() for s in seqs), key=lambda s: -s.order):
             group.preempt(s, now, mode="recompute")
         group.busy = group.kicked = False
@@ -678,20 +694,24 @@ class ContinuousEngine:
         lost = self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)
-        recovered = back
+        refills = []
         for key in sorted(group.residency.resident):
             model = self.router_model if key == ROUTER_KEY else self.expert_model
             arrival = self.backend.copy_in(group.info.index, model_id(key), model, back, [fault.target])[fault.target]
             ready = max(group.residency.resident[key], arrival)
             group.residency.resident[key] = ready
-            recovered = max(recovered, ready)
+            refills.append((key, arrival))
             self.push(ready, _READY, (group.info.index, key), ("ready", group, key, ready))
+        recovered = max([back, *group.residency.resident.values()])
         self.fault_stats["faults_recovered"] += 1
         self.fault_stats["recovery_ns"] += recovered - now
         if self.listening:
             self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=[group.info.name],
-                            recovered_at_ns=recovered, detail={"reloaded": len(group.residency.resident),
-                                                               "iterations_lost": lost}))
+                            recovered_at_ns=recovered, detail={"reloaded": len(refills), "iterations_lost": lost}))
+            for key, arrival in refills:   # the refill of the restarted socket, on its links
+                self.emit(Switch(t_ns=back, group=group.info.name, model=model_id(key), ready_ns=arrival, victims=[],
+                                 prefetch=False, arrivals={fault.target: arrival},
+                                 shard_bytes=group.residency.shard_bytes(key), kv_bytes=group.memory.kv_bytes))
         self._touch(group)
 
     def _kill_node(self, node: int, now: int) -> None:

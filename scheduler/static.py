@@ -27,7 +27,7 @@ from rdu.scheduler.metrics import GroupStats, RequestRecord
 from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
 from rdu.scheduler.serving_types import ROUTER_ID, ServingStopped, expert_id
-from rdu.scheduler.timeline import Done, Fault, Run, Switch, TimelineBuffer
+from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Run, Switch, TimelineBuffer
 from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import RunRequest
 from rdu.socket_actor.model_spec import ModelSpec
@@ -62,6 +62,7 @@ class StaticGroup:
     epoch: int = 0                               # bumped by a fault: older events of the group are void
     available_at_ns: int = 0                     # when the group is back after a fault
     dead: bool = False
+    kv_bytes: int = 0                            # the KV entry its members' ledgers hold (the batch in progress)
 
     @property
     def load(self) -> int:
@@ -235,6 +236,7 @@ class StaticEngine:
         if group.dead:  # its node failed while the request was on its way: back to the ingress
             self._orphans.append(request)
             return
+        self.emit(Enqueue(t_ns=now, request=request.id, group=group.info.name))
         group.queue.append(request)
         if not group.busy:
             self._push(now, "free", group)
@@ -312,7 +314,7 @@ class StaticEngine:
         group.stats.prefetches += prefetch
         self.emit(Switch(t_ns=now, group=group.info.name, model=expert_id(expert), ready_ns=ready,
                          victims=[expert_id(v) for v in victims], prefetch=prefetch, arrivals=dict(arrivals),
-                         shard_bytes=shard_weight_bytes(self.expert_model, group.info.tp), kv_bytes=0))
+                         shard_bytes=shard_weight_bytes(self.expert_model, group.info.tp), kv_bytes=group.kv_bytes))
         return ready
 
     def _on_next(self, now: int, group: StaticGroup) -> None:
@@ -324,6 +326,7 @@ class StaticEngine:
             group.phase = "idle"
             group.batch = []
             self.backend.set_kv(group.info.index, 0)  # the cycle is over: its KV cache leaves HBM
+            self._kv(group, now, 0)
             self._push(now, "free", group)
             return
         expert, requests = group.plan.popleft()
@@ -357,11 +360,12 @@ class StaticEngine:
                    output_lens: tuple[int, ...], accesses: int, hits: int, stall: int) -> Run:
         """The `run` event of a router batch or an expert batch of the cycle (its KV held for the run)."""
         tokens = sum(r.prompt_tokens for r in requests) + sum(output_lens)
+        group.kv_bytes = kv_bytes_per_token_per_socket(model, group.info.tp) * tokens   # the batch's, now held
         return Run(t_ns=start, group=group.info.name, model=model_name, end_ns=result.end_ns,
                    first_step_ns=result.ttft_ns, collective_ns=result.collective_ns, requests=[r.id for r in requests],
                    iterations=max(output_lens, default=0), prefill_tokens=sum(r.prompt_tokens for r in requests),
                    decodes=0, accesses=accesses, hits=hits, stall_ns=stall,
-                   kv_bytes=kv_bytes_per_token_per_socket(model, group.info.tp) * tokens, queued=len(group.queue))
+                   kv_bytes=group.kv_bytes, queued=len(group.queue))
 
     def _commit(self, group: StaticGroup) -> None:
         """Record the requests of the run that just ended."""
@@ -401,6 +405,7 @@ class StaticEngine:
             group.stats.stall_ns -= max(0, group.router_start_ns - now)  # it was still waiting to start
             group.queue.extendleft(reversed(group.batch))
             group.batch, group.busy, group.phase = [], False, "idle"
+            self._kv(group, now, 0)   # the aborted batch's KV went with it
         elif group.running is not None and now < group.running[2].end_ns:
             expert, requests, result, hit, stall, job = group.running
             self.backend.abort(group.info.index, job, now)  # cut short, or cancelled before it began
@@ -409,9 +414,15 @@ class StaticEngine:
             group.plan.appendleft((expert, requests))
             group.running = None
             self.fault_stats["runs_retried"] += 1
+            self._kv(group, now, 0)   # the aborted batch's KV went with it
         elif group.running is not None:  # it ended at this very moment: keep its results
             self._commit(group)
         group.epoch += 1
+
+    def _kv(self, group: StaticGroup, now: int, kv_bytes: int) -> None:
+        """The KV entry of the group's ledgers changes size (observers follow the ledgers)."""
+        group.kv_bytes = kv_bytes
+        self.emit(KvResize(t_ns=now, group=group.info.name, kv_bytes=kv_bytes))
 
     def _kill_socket(self, now: int, fault: FaultSpec) -> None:
         """The socket dies; it is restarted empty and refilled from its node's capacity tier with
@@ -428,21 +439,24 @@ class StaticEngine:
         self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)
-        ready = [back]
-        arrivals = self.backend.copy_in(group.info.index, ROUTER_ID, self.router_model, back, [fault.target])
-        group.router_ready_ns = max(group.router_ready_ns, *arrivals.values())
-        ready.append(group.router_ready_ns)
-        for expert in list(group.resident):
-            arrivals = self.backend.copy_in(group.info.index, expert_id(expert), self.expert_model, back,
-                                            [fault.target])
-            group.resident[expert] = max(group.resident[expert], *arrivals.values())
-            ready.append(group.resident[expert])
-        group.available_at_ns = max(ready)
+        refills = [(ROUTER_ID, self.router_model, None)] + [(expert_id(e), self.expert_model, e) for e in group.resident]
+        copies = [(name, model, key, self.backend.copy_in(group.info.index, name, model, back, [fault.target]))
+                  for name, model, key in refills]
+        for name, model, key, arrivals in copies:
+            if key is None:
+                group.router_ready_ns = max(group.router_ready_ns, *arrivals.values())
+            else:
+                group.resident[key] = max(group.resident[key], *arrivals.values())
+        group.available_at_ns = max([back, group.router_ready_ns, *group.resident.values()])
         self._push(group.available_at_ns, "next" if group.busy else "free", group)
         self.fault_stats["faults_recovered"] += 1
         self.fault_stats["recovery_ns"] += group.available_at_ns - now
         self.emit(Fault(t_ns=now, kind=fault.kind, target=fault.target, spec=fault.text, groups=[group.info.name],
-                        recovered_at_ns=group.available_at_ns, detail={"reloaded": len(group.resident) + 1}))
+                        recovered_at_ns=group.available_at_ns, detail={"reloaded": len(copies)}))
+        for name, model, key, arrivals in copies:   # the refill of the restarted socket, on its links
+            self.emit(Switch(t_ns=back, group=group.info.name, model=name, ready_ns=max(arrivals.values()), victims=[],
+                             prefetch=False, arrivals=dict(arrivals),
+                             shard_bytes=shard_weight_bytes(model, group.info.tp), kv_bytes=group.kv_bytes))
 
     def _kill_node(self, node: int, now: int) -> None:
         """The node is gone at `now` (the end of this round): its groups' requests — queued, in a

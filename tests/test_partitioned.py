@@ -78,7 +78,7 @@ def test_the_partitioned_ray_run_equals_the_inline_one(ray_local):
         cluster.shutdown()
     assert on_ray.summary == inline.summary
     assert [asdict(r) for r in on_ray.records] == [asdict(r) for r in inline.records]
-    assert info["partitions"] == 2 and info["verified"] > 0 and info["actor_restarts"] == 1
+    assert info["partitions"] == 2 and info["logs_confirmed"] == info["logs_sent"] > 0 and info["actor_restarts"] == 1
 
 
 @pytest.mark.ray

@@ -52,8 +52,8 @@ class ActorNodeBackend(InlineNodeBackend):
     def __init__(self, spec: NodeSpec, nodes: int, partition: PartitionSpec, sockets: dict[str, object],
                  stores: dict[int, object], functional: bool = False, flush_commands: int = 2048,
                  max_in_flight: int = 8) -> None:
-        super().__init__(spec, nodes, partition, functional=False)   # the actors carry the payloads
-        self.functional = functional
+        super().__init__(spec, nodes, partition, functional=functional)
+        self.payloads_here = False   # the actors carry the payloads
         self.checks = FunctionalChecks()
         self.actors = dict(sockets)
         self.store_actors = dict(stores)
@@ -64,8 +64,9 @@ class ActorNodeBackend(InlineNodeBackend):
         self._sent: deque[_Sent] = deque()
         self._stores_pending: dict[int, list[tuple[str, int]]] = {}
         self._payload_refs: dict[tuple[int, str], dict[int, list]] = {}
-        self.commands = 0
-        self.verified = 0
+        self.commands = 0           # commands the cache applied and logged
+        self.logs_sent = 0          # logs sent to a socket (one per member per flush)
+        self.confirmed = 0          # ... of which the socket's answer matched the cache
         self.restarts = 0
 
     # -- the log and its confirmation -------------------------------------------------------------
@@ -89,6 +90,7 @@ class ActorNodeBackend(InlineNodeBackend):
         for m in members:
             refs[m] = self.actors[m].apply_log.remote(self._batch[m], log_ref)
             self._batch[m] += 1
+            self.logs_sent += 1
         self._sent.append(_Sent(group, _describe(log.ops[-1]), refs, {m: digest(self.sockets[m]) for m in members}))
         self.logs[group] = CommandLog()
         self.collect(block=len(self._sent) > self.max_in_flight)
@@ -119,7 +121,7 @@ class ActorNodeBackend(InlineNodeBackend):
             if got != sent.expected[member]:
                 raise ActorDivergence(f"{member}: after {sent.last_command} its state is {_show(got)}, the runtime "
                                       f"expected {_show(sent.expected[member])}")
-            self.verified += 1
+            self.confirmed += 1
 
     def drain(self, groups: Sequence[int] | None = None) -> None:
         """Send every pending log (of `groups`) and check every answer."""
@@ -158,10 +160,12 @@ class ActorNodeBackend(InlineNodeBackend):
     def copy_in(self, group: int, model_id: str, model: ModelSpec, send_ns: int,
                 members: Sequence[str] | None = None) -> dict[str, int]:
         self._flush_stores()
+        if self.functional:   # the socket's log up to here first: the real copy happens now, out of band
+            self.drain([group])
         shard, arrivals = self.copy_arrivals(group, model, send_ns, members)
         for member, arrival in arrivals.items():
             self.sockets[member].load(model_id, shard, arrival)
-        if self.functional:   # a real copy out of the node's store into the member's HBM buffers, now
+        if self.functional:   # a real copy out of the node's store into the member's HBM buffers
             self._load_payloads(group, model_id, shard, arrivals)
         else:
             self._log(group).add("load", model_id, shard, dict(arrivals))
@@ -170,7 +174,6 @@ class ActorNodeBackend(InlineNodeBackend):
     def _load_payloads(self, group: int, model_id: str, shard: int, arrivals: dict[str, int]) -> None:
         import ray
 
-        self.drain([group])
         ranks = {m: r for r, m in enumerate(self.tp_groups[group].members)}
         used = ray.get([self.actors[m].load.remote(
             model_id, shard, arrival, self._payload_refs[(int(m.split("/")[0][4:]), model_id)][ranks[m]])
@@ -273,7 +276,7 @@ class ActorNodeBackend(InlineNodeBackend):
         self._flush_stores()
         self.drain()
         return {"backend": self.name, "sockets": len(self.actors), "commands": self.commands,
-                "verified": self.verified, "actor_restarts": self.restarts,
+                "logs_sent": self.logs_sent, "logs_confirmed": self.confirmed, "actor_restarts": self.restarts,
                 **(self.checks.to_dict() if self.functional else {})}
 
 

@@ -53,6 +53,7 @@ class InlineNodeBackend:
         self.spec = spec
         self.partition = partition
         self.functional = functional
+        self.payloads_here = functional   # the payloads run in this process (not on socket actors)
         self.checks = FunctionalChecks()
         self.restart_ns = spec.socket.restart_ns
         self.max_restarts = spec.socket.max_restarts
@@ -88,7 +89,7 @@ class InlineNodeBackend:
 
     def _payloads(self, group: int, model_id: str) -> dict[str, object]:
         """Each member's functional shard of `model_id` (none in timing mode)."""
-        if not self.functional:
+        if not self.payloads_here:
             return {}
         members = self.tp_groups[group].members
         return dict(zip(members, model_shards(model_id, len(members))))
@@ -114,7 +115,7 @@ class InlineNodeBackend:
         result = self.sockets[leader].run(request, self._timing(request))
         for member in followers:
             self.sockets[member].follow(request, result.busy_ns)
-        if self.functional:
+        if self.payloads_here:
             shards = [self.sockets[m].residents[request.model_id].weights for m in self.tp_groups[group].members]
             prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
             ids, logits = in_process_tp(shards, prompts, new_tokens)
