@@ -84,14 +84,22 @@ class Ingress:
         self.rounds = 0
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self) -> ServingResult:
+    def prepare(self) -> None:
+        """Build the engines and let them load what starts resident (the run's set-up: the
+        workload's clock starts when every engine is ready)."""
+        if self.runner is not None:
+            return
         self.runner = runner = self.cluster.start(self.recipe)
         for spec in runner.partitions:
             for n in spec.nodes:
                 self._partition_of_node[n] = spec.index
         self._pending = [[] for _ in runner.partitions]
         self._stores = [[] for _ in runner.partitions]
-        self.setup_ns = setup_ns = max(runner.setup(), default=0)
+        self.setup_ns = max(runner.setup(), default=0)
+
+    def run(self) -> ServingResult:
+        self.prepare()
+        setup_ns = self.setup_ns
         arrivals = [Request(r.id, r.arrival_ns + setup_ns, r.prompt_tokens, r.output_tokens, r.expert)
                     for r in self.workload.requests]
         faults = sorted(((setup_ns + (f.virtual_ns if f.request is None else self.workload.requests[f.request]

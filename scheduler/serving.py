@@ -93,6 +93,14 @@ class CoEServer:
         self.ingress = Ingress(cluster, self.recipe, int(config.dispatch_window_ms * 1e6), on_event, on_timeline,
                                on_record, keep_records, stop_requested)
 
+    def prepare(self) -> None:
+        """The engines built and their set-up done (the run's set-up phase; `run` does it if not)."""
+        try:
+            self.ingress.prepare()
+        except BaseException:
+            self.ingress.close()
+            raise
+
     def run(self) -> ServingResult:
         try:
             return self.ingress.run()

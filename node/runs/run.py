@@ -158,6 +158,7 @@ def _serve(config: RunConfig, cluster, events: EventsWriter, sinks, records, pha
     the middle of recording a request."""
     with stop_as_flag() as stop_requested:
         state["server"] = server = _make_server(config, cluster, events, sinks, records, stop_requested)
+        server.prepare()
         phases.end("setup")
         state["result"] = server.run()
         state["backend_info"] = server.backend_info()
