@@ -96,16 +96,14 @@ def bench_plane() -> list[Row]:
             rows.append(Row("plane", "actor call round trip (p50)", statistics.median(samples) * 1e3, "ms"))
         finally:
             cluster.shutdown()
-        # check-tp on sn40l-node: its P2P is a ring, so every collective runs the ring the timing
-        # model picks (6 collectives x 14 dependent hops per token at TP8). The one-shot row shows
-        # the same decode on links whose timing model picks one-shot for small messages (a switch).
+        # check-tp on sn40l-node, 16 new tokens after a 16-token prompt on 8 socket actors: 6
+        # collectives per token, each to a root and back over gRPC (14 messages, 2 dependent hops),
+        # timed as the ring the platform runs. Median of 3 runs: one run is ~1 s of a shared machine.
         for batch, target in ((1, 30), (8, 20)):
-            tokens_per_s = check_tp(1, 8, tokens=16, prompt_tokens=16, batch=batch)["tokens_per_s"]
+            runs = [check_tp(1, 8, tokens=16, prompt_tokens=16, batch=batch)["tokens_per_s"] for _ in range(3)]
+            tokens_per_s = statistics.median(runs)
             rows.append(Row("plane", f"check-tp 8 sockets, batch {batch}", tokens_per_s, "tokens/s", f">= {target}",
                             tokens_per_s >= target))
-        one_shot = check_tp(1, 8, tokens=16, prompt_tokens=16, batch=1, platform="dgx-a100")
-        rows.append(Row("plane", "check-tp 8 sockets, batch 1, one-shot (dgx-a100 links)", one_shot["tokens_per_s"],
-                        "tokens/s"))
     finally:
         ray.shutdown()
     return rows

@@ -1,44 +1,55 @@
-"""Collectives over the gRPC plane: real numerics, virtual time from the link model, and the
-algorithm the timing model picks (`RingTiming.algorithm`): the ring, or one-shot for small
-messages where the topology has a direct path between every pair (switch, full mesh).
+"""Collectives over the gRPC plane: the numerics travel by the cheapest route, the time is the
+platform's algorithm's.
 
-* ring: every rank cuts its tensor into `t` chunks; in each step it sends one chunk to its
-  successor (timed on the links of that hop, which only this rank drives) and waits for one
-  from its predecessor. Reduce-scatter adds what it receives, all-gather stores it: 2 (t - 1)
-  dependent steps for an all-reduce. A rank takes each chunk only from its predecessor.
-* one-shot: every rank sends its whole share to every peer at once and combines what it
-  receives locally, in rank order: one dependent step. Through a switch the copies leave by one
-  port, interleaved (`transmit_shared`); on a full mesh each has its own link.
+Transport. A collective's tensors go to a root and back: every other rank sends its tensor to
+the root, the root combines them in rank order (a sum formed as rank 0 + rank 1 + ...: the same
+bits on every rank and every run) and sends each rank its result. That is 2 (n - 1) messages
+and 2 dependent hops per collective, whatever the size (large tensors travel in chunks of at
+most 1 MiB), where the ring the hardware runs needs 2 n (n - 1) messages in 2 (n - 1) dependent
+steps: on a host whose cores are shared by every socket process, each message is CPU time, and
+the ring made functional decode ~10x slower than this. The root rotates with the collective's
+number (collective k of an epoch is rooted at member (k - 1) mod n), so every link between two
+members carries messages, and a lossy one loses real ones.
 
-Sums are formed in a fixed order (ring: the order of the ring steps; one-shot: rank 0, 1, ...),
-so every run gives the same bits. A collective first pays the collective library's start-up
-(`CollectiveSpec.startup_ns`), then every message is timed by the link model at the bandwidth
-share collectives achieve, on `timed_bytes` (the nominal size the run times by, carried in the
-message header; the payload may be a much smaller functional tensor). With no other traffic the
-virtual time a collective takes is exactly `RingTiming.hardware_ns` of its kind and size.
+Time. What a rank's clock reads after a collective does not depend on the route: it is the
+group's start (the latest clock any member entered with) plus the analytic time of the algorithm
+the timing model picks for that size on that group (`RingTiming.hardware_ns`: ring, one-shot
+where the topology has direct paths, hops across nodes; the formula the cost model charges),
+plus one retransmission timeout for every message that was really lost and resent. With nothing
+lost and the ranks entering together, it is the analytic time to the nanosecond.
 
-A collective completes on a rank no earlier than the timing model says it completes on the group:
-on a ring with slower hops (a group across nodes) some ranks receive their last chunk before the
-others, and they wait for the slowest, as the cost model's lockstep TP group does; lost messages,
-contention or a late rank only ever make it later.
+Losses are charged to the whole group, once each: the root sees how often each rank's message
+to it was resent (its `attempt`) before it answers, so those are charged in the same collective;
+a rank that receives the root's answer only after resends learns it too late for that
+collective, owes the timeouts (`owed_ns`) and declares them when it next sends to a root, so
+they are charged in the group's next collective. `settle` (the end of a request: a collective of
+no virtual time) charges what is still owed and makes every member agree on the end.
+
+Headers. Every message carries its virtual send time and the time it counts as arriving: a
+rank's message to the root is sent at the rank's clock and counts as arriving that much later as
+the timeouts it carries (those it owes, plus one per resend of itself); the root's answer is
+sent at the collective's end and counts as arriving then (plus its own resends' timeouts).
+`timed_bytes` is the size the collective is timed by (a nominal model's, while the payload is a
+small functional tensor).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from rdu.interconnect.collectives_timing import RingTiming
 from rdu.interconnect.grpc_plane import Mailbox, PeerClient
-from rdu.interconnect.links import transmit_path, transmit_shared
 from rdu.interconnect.topology import Topology
 from rdu.protos import interconnect_pb2 as pb
 
-__all__ = ["Collectives", "CollectiveResult"]
+__all__ = ["Collectives", "CollectiveResult", "TRANSPORT"]
+
+TRANSPORT = "root"   # how the tensors move, whatever algorithm times them
 
 
 @dataclass
@@ -46,11 +57,11 @@ class CollectiveResult:
     tensor: np.ndarray
     clock_ns: int
     wire_bytes: int
-    algorithm: str = "none"
+    algorithm: str = "none"     # the algorithm the collective is timed as (ring, one_shot)
 
 
 class Collectives:
-    """One rank's side of the collectives of the group `members` (ring order)."""
+    """One rank's side of the collectives of the group `members`."""
 
     def __init__(self, me: str, members: list[str], topology: Topology, client: PeerClient, mailbox: Mailbox,
                  timeout_s: float = 30.0) -> None:
@@ -59,21 +70,19 @@ class Collectives:
         self.me, self.members = me, list(members)
         self.ranks = len(members)
         self.rank = members.index(me)
-        self.successor = members[(self.rank + 1) % self.ranks]
-        self.predecessor = members[(self.rank - 1) % self.ranks]
         self.topology = topology
         self.client, self.mailbox, self.timeout_s = client, mailbox, timeout_s
-        # peers in the order this rank sends to them: starting after itself, so that no rank is
-        # every sender's first destination
-        self.peers = [members[(self.rank + k) % self.ranks] for k in range(1, self.ranks)]
-        self._successor_path = topology.path(me, self.successor) if self.ranks > 1 else []
-        self._peer_paths = [topology.path(me, peer) for peer in self.peers]
         self._timing: RingTiming | None = None
         self._hardware_ns: dict[tuple[str, int], int] = {}
         self.calls = 0
         self.epoch = ""
         self.wire_bytes = 0
-        self.algorithms: Counter[str] = Counter()   # collectives run with each algorithm
+        self.messages = 0                        # messages this rank sent
+        self.owed_ns = 0                         # timeouts of resent answers, charged at the next collective
+        self.charged_ns = 0                      # timeouts this rank charged its group as a root
+        self.lost_received = 0                   # lost copies of messages this rank received (their attempts)
+        self.algorithms: Counter[str] = Counter()   # collectives timed as each algorithm
+        self._answers: list[asyncio.Task] = []   # a root's answers being written
 
     @property
     def timing(self) -> RingTiming:
@@ -92,90 +101,90 @@ class Collectives:
         a rank that restarted counts the same as the others."""
         self.epoch, self.calls = epoch, 0
 
-    # -- messages -------------------------------------------------------------------------------
-    def _tensor_id(self, call: int, label: str, phase: str, step: int, src: str) -> str:
-        return f"{self.epoch}{call}/{label}/{phase}{step}/{src}"
-
-    async def _send(self, call: int, kind: str, label: str, phase: str, step: int, steps: int, dst: str,
-                    array: np.ndarray, send_ns: int, arrival_ns: int, timed_bytes: int) -> None:
-        header = pb.TensorHeader(
-            tensor_id=self._tensor_id(call, label, phase, step, self.me), dst=dst, virtual_send_ns=send_ns,
-            virtual_arrival_ns=arrival_ns, timed_bytes=timed_bytes,
-            step=pb.CollectiveStep(collective=kind, label=label, index=step, steps=steps))
-        await self.client.send(header, array)          # buffered write: returns before the peer reads
-        self.wire_bytes += array.nbytes
-
-    async def _take(self, call: int, label: str, phase: str, step: int, src: str) -> tuple[np.ndarray, int]:
-        """The tensor `src` sent this rank for this step (from `src` only), and its arrival."""
-        received = await self.mailbox.take(self._tensor_id(call, label, phase, step, src), self.timeout_s,
-                                           sender=src)
-        return received.array, int(received.header.virtual_arrival_ns)
-
-    def _start(self, kind: str, nbytes: int) -> tuple[str, int, float]:
-        """(algorithm, start-up ns, bandwidth fraction) of a collective of `nbytes` per rank."""
-        timing = self.timing
-        algorithm = timing.algorithm(nbytes)
-        self.algorithms[algorithm] += 1
-        return algorithm, math.ceil(timing.collective.startup_ns), timing.collective.bandwidth_fraction
-
-    def _done(self, kind: str, nbytes: int, start_ns: int, clock_ns: int) -> int:
-        """This rank's clock at the end of a collective that started at `start_ns`: when its last
-        message arrived, but never before the group is done by the timing model."""
+    def analytic_ns(self, kind: str, nbytes: int) -> int:
+        """`RingTiming.hardware_ns` of a collective of `nbytes` per rank (remembered per size: a
+        numpy evaluation per collective was measurable CPU)."""
         key = (kind, nbytes)
-        if key not in self._hardware_ns:   # a numpy evaluation: worth remembering per size
+        if key not in self._hardware_ns:
             self._hardware_ns[key] = int(self.timing.hardware_ns(kind, nbytes))
-        return max(clock_ns, start_ns + self._hardware_ns[key])
+        return self._hardware_ns[key]
 
-    # -- the ring -------------------------------------------------------------------------------
-    async def _exchange(self, call: int, kind: str, label: str, phase: str, step: int, steps: int,
-                        chunk: np.ndarray, clock_ns: int, chunk_bytes: int, fraction: float) -> tuple[np.ndarray, int]:
-        """Send `chunk` to the successor and receive the predecessor's chunk of the same step."""
-        arrival = transmit_path(self._successor_path, chunk_bytes, clock_ns, fraction)
-        await self._send(call, kind, label, phase, step, steps, self.successor, chunk, clock_ns, arrival, chunk_bytes)
-        received, arrived = await self._take(call, label, phase, step, self.predecessor)
-        return received, max(clock_ns, arrived)
+    # -- messages -------------------------------------------------------------------------------
+    def _tensor_id(self, call: int, label: str, phase: str, src: str) -> str:
+        return f"{self.epoch}{call}/{label}/{phase}/{src}"
 
-    async def _ring_reduce_scatter(self, call: int, kind: str, label: str, chunks: list[np.ndarray], clock_ns: int,
-                                   steps: int, chunk_bytes: int, fraction: float) -> int:
-        t, r = self.ranks, self.rank
-        for step in range(t - 1):
-            send_index, recv_index = (r - step) % t, (r - step - 1) % t
-            incoming, clock_ns = await self._exchange(call, kind, label, "rs", step, steps, chunks[send_index],
-                                                      clock_ns, chunk_bytes, fraction)
-            chunks[recv_index] = chunks[recv_index] + incoming
-        return clock_ns
+    def _post(self, call: int, kind: str, label: str, phase: str, dst: str, array: np.ndarray, send_ns: int,
+              arrival_ns: int, timed_bytes: int) -> Awaitable[None]:
+        """The send of one message (counted now, written when awaited)."""
+        header = pb.TensorHeader(
+            tensor_id=self._tensor_id(call, label, phase, self.me), dst=dst, virtual_send_ns=send_ns,
+            virtual_arrival_ns=arrival_ns, timed_bytes=timed_bytes,
+            step=pb.CollectiveStep(collective=kind, label=label, index=0 if phase == "up" else 1, steps=2))
+        self.wire_bytes += array.nbytes
+        self.messages += 1
+        return self.client.send(header, array)          # buffered write: returns before the peer reads
 
-    async def _ring_all_gather(self, call: int, kind: str, label: str, chunks: list[np.ndarray], owned: int,
-                               clock_ns: int, steps: int, first_step: int, chunk_bytes: int, fraction: float) -> int:
-        t = self.ranks
-        for step in range(t - 1):
-            send_index, recv_index = (owned - step) % t, (owned - step - 1) % t
-            incoming, clock_ns = await self._exchange(call, kind, label, "ag", first_step + step, steps,
-                                                      chunks[send_index], clock_ns, chunk_bytes, fraction)
-            chunks[recv_index] = incoming
-        return clock_ns
+    async def _take(self, call: int, label: str, phase: str, src: str) -> tuple[np.ndarray, pb.TensorHeader]:
+        """The tensor `src` sent this rank in this phase of collective `call` (from `src` only)."""
+        received = await self.mailbox.take(self._tensor_id(call, label, phase, src), self.timeout_s, sender=src)
+        self.lost_received += int(received.header.attempt)
+        return received.array, received.header
 
-    # -- one-shot -------------------------------------------------------------------------------
-    def _one_shot_arrivals(self, per_peer_bytes: int, clock_ns: int, fraction: float) -> dict[str, int]:
-        """When this rank's copy to each peer arrives (link model, all sent at `clock_ns`)."""
-        paths = self._peer_paths
-        if self.timing.shared_egress:
-            arrival = transmit_shared(paths, per_peer_bytes, clock_ns, fraction)
-            return {peer: arrival for peer in self.peers}
-        return {peer: transmit_path(path, per_peer_bytes, clock_ns, fraction) for peer, path in zip(self.peers, paths)}
+    # -- the transport: to a root and back ------------------------------------------------------
+    async def _via_root(self, kind: str, label: str, mine: np.ndarray, clock_ns: int, timed_bytes: int,
+                        combine: Callable[[list[np.ndarray]], list[np.ndarray]], analytic_ns: int) -> tuple[np.ndarray, int]:
+        """Send `mine` to this collective's root; return this rank's result and its clock. The
+        root applies `combine` to every rank's tensor (in rank order) and sends rank r the r-th
+        tensor it returns; the clock is the group's start plus `analytic_ns` plus the timeouts
+        charged (see the module docstring)."""
+        self._reap()
+        self.calls += 1
+        call = self.calls
+        root = self.members[(call - 1) % self.ranks]
+        if root != self.me:
+            owed, self.owed_ns = self.owed_ns, 0
+            await self._post(call, kind, label, "up", root, mine, clock_ns, clock_ns + owed, timed_bytes)
+            result, header = await self._take(call, label, "down", root)
+            end_ns = int(header.virtual_send_ns)
+            self.owed_ns += int(header.virtual_arrival_ns) - end_ns   # the answer's resends: charged next time
+            return result, end_ns
+        parts: list[np.ndarray] = [mine] * self.ranks
+        start_ns, charged_ns = clock_ns, self.owed_ns
+        self.owed_ns = 0
+        for r, peer in enumerate(self.members):
+            if peer != self.me:
+                parts[r], header = await self._take(call, label, "up", peer)
+                start_ns = max(start_ns, int(header.virtual_send_ns))
+                charged_ns += int(header.virtual_arrival_ns) - int(header.virtual_send_ns)
+        end_ns = start_ns + analytic_ns + charged_ns
+        self.charged_ns += charged_ns
+        results = combine(parts)
+        loop = asyncio.get_running_loop()
+        for r, peer in enumerate(self.members):
+            if peer != self.me:   # written in the background: the root goes on at once (see _reap)
+                self._answers.append(loop.create_task(
+                    self._post(call, kind, label, "down", peer, results[r], end_ns, end_ns, timed_bytes)))
+        return results[self.rank], end_ns
 
-    async def _one_shot(self, call: int, kind: str, label: str, outgoing: dict[str, np.ndarray], clock_ns: int,
-                        per_peer_bytes: int, fraction: float) -> tuple[list[np.ndarray | None], int]:
-        """Send `outgoing[peer]` to every peer at once; return what each rank sent this rank (by
-        rank; this rank's own slot empty) and the clock once the last of it arrived."""
-        arrivals = self._one_shot_arrivals(per_peer_bytes, clock_ns, fraction)
-        await asyncio.gather(*(self._send(call, kind, label, "os", 0, 1, peer, outgoing[peer], clock_ns,
-                                          arrivals[peer], per_peer_bytes) for peer in self.peers))
-        received: list[np.ndarray | None] = [None] * self.ranks
-        for peer in reversed(self.peers):   # the peer that sent to this rank first comes first
-            received[self.members.index(peer)], arrived = await self._take(call, label, "os", 0, peer)
-            clock_ns = max(clock_ns, arrived)
-        return received, clock_ns
+    def _reap(self) -> None:
+        """Forget the answers whose writes completed; raise the failure of one that failed (a
+        refused tensor, a link that lost every copy). A root does not wait for its answers'
+        writes to complete (on a shared host that took ~1.5 ms each, on the group's critical
+        path); sends to one peer still go in order (`PeerClient`)."""
+        pending = []
+        for task in self._answers:
+            if not task.done():
+                pending.append(task)
+            elif task.exception() is not None:
+                self._answers = [t for t in self._answers if not t.done()]
+                raise task.exception()
+        self._answers = pending
+
+    async def flush(self) -> None:
+        """Wait until every answer this rank sent as a root is written (or raise its failure)."""
+        while self._answers:
+            await asyncio.wait(self._answers)
+            self._reap()
 
     @staticmethod
     def _sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
@@ -185,88 +194,81 @@ class Collectives:
             total += part
         return total
 
-    # -- the collectives ------------------------------------------------------------------------
     def _split(self, tensor: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(c) for c in np.array_split(tensor.reshape(-1), self.ranks)]
 
+    def _begin(self, kind: str, nbytes: int) -> tuple[str, int]:
+        """(algorithm, analytic ns) of a collective of `nbytes` per rank on this group."""
+        algorithm = self.timing.algorithm(nbytes)
+        self.algorithms[algorithm] += 1
+        return algorithm, self.analytic_ns(kind, nbytes)
+
+    # -- the collectives ------------------------------------------------------------------------
     async def all_reduce(self, tensor: np.ndarray, clock_ns: int, label: str,
                          timed_bytes: int | None = None) -> CollectiveResult:
         """Sum of every rank's `tensor`, on every rank; timed as `timed_bytes` per rank (default:
         the tensor's own size)."""
-        self.calls += 1
         if self.ranks == 1:
+            self.calls += 1
             return CollectiveResult(tensor.copy(), clock_ns, 0)
         start_bytes = self.wire_bytes
         nbytes = tensor.nbytes if timed_bytes is None else int(timed_bytes)
-        algorithm, startup_ns, fraction = self._start("all_reduce", nbytes)
-        start_ns, clock_ns = clock_ns, clock_ns + startup_ns
-        if algorithm == "one_shot":
-            mine = np.ascontiguousarray(tensor)
-            parts, clock_ns = await self._one_shot(self.calls, "all_reduce", label, dict.fromkeys(self.peers, mine),
-                                                   clock_ns, nbytes, fraction)
-            parts[self.rank] = mine
-            result = self._sum_in_rank_order(parts).reshape(tensor.shape)
-        else:
-            chunks = self._split(tensor)
-            steps, chunk_bytes = 2 * (self.ranks - 1), int(self.timing.chunk_bytes(nbytes))
-            clock_ns = await self._ring_reduce_scatter(self.calls, "all_reduce", label, chunks, clock_ns, steps,
-                                                       chunk_bytes, fraction)
-            owned = (self.rank + 1) % self.ranks   # the chunk this rank holds fully reduced
-            clock_ns = await self._ring_all_gather(self.calls, "all_reduce", label, chunks, owned, clock_ns, steps,
-                                                   self.ranks - 1, chunk_bytes, fraction)
-            result = np.concatenate(chunks).reshape(tensor.shape)
-        return CollectiveResult(result.astype(tensor.dtype, copy=False),
-                                self._done("all_reduce", nbytes, start_ns, clock_ns), self.wire_bytes - start_bytes,
-                                algorithm)
+        algorithm, analytic_ns = self._begin("all_reduce", nbytes)
+        mine = np.ascontiguousarray(tensor)
+
+        def combine(parts: list[np.ndarray]) -> list[np.ndarray]:
+            return [self._sum_in_rank_order(parts)] * self.ranks
+
+        result, clock_ns = await self._via_root("all_reduce", label, mine, clock_ns, nbytes, combine, analytic_ns)
+        return CollectiveResult(result.reshape(tensor.shape).astype(tensor.dtype, copy=False), clock_ns,
+                                self.wire_bytes - start_bytes, algorithm)
 
     async def reduce_scatter(self, tensor: np.ndarray, clock_ns: int, label: str,
                              timed_bytes: int | None = None) -> CollectiveResult:
-        """This rank's fully reduced chunk: chunk `(rank + 1) % t` of the flattened sum."""
-        self.calls += 1
-        chunks = self._split(tensor)
-        owned = (self.rank + 1) % self.ranks
-        if self.ranks == 1:
-            return CollectiveResult(chunks[owned], clock_ns, 0)
+        """This rank's fully reduced chunk: chunk `(rank + 1) % t` of the flattened sum (the chunk
+        a ring's reduce-scatter leaves on it)."""
+        t = self.ranks
+        if t == 1:
+            self.calls += 1
+            return CollectiveResult(self._split(tensor)[0], clock_ns, 0)
         start_bytes = self.wire_bytes
         nbytes = tensor.nbytes if timed_bytes is None else int(timed_bytes)
-        algorithm, startup_ns, fraction = self._start("reduce_scatter", nbytes)
-        start_ns, clock_ns = clock_ns, clock_ns + startup_ns
-        chunk_bytes = int(self.timing.chunk_bytes(nbytes))
-        if algorithm == "one_shot":
-            outgoing = {peer: chunks[(self.members.index(peer) + 1) % self.ranks] for peer in self.peers}
-            parts, clock_ns = await self._one_shot(self.calls, "reduce_scatter", label, outgoing, clock_ns,
-                                                   chunk_bytes, fraction)
-            parts[self.rank] = chunks[owned]
-            mine = self._sum_in_rank_order(parts)
-        else:
-            clock_ns = await self._ring_reduce_scatter(self.calls, "reduce_scatter", label, chunks, clock_ns,
-                                                       self.ranks - 1, chunk_bytes, fraction)
-            mine = chunks[owned]
-        return CollectiveResult(mine, self._done("reduce_scatter", nbytes, start_ns, clock_ns),
-                                self.wire_bytes - start_bytes, algorithm)
+        algorithm, analytic_ns = self._begin("reduce_scatter", nbytes)
+
+        def combine(parts: list[np.ndarray]) -> list[np.ndarray]:
+            chunks = self._split(self._sum_in_rank_order(parts))
+            return [chunks[(r + 1) % t] for r in range(t)]
+
+        result, clock_ns = await self._via_root("reduce_scatter", label, np.ascontiguousarray(tensor), clock_ns,
+                                                nbytes, combine, analytic_ns)
+        return CollectiveResult(result, clock_ns, self.wire_bytes - start_bytes, algorithm)
 
     async def all_gather(self, part: np.ndarray, clock_ns: int, label: str, axis: int = -1,
                          timed_bytes: int | None = None) -> CollectiveResult:
         """Every rank's `part`, concatenated in rank order along `axis`, on every rank; timed as a
         gathered tensor of `timed_bytes` (default: `ranks` parts)."""
-        self.calls += 1
         if self.ranks == 1:
+            self.calls += 1
             return CollectiveResult(part.copy(), clock_ns, 0)
         start_bytes = self.wire_bytes
         nbytes = part.nbytes * self.ranks if timed_bytes is None else int(timed_bytes)
-        algorithm, startup_ns, fraction = self._start("all_gather", nbytes)
-        start_ns, clock_ns = clock_ns, clock_ns + startup_ns
-        chunk_bytes = int(self.timing.chunk_bytes(nbytes))
-        mine = np.ascontiguousarray(part)
-        if algorithm == "one_shot":
-            parts, clock_ns = await self._one_shot(self.calls, "all_gather", label, dict.fromkeys(self.peers, mine),
-                                                   clock_ns, chunk_bytes, fraction)
-        else:
-            parts = [np.empty(0)] * self.ranks
-            parts[self.rank] = mine
-            clock_ns = await self._ring_all_gather(self.calls, "all_gather", label, parts, self.rank, clock_ns,
-                                                   self.ranks - 1, 0, chunk_bytes, fraction)
-        parts[self.rank] = mine
-        return CollectiveResult(np.concatenate(parts, axis=axis), self._done("all_gather", nbytes, start_ns, clock_ns),
-                                self.wire_bytes - start_bytes, algorithm)
+        algorithm, analytic_ns = self._begin("all_gather", nbytes)
 
+        def combine(parts: list[np.ndarray]) -> list[np.ndarray]:
+            return [np.concatenate(parts, axis=axis)] * self.ranks
+
+        result, clock_ns = await self._via_root("all_gather", label, np.ascontiguousarray(part), clock_ns, nbytes,
+                                                combine, analytic_ns)
+        return CollectiveResult(result, clock_ns, self.wire_bytes - start_bytes, algorithm)
+
+    async def settle(self, clock_ns: int, label: str = "settle") -> int:
+        """The end every member agrees on: the latest clock of the group plus the timeouts still
+        owed (answers resent in the last collectives). A collective of no virtual time, over the
+        same transport; a resend of its own answer is owed to the group's next collective."""
+        if self.ranks == 1:
+            return clock_ns
+        mine = np.array([clock_ns], dtype=np.int64)
+        _, clock_ns = await self._via_root("settle", label, mine, clock_ns, 0, lambda parts: [mine[:0]] * self.ranks,
+                                           0)
+        await self.flush()
+        return clock_ns

@@ -350,6 +350,7 @@ class _PeerStream:
         self.failure: str | None = None
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader = asyncio.get_running_loop().create_task(self._read_acks())
+        self.writing = asyncio.Lock()   # one write at a time on a call; sends to one peer go in order
 
     async def _read_acks(self) -> None:
         try:
@@ -504,7 +505,9 @@ class PeerClient:
         asked: False if it did not come within `ack_deadline_s` on a lossy link). Raises
         `_PeerUnavailable` when the peer could not be reached at all, so nothing was delivered and
         the tensor can go again."""
-        stream = await self._stream(header.dst)
+        stream = self._streams.get(header.dst)
+        if stream is None or not stream.alive:
+            stream = await self._stream(header.dst)
         if not stream.alive:
             self._raise_for(stream, header)
         waiter = None
@@ -512,11 +515,11 @@ class PeerClient:
             waiter = asyncio.get_running_loop().create_future()
             stream.waiting[header.tensor_id] = waiter
         try:
-            async with asyncio.timeout(self.deadline_s):
+            async with stream.writing, asyncio.timeout(self.deadline_s):
                 for chunk in chunk_tensor(header, array):
                     await stream.call.write(chunk)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            self._raise_for(stream, header, exc)
+            self._raise_for(stream, header, exc, await self._ending(stream, exc))
         except TimeoutError:
             raise TimeoutError(f"{self.name} -> {header.dst}: {header.tensor_id} not written within "
                                f"{self.deadline_s} s") from None
@@ -535,12 +538,21 @@ class PeerClient:
         return True
 
     @staticmethod
-    def _raise_for(stream: _PeerStream, header: pb.TensorHeader, exc: Exception | None = None) -> None:
+    async def _ending(stream: _PeerStream, exc: Exception) -> str | None:
+        """How the stream's call ended, when a write found it already finished before its reader
+        noticed (the peer's process died: UNAVAILABLE, so the tensor goes again to its new address)."""
+        if isinstance(exc, grpc.aio.AioRpcError) or not stream.call.done():
+            return None
+        return f"{(await stream.call.code()).name}: {await stream.call.details()}"
+
+    @staticmethod
+    def _raise_for(stream: _PeerStream, header: pb.TensorHeader, exc: Exception | None = None,
+                   ending: str | None = None) -> None:
         """Why a write failed: the peer unreachable (retry elsewhere) or a refusal (final)."""
         if isinstance(exc, grpc.aio.AioRpcError):
             failure = f"{exc.code().name}: {exc.details()}"
         else:
-            failure = stream.failure or f"stream closed ({exc})" if exc else stream.failure or "stream closed"
+            failure = stream.failure or ending or (f"stream closed ({exc})" if exc else "stream closed")
         if failure.startswith("UNAVAILABLE"):
             raise _PeerUnavailable(failure)
         raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {failure}")

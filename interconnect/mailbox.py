@@ -45,6 +45,11 @@ class _Parcel:
     expires_at_s: float
 
 
+def _expire(waiter: asyncio.Future, message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(message))
+
+
 class Mailbox:
     """Received tensors by id, with per-peer budgets, expiry and deliver-once ids."""
 
@@ -124,15 +129,16 @@ class Mailbox:
         if parcel is not None:
             self._release(parcel.src, parcel.nbytes)
             return self._from(parcel.received, sender)
+        loop = asyncio.get_running_loop()
         waiter = self._waiters.get(tensor_id)
         if waiter is None:
-            waiter = self._waiters[tensor_id] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[tensor_id] = loop.create_future()
+        # a plain timer on the future: asyncio.timeout costs more, and a take happens per message
+        timer = loop.call_later(timeout_s, _expire, waiter, f"no tensor {tensor_id!r} within {timeout_s} s")
         try:
-            async with asyncio.timeout(timeout_s):
-                return self._from(await waiter, sender)
-        except TimeoutError:
-            raise TimeoutError(f"no tensor {tensor_id!r} within {timeout_s} s") from None
+            return self._from(await waiter, sender)
         finally:
+            timer.cancel()
             if self._waiters.get(tensor_id) is waiter:
                 del self._waiters[tensor_id]
 

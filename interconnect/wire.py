@@ -36,16 +36,24 @@ class Received:
     array: np.ndarray
 
 
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+_NAME_OF = {dtype: name for name, dtype in _DTYPES.items()}
+
+
 def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
                  chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Yield the chunks of `array`; the header (completed with dtype, shape, size) goes first."""
     array = np.ascontiguousarray(array)
-    header.dtype = array.dtype.name
+    header.dtype = _NAME_OF.get(array.dtype) or array.dtype.name
     del header.shape[:]
-    header.shape.extend(int(s) for s in array.shape)
+    header.shape.extend(array.shape)
     header.total_bytes = array.nbytes
+    if array.nbytes <= chunk_bytes:    # most tensors: one chunk, no views to cut
+        yield pb.TensorChunk(header=header, seq=0, data=array.tobytes(), last=True)
+        return
     view = memoryview(array).cast("B")
-    count = max(1, -(-array.nbytes // chunk_bytes))
+    count = -(-array.nbytes // chunk_bytes)
     for seq in range(count):
         piece = view[seq * chunk_bytes:(seq + 1) * chunk_bytes]
         yield pb.TensorChunk(header=header if seq == 0 else None, seq=seq, data=bytes(piece),
@@ -108,23 +116,26 @@ class TensorAssembler:
     def _check_header(self, header: pb.TensorHeader) -> None:
         if not header.tensor_id:
             raise WireError("header has no tensor_id")
-        if header.dtype not in ALLOWED_DTYPES:
+        itemsize = _ITEMSIZE.get(header.dtype)
+        if itemsize is None:
             raise WireError(f"dtype {header.dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
         if len(header.shape) > MAX_DIMS:
             raise WireError(f"shape has {len(header.shape)} dimensions, more than {MAX_DIMS}")
-        if any(dim < 0 for dim in header.shape):
-            raise WireError(f"negative dimension in shape {_short(header.shape)}")
-        if header.total_bytes < 0:
-            raise WireError(f"negative total_bytes {header.total_bytes}")
-        if header.total_bytes > self.max_tensor_bytes:
-            raise WireError(f"tensor of {header.total_bytes} bytes exceeds the {self.max_tensor_bytes}-byte limit")
-        expected = _shape_bytes(header.shape, np.dtype(header.dtype).itemsize, self.max_tensor_bytes)
+        shape = list(header.shape)
+        if shape and min(shape) < 0:
+            raise WireError(f"negative dimension in shape {_short(shape)}")
+        total_bytes = header.total_bytes
+        if total_bytes < 0:
+            raise WireError(f"negative total_bytes {total_bytes}")
+        if total_bytes > self.max_tensor_bytes:
+            raise WireError(f"tensor of {total_bytes} bytes exceeds the {self.max_tensor_bytes}-byte limit")
+        expected = _shape_bytes(shape, itemsize, self.max_tensor_bytes)
         if expected is None:
-            raise WireError(f"shape {_short(header.shape)} of {header.dtype} exceeds the "
+            raise WireError(f"shape {_short(shape)} of {header.dtype} exceeds the "
                             f"{self.max_tensor_bytes}-byte limit")
-        if expected != header.total_bytes:
-            raise WireError(f"shape {_short(header.shape)} of {header.dtype} is {expected} bytes, "
-                            f"header says {header.total_bytes}")
+        if expected != total_bytes:
+            raise WireError(f"shape {_short(shape)} of {header.dtype} is {expected} bytes, "
+                            f"header says {total_bytes}")
         if header.virtual_arrival_ns < header.virtual_send_ns or header.virtual_send_ns < 0:
             raise WireError("virtual arrival before virtual send")
         if not 0 <= header.timed_bytes <= MAX_TIMED_BYTES:
@@ -144,7 +155,7 @@ class TensorAssembler:
             raise WireError("stream ended before the last chunk")
         if self.filled != self.header.total_bytes:
             raise WireError(f"received {self.filled} bytes, header announced {self.header.total_bytes}")
-        array = self.buffer.view(np.dtype(self.header.dtype)).reshape(tuple(self.header.shape))
+        array = self.buffer.view(_DTYPES[self.header.dtype]).reshape(tuple(self.header.shape))
         return Received(header=self.header, array=array)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,92 +19,11 @@ from rdu.base import UserError
 from rdu.interconnect.topology import Topology, TopologySpec
 from rdu.socket_actor.command_log import CommandLog, apply_log
 from rdu.socket_actor.core import SocketCore, RunRequest, RunResult, SpanRequest, SpanResult
-from rdu.socket_actor.cost_model import CostModel
-from rdu.socket_actor.model_spec import ModelSpec
-from rdu.socket_actor.numerics import KVCache, Shard, TinyConfig, collective_kinds, forward_shard
-from rdu.socket_actor.operators import PhaseShape, SHAPE_KEYS, decode_shapes, decode_step_shape, prefill_shape
+from rdu.socket_actor.numerics import Shard
 from rdu.socket_actor.spec import SocketSpec
+from rdu.socket_actor.timed_run import NominalTiming, execute, generation_schedule, run_functional
 
 __all__ = ["SocketActor", "NominalTiming"]
-
-
-@dataclass(frozen=True)
-class NominalTiming:
-    """Time a functional generation as the nominal model would take it (say the run's real
-    Llama-2-7B), while the small functional model computes: step times from the cost model of
-    `model` on `prompt_lens` (default: the functional prompts' length), collective messages timed
-    by that model's bytes. `setup` charges the run's set-up to the prefill step."""
-
-    model: ModelSpec
-    prompt_lens: tuple[int, ...] | None = None
-    setup: bool = False
-
-
-@dataclass(frozen=True)
-class _StepPlan:
-    """One step of a timed generation: the gap of compute before each collective of the timing
-    model (and after the last), and each collective's kind, bytes and analytic time."""
-
-    gaps_ns: tuple[int, ...]
-    collectives: tuple[tuple[str, int, int], ...]
-
-
-def _apportion(total: int, weights: list[int]) -> list[int]:
-    """`total` split in proportion to `weights` into integers that sum to it exactly."""
-    whole = sum(weights)
-    if whole <= 0:
-        return [0] * (len(weights) - 1) + [total]
-    cuts, running = [0], 0
-    for weight in weights:
-        running += weight
-        cuts.append(total * running // whole)
-    return [b - a for a, b in zip(cuts, cuts[1:])]
-
-
-def _step_plans(cost: CostModel, prompt_lens: tuple[int, ...], new_tokens: int, setup: bool) -> list[_StepPlan]:
-    """The plan of every step of a generation of `new_tokens` (prefill, then decode steps),
-    such that its gaps plus its collectives' analytic times add up to the cost model's step
-    time exactly: the step times are one evaluation of the same rows `CostModel.generate` uses.
-    Where a fused step hides more collective time than its compute (gaps would go negative)
-    the gaps are 0 and the step takes its collectives' time."""
-    window = cost.model.sliding_window
-    first = prefill_shape(prompt_lens, window)
-    rest = decode_shapes(prompt_lens, [new_tokens] * len(prompt_lens), window)
-    both = PhaseShape(*(np.concatenate([getattr(first, k), getattr(rest, k)]) for k in SHAPE_KEYS))
-    step_ns = cost.steps(both, setup=setup).step_ns
-    templates = [cost.segments(first)]
-    if new_tokens > 1:   # every decode step of a batch moves the same bytes; its compute shares barely move
-        templates.append(cost.segments(decode_step_shape(prompt_lens, window)))
-    shapes = []
-    for segments in templates:
-        collectives = tuple((seg.collective, seg.collective_bytes, int(cost.ring.hardware_ns(seg.collective,
-                                                                                             seg.collective_bytes)))
-                            for seg in segments[:-1])
-        shapes.append((collectives, [seg.compute_ns + seg.staging_ns for seg in segments]))
-    plans = []
-    for step, total_ns in enumerate(step_ns):
-        collectives, weights = shapes[min(step, len(shapes) - 1)]
-        compute_ns = max(int(total_ns) - sum(c[2] for c in collectives), 0)
-        plans.append(_StepPlan(tuple(_apportion(compute_ns, weights)), collectives))
-    return plans
-
-
-def _stand_ins(functional: int, nominal: list[str], kinds: list[str]) -> list[int]:
-    """Which of the timing model's collectives each of the functional model's stands in for:
-    the first for the first, the last for the last, the others spread evenly between them (a
-    2-layer functional model in a 32-layer nominal one). Their kinds must agree."""
-    if len(nominal) < functional:
-        raise UserError(f"the timing model has {len(nominal)} collectives per step, fewer than the functional "
-                        f"model's {functional}: time it by a model with at least as many layers")
-    if functional == 1:
-        picks = [len(nominal) - 1]
-    else:
-        picks = [round(j * (len(nominal) - 1) / (functional - 1)) for j in range(functional)]
-    for j, k in enumerate(picks):
-        if nominal[k] != kinds[j]:
-            raise UserError(f"the functional model's collective {j} ({kinds[j]}) cannot stand for the timing "
-                            f"model's {k} ({nominal[k]})")
-    return picks
 
 
 class SocketActor:
@@ -225,6 +143,22 @@ class SocketActor:
                 self._batches.notify_all()
 
     # -- functional plane -----------------------------------------------------------------------
+    def _functional_shard(self, model_id: str) -> tuple[Shard, int]:
+        """This socket's functional shard of `model_id` in HBM, and when it landed."""
+        resident = self.core.residents.get(model_id)
+        if resident is None or resident.weights is None:
+            raise UserError(f"{self.name}: no functional weights of {model_id} in HBM")
+        return resident.weights, resident.ready_at_ns
+
+    def _counters(self, group: Collectives) -> tuple[int, int, int]:
+        """(bytes this socket sent in `group`, messages its server dropped, resends of its client)."""
+        return group.wire_bytes, self.server.stats.dropped, self.client.lost_messages
+
+    def _plane_report(self, group: Collectives, before: tuple[int, int, int]) -> dict:
+        wire, dropped, resent = self._counters(group)
+        return {"grpc_bytes_sent": wire - before[0], "messages_lost": dropped - before[1],
+                "messages_resent": resent - before[2], "owed_ns": group.owed_ns}
+
     async def generate(self, model_id: str, members: tuple[str, ...], prompts: list[list[int]], new_tokens: int,
                        mode: str | None = None, orchestration: str | None = None,
                        advance_clock: bool = True, epoch: str | None = None,
@@ -232,80 +166,46 @@ class SocketActor:
         """Greedy generation of a batch of equally long prompts with this socket's functional
         shard, combining partial results with the other members over gRPC.
 
-        Virtual time: each step takes the cost model's time of the timing model's step (the
-        functional model's own, or `nominal`'s): compute gaps from the cost model, collectives
-        from the link model as their messages travel, timed by the timing model's bytes, with the
-        algorithm the timing model picks for that size. With nothing contending the clock after
-        the generation is the cost model's analytic time of it to the nanosecond; a lost and
-        resent message adds its retransmission timeouts. A nominal model with more layers than
-        the functional one has more collectives than travel: the functional collectives stand in
-        for evenly spread ones, the others are charged their analytic time. Returns the logits of
-        every generated token, shape (new_tokens, batch, vocab). With `advance_clock` false (the
-        payload of a served batch whose time the engine accounts for) the socket's clock,
-        counters and link state are left alone. `epoch` (a job id) names this generation's
-        messages, so every rank agrees on them even after one of them restarted.
-        """
-        resident = self.core.residents.get(model_id)
-        if resident is None or resident.weights is None:
-            raise UserError(f"{self.name}: no functional weights of {model_id} in HBM")
-        shard: Shard = resident.weights
-        cfg: TinyConfig = shard.cfg
+        Virtual time (socket_actor.timed_run): each step takes the cost model's time of the timing
+        model's step (the functional model's own, or `nominal`'s), collectives their analytic
+        time for the timing model's bytes; with nothing lost and nothing contending the clock
+        after the generation is the cost model's time of it to the nanosecond, every message lost
+        and resent adds one retransmission timeout. Returns the ids (batch, new_tokens) and the
+        logits (new_tokens, batch, vocab) of every generated token. With `advance_clock` false
+        (the payload of a served batch whose time the engine accounts for) the socket's clock
+        and counters are left alone. `epoch` (a job id) names this generation's messages, so
+        every rank agrees on them even after one of them restarted."""
+        shard, ready_at_ns = self._functional_shard(model_id)
         group = self._group(tuple(members))
         if epoch is not None:
             group.begin(f"{epoch}#")
         tokens = np.asarray(prompts, dtype=np.int64)
         batch = len(tokens)
-        timing_model = nominal.model if nominal is not None else cfg.model_spec()
+        timing_model = nominal.model if nominal is not None else shard.cfg.model_spec()
         prompt_lens = tuple(nominal.prompt_lens) if nominal is not None and nominal.prompt_lens else \
             (int(tokens.shape[1]),) * batch
         if len(prompt_lens) != batch:
             raise UserError(f"{len(prompt_lens)} nominal prompt lengths for a batch of {batch}")
         cost = self.core.cost_model(timing_model, tuple(members), mode, orchestration)
-        plans = _step_plans(cost, prompt_lens, new_tokens, nominal is not None and nominal.setup)
-        saved_links = None if advance_clock else {name: link.free_at_ns for name, link in self.topology.links.items()}
-        cache = KVCache(cfg, cfg.kv_heads_per_shard(len(members)), batch=batch)
-        clock = max(self.core.clock_ns, resident.ready_at_ns)
-        start, wire_start, algorithms_start = clock, group.wire_bytes, dict(group.algorithms)
-        functional_kinds = collective_kinds(cfg)
-        stand_ins = {k: j for j, k in enumerate(_stand_ins(len(functional_kinds), [c[0] for c in plans[0].collectives],
-                                                            functional_kinds))}
-        ids, all_logits = [], []
-        for plan in plans:
-            run = forward_shard(shard, tokens, cache)
-            collective = next(run)
-            logits = None
-            for k, (kind, nbytes, analytic_ns) in enumerate(plan.collectives):
-                clock += plan.gaps_ns[k]
-                if k in stand_ins:
-                    if collective.kind == "all_reduce":
-                        result = await group.all_reduce(collective.tensor, clock, collective.label, timed_bytes=nbytes)
-                    else:
-                        result = await group.all_gather(collective.tensor, clock, collective.label, timed_bytes=nbytes)
-                    clock = result.clock_ns
-                    try:
-                        collective = run.send(result.tensor)
-                    except StopIteration as done:
-                        logits = done.value
-                else:
-                    clock += analytic_ns   # a collective of the timing model the functional one lacks
-            clock += plan.gaps_ns[-1]
-            if logits is None:
-                raise RuntimeError(f"{self.name}: the functional step did not end with the timing model's step")
-            all_logits.append(logits)
-            ids.append(np.argmax(logits, axis=-1))
-            tokens = ids[-1][:, None]
+        schedule = generation_schedule(cost, prompt_lens, (new_tokens,) * batch,
+                                       nominal is not None and nominal.setup, new_tokens)
+        start, before = max(self.core.clock_ns, ready_at_ns), self._counters(group)
+        run = await run_functional(shard, group, tokens, schedule, start)
         if advance_clock:
-            self.core.advance_to(clock)
+            self.core.advance_to(run.clock_ns)
             self.core.counters.tokens += new_tokens * batch
-            self.core.counters.busy_ns += clock - start
-        else:
-            for name, free_at_ns in saved_links.items():
-                self.topology.links[name].free_at_ns = free_at_ns
-        algorithms = {name: count - algorithms_start.get(name, 0) for name, count in group.algorithms.items()
-                      if count > algorithms_start.get(name, 0)}
-        return {"socket": self.name, "tokens": np.stack(ids, axis=1), "logits": np.stack(all_logits),
-                "start_ns": start, "end_ns": clock, "grpc_bytes_sent": group.wire_bytes - wire_start,
-                "algorithms": algorithms, "messages_lost": self.client.lost_messages}
+            self.core.counters.busy_ns += run.clock_ns - start
+        return {"socket": self.name, "tokens": run.ids, "logits": run.logits, "start_ns": start,
+                "end_ns": run.clock_ns, "algorithms": run.algorithms, **self._plane_report(group, before)}
+
+    async def execute(self, request: RunRequest | SpanRequest) -> dict:
+        """Run a served batch for real on this member of its TP group, then apply it to this
+        socket's state as the runtime's cache does (see socket_actor.timed_run.execute)."""
+        shard, _ = self._functional_shard(request.model_id)
+        group = self._group(tuple(request.members))
+        before = self._counters(group)
+        result = await execute(self.core, group, shard, request)
+        return {"socket": self.name, **result, **self._plane_report(group, before)}
 
     # -- point-to-point transfers (KV or activation moves) ---------------------------------------
     async def send_to(self, peer: str, tensor_id: str, nbytes: int) -> int:

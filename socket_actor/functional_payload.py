@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rdu.socket_actor.core import RunRequest, SpanRequest
 from rdu.socket_actor.numerics import (KVCache, Shard, TinyConfig, forward_shard, init_weights, run_lockstep,
                                    run_reference, shard_weights)
 
-__all__ = ["FUNCTIONAL_MODEL", "PROMPT_CAP", "OUTPUT_CAP", "model_shards", "batch_payload", "reference",
-           "in_process_tp", "FunctionalChecks"]
+__all__ = ["FUNCTIONAL_MODEL", "PROMPT_CAP", "OUTPUT_CAP", "model_shards", "batch_payload", "span_payload",
+           "request_payload", "reference", "in_process_tp", "FunctionalChecks"]
 
 # small enough for 150 experts in a laptop's object store (~1.7 MB each), splittable up to TP 16
 FUNCTIONAL_MODEL = TinyConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=16, num_kv_heads=8,
@@ -48,6 +49,30 @@ def batch_payload(model_id: str, prompt_lens, output_lens) -> tuple[np.ndarray, 
     new_tokens = max(1, min(OUTPUT_CAP, min(output_lens)))
     rng = np.random.default_rng(_seed(f"{model_id}/{tuple(prompt_lens)}/{tuple(output_lens)}"))
     return rng.integers(0, FUNCTIONAL_MODEL.vocab_size, size=(len(prompt_lens), length)), new_tokens
+
+
+def span_payload(model_id: str, chunk_offsets, chunk_lens, decode_contexts, iterations: int
+                 ) -> tuple[np.ndarray, int]:
+    """The payload of a span (see `SpanRequest`), derived from its fields as `batch_payload` is
+    from a static batch's: one sequence per sequence of its first iteration (each prefill chunk
+    and each decode), equally long prompts of at most PROMPT_CAP seeded tokens (the shortest
+    context of that iteration: a chunk's cached plus new tokens, a decode's cached tokens plus
+    its new one), and at most OUTPUT_CAP new tokens (one per iteration)."""
+    contexts = [o + n for o, n in zip(chunk_offsets, chunk_lens)] + [c + 1 for c in decode_contexts]
+    length = max(1, min(PROMPT_CAP, min(contexts, default=1)))
+    new_tokens = max(1, min(OUTPUT_CAP, int(iterations)))
+    rng = np.random.default_rng(_seed(f"{model_id}/span/{tuple(chunk_offsets)}/{tuple(chunk_lens)}/"
+                                      f"{tuple(decode_contexts)}/{int(iterations)}"))
+    return rng.integers(0, FUNCTIONAL_MODEL.vocab_size, size=(max(1, len(contexts)), length)), new_tokens
+
+
+def request_payload(request: RunRequest | SpanRequest) -> tuple[np.ndarray, int]:
+    """(prompts, new tokens) that a served batch really runs: `batch_payload` of a static batch,
+    `span_payload` of a span."""
+    if isinstance(request, RunRequest):
+        return batch_payload(request.model_id, request.prompt_lens, request.output_lens)
+    return span_payload(request.model_id, request.chunk_offsets, request.chunk_lens, request.decode_contexts,
+                        request.iterations)
 
 
 def reference(model_id: str, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
