@@ -465,7 +465,9 @@ class PeerClient:
 
     async def send(self, header: pb.TensorHeader, array: np.ndarray, wait_ack: bool = False) -> None:
         """Write one tensor to `header.dst`. With `wait_ack`, return only once the peer accepted it
-        (raising `TransferRejected` if it refused); otherwise a refusal surfaces on a later send."""
+        (raising `TransferRejected` if it refused); otherwise a refusal surfaces on a later send.
+        Sends to one peer may run concurrently (as tasks): they are written one at a time, in the
+        order they were started."""
         header.src = self.name
         header.run_token = ""   # the stream is authenticated by this sender's credential instead
         lossy = header.dst in self._lossy

@@ -17,11 +17,10 @@ from rdu.node.cluster.platform import load_platform
 from rdu.node.cluster.ray_nodes import RayNodes
 from rdu.socket_actor.command_log import digest
 from rdu.socket_actor.core import RunRequest, SocketCore, SpanRequest
-from rdu.socket_actor.functional_payload import OUTPUT_CAP, model_shards, reference, request_payload
+from rdu.socket_actor.functional_payload import OUTPUT_CAP, PROMPT_CAP, model_shards, reference, request_payload
 from rdu.socket_actor.model_spec import load_model
 from rdu.socket_actor.operators import shard_weight_bytes
-
-pytestmark = pytest.mark.ray
+from rdu.socket_actor.timed_run import request_schedule
 
 MODEL_ID = "expert-7"
 READY_NS = 5_000
@@ -39,6 +38,27 @@ def _requests(members: tuple[str, ...]) -> list[RunRequest | SpanRequest]:
     ]
 
 
+def test_payloads_and_schedules_are_derived_from_the_request():
+    """A span's payload comes from its fields alone (one sequence per sequence of its first
+    iteration, capped lengths); every step of a request is timed as the runtime's cache times it,
+    and each functional step's plan adds up to its step's time."""
+    spec = load_platform("sn40l-node").spec
+    members = tuple(f"node0/socket{s}" for s in range(8))
+    core = SocketCore(members[0], spec.socket, Topology(spec.links, 1, 8))
+    run, span, _ = _requests(members)
+    prompts, new_tokens = request_payload(span)
+    assert prompts.shape == (4, min(PROMPT_CAP, 22)) and new_tokens == OUTPUT_CAP
+    assert np.array_equal(request_payload(span)[0], prompts)
+    assert request_payload(dataclasses.replace(span, iterations=2))[1] == 2
+    for request, busy in ((run, core.timing(run).total_ns), (span, int(core.span_times(span)[0].sum()))):
+        schedule = request_schedule(core, request, request_payload(request)[1])
+        assert schedule.total_ns == busy and len(schedule.plans) == request_payload(request)[1]
+        for plan, step_ns in zip(schedule.plans, schedule.step_ns):
+            assert sum(plan.gaps_ns) + sum(c[2] for c in plan.collectives) == step_ns
+            assert len(plan.collectives) == 66      # Llama-2-7B: embedding, 2 per layer, logits
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("nodes, per_node", [(1, 8), (2, 4)])
 def test_execute_runs_the_batch_and_lands_on_the_cost_model(ray_local, nodes, per_node):
     import ray
