@@ -342,15 +342,28 @@ class InterconnectServer:
 
 
 class _PeerStream:
-    """The long-lived stream to one peer: writes chunks, reads acks, remembers how it ended."""
+    """The long-lived stream to one peer: writes chunks, reads acks, remembers how it ended.
+
+    Acknowledgements are read only once a tensor asks for one (`want_ack`): a pending read on
+    every stream cost ~15% of a collective's CPU, and a stream that never asks has nothing to
+    read. Without a reader, a stream learns how its call ended when a write finds it finished
+    (`PeerClient._ending`)."""
 
     def __init__(self, peer: str, stub: pb_grpc.InterconnectStub, metadata: tuple = ()) -> None:
         self.peer = peer
         self.call = stub.Transfer(metadata=metadata)
         self.failure: str | None = None
         self.waiting: dict[str, asyncio.Future] = {}
-        self.reader = asyncio.get_running_loop().create_task(self._read_acks())
+        self.reader: asyncio.Task | None = None
         self.writing = asyncio.Lock()   # one write at a time on a call; sends to one peer go in order
+
+    def expect_ack(self, tensor_id: str) -> asyncio.Future:
+        """A future that the peer's acknowledgement of `tensor_id` resolves (the reader starts now)."""
+        if self.reader is None:
+            self.reader = asyncio.get_running_loop().create_task(self._read_acks())
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting[tensor_id] = waiter
+        return waiter
 
     async def _read_acks(self) -> None:
         try:
@@ -374,6 +387,9 @@ class _PeerStream:
 
     async def close(self) -> None:
         self.call.cancel()
+        if self.reader is None:
+            self.failure = self.failure or "stream closed"
+            return
         try:
             await self.reader
         except asyncio.CancelledError:
@@ -514,8 +530,7 @@ class PeerClient:
             self._raise_for(stream, header)
         waiter = None
         if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
-            waiter = asyncio.get_running_loop().create_future()
-            stream.waiting[header.tensor_id] = waiter
+            waiter = stream.expect_ack(header.tensor_id)
         try:
             async with stream.writing, asyncio.timeout(self.deadline_s):
                 for chunk in chunk_tensor(header, array):
@@ -555,6 +570,7 @@ class PeerClient:
             failure = f"{exc.code().name}: {exc.details()}"
         else:
             failure = stream.failure or ending or (f"stream closed ({exc})" if exc else "stream closed")
+        stream.failure = stream.failure or failure   # the next send opens a new stream
         if failure.startswith("UNAVAILABLE"):
             raise _PeerUnavailable(failure)
         raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {failure}")
