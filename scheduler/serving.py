@@ -80,11 +80,6 @@ class CoEServer:
             if missing:
                 raise UserError(f"fault {fault.text!r}: no {missing[0]} in this cluster of {cluster.nodes} node(s)")
         self.kind = config.resolved_kind(workload.kind)
-        if config.kind == "auto" and cluster.functional:
-            self.kind = "static"   # functional payloads ride on the static cycle's runs
-        if self.kind == "continuous" and cluster.functional:
-            raise UserError("scheduler.kind: continuous does not carry functional payloads yet; use "
-                            "scheduler.kind: static")
         self.placement = place_experts(cluster, experts, expert_model.weight_bytes(), router_model.weight_bytes(),
                                        config.placement if self.kind == "continuous" else "spread",
                                        [r.expert for r in workload.requests])

@@ -113,6 +113,48 @@ def test_functional_payloads_inline(tmp_path, capsys):
     assert (tmp_path / "f" / "summary.json").read_bytes() == (tmp_path / "t" / "summary.json").read_bytes()
 
 
+def test_functional_payloads_under_the_continuous_engine_inline(tmp_path, capsys):
+    """Every span of the continuous engine also generates for real (in-process TP) and matches
+    the reference; the timing results are those of the run without payloads."""
+    common = ["run", "--backend", "inline", "--limit", "30", "--experts", "6", "--scheduler", "continuous"]
+    code, out, _ = run(capsys, *common, "--functional", "--out", str(tmp_path / "f"), "--json")
+    checks = json.loads(out)["run"]["backend_checks"]
+    assert code == 0 and checks["functional_runs"] > 30 and checks["functional_token_mismatches"] == 0
+    assert run(capsys, *common, "--out", str(tmp_path / "t"))[0] == 0
+    assert (tmp_path / "f" / "summary.json").read_bytes() == (tmp_path / "t" / "summary.json").read_bytes()
+
+
+@pytest.mark.ray
+def test_functional_spans_on_socket_actors_end_when_their_clocks_say(ray_local, tmp_path, capsys):
+    """On the Ray backend every span runs over the gRPC plane and ends when the members' clocks
+    say; with nothing lost that is the cost model's time, so the run equals the timing-only one."""
+    common = ["run", "--limit", "8", "--experts", "4", "--scheduler", "continuous"]
+    code, out, err = run(capsys, *common, "--functional", "--out", str(tmp_path / "f"), "--json")
+    assert code == 0, err
+    checks = json.loads(out)["run"]["backend_checks"]
+    assert checks["functional_runs"] > 8 and checks["functional_token_mismatches"] == 0
+    assert checks["logs_confirmed"] == checks["logs_sent"]
+    assert run(capsys, *common, "--backend", "inline", "--out", str(tmp_path / "t"))[0] == 0
+    assert (tmp_path / "f" / "summary.json").read_bytes() == (tmp_path / "t" / "summary.json").read_bytes()
+
+
+@pytest.mark.ray
+def test_a_functional_run_loses_real_messages_on_a_dropping_link(ray_local, tmp_path, capsys):
+    """drop-link in a functional run: messages between the two sockets are really lost on the
+    gRPC plane, noticed by the missing acknowledgement and resent; the numerics stay exact and
+    nothing is lost or served twice."""
+    code, out, err = run(capsys, "run", "--functional", "--limit", "6", "--experts", "4", "--scheduler",
+                         "continuous", "--fault", "drop-link:node0/socket1-node0/socket2@p=0.3",
+                         "--out", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    checks = json.loads(out)["run"]["backend_checks"]
+    assert checks["messages_lost"] > 0 and checks["messages_resent"] >= checks["messages_lost"]
+    assert checks["functional_token_mismatches"] == 0 and checks["functional_max_abs_err"] <= 1e-4
+    from tests.helpers import assert_each_request_once
+
+    assert_each_request_once(tmp_path / "r")
+
+
 @pytest.mark.ray
 def test_functional_payloads_on_socket_actors_survive_a_restart(ray_local, tmp_path, capsys):
     """On the Ray backend each batch runs over the gRPC plane; a killed socket is refilled

@@ -16,13 +16,15 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from rdu.node.cluster.inline_backend import InlineNodeBackend
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.partition import PartitionSpec
 from rdu.scheduler.serving_types import ServingStopped
 from rdu.socket_actor.command_log import CommandLog, digest
 from rdu.socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult, span_tokens
-from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, model_shards
+from rdu.socket_actor.functional_payload import FunctionalChecks, model_shards
 from rdu.socket_actor.model_spec import ModelSpec
 
 __all__ = ["ActorNodeBackend", "ActorDivergence"]
@@ -64,6 +66,8 @@ class ActorNodeBackend(InlineNodeBackend):
         self._sent: deque[_Sent] = deque()
         self._stores_pending: dict[int, list[tuple[str, int]]] = {}
         self._payload_refs: dict[tuple[int, str], dict[int, list]] = {}
+        self.messages_lost = 0      # functional runs: plane messages really lost (drop-link), and resent
+        self.messages_resent = 0
         self.commands = 0           # commands the cache applied and logged
         self.logs_sent = 0          # logs sent to a socket (one per member per flush)
         self.confirmed = 0          # ... of which the socket's answer matched the cache
@@ -188,32 +192,65 @@ class ActorNodeBackend(InlineNodeBackend):
         self._log(group).add("evict", model_id)
 
     def run(self, group: int, request: RunRequest) -> RunResult:
+        if self.functional:
+            return self._execute(group, request)
         result = super().run(group, request)
         self._log(group).add("follow", request, result.busy_ns)
-        if self.functional:
-            self._run_payload(group, request)
-        elif len(self.logs[group]) >= self.flush_commands:
+        if len(self.logs[group]) >= self.flush_commands:
             self.flush(group)
         return result
 
-    def _run_payload(self, group: int, request: RunRequest) -> None:
-        """The batch really runs on the members' functional shards over the gRPC plane."""
-        import ray
-
-        self.drain([group])
-        members = tuple(self.tp_groups[group].members)
-        prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
-        outputs = ray.get([self.actors[m].generate.remote(
-            request.model_id, members, prompts.tolist(), new_tokens, request.mode, request.orchestration, False,
-            request.job_id) for m in members])
-        self.checks.check(request.model_id, prompts, new_tokens, outputs[0]["tokens"], outputs[0]["logits"])
-
     def run_span(self, group: int, request: SpanRequest) -> SpanResult:
+        if self.functional:
+            return self._execute(group, request)
         result = super().run_span(group, request)
         self._log(group).span(request.job_id, request.model_id, request.start_ns, result.busy_ns,
                               request.kv_bytes, span_tokens(request, request.iterations))
         if len(self.logs[group]) >= self.flush_commands:
             self.flush(group)
+        return result
+
+    def _execute(self, group: int, request: RunRequest | SpanRequest) -> RunResult | SpanResult:
+        """A functional run: every member runs the batch for real over the gRPC plane and times
+        it (socket_actor/timed_run.py); the batch ends when the members' clocks say — the cost
+        model's time when nothing is lost, later by the resends when messages are — and the
+        cache follows them. The tokens are checked against the single-process reference."""
+        import ray
+
+        self.drain([group])   # everything before this batch confirmed first
+        members = self._live(group)
+        outputs = ray.get([self.actors[m].execute.remote(request) for m in members])
+        ends = {out["end_ns"] for out in outputs}
+        if len(ends) != 1:
+            raise ActorDivergence(f"the members of {self.tp_groups[group].name} end {request.job_id} at different "
+                                  f"times: {sorted(ends)}")
+        busy = outputs[0]["busy_ns"]
+        if isinstance(request, RunRequest):
+            timing = self._timing(request)
+            for m in members:
+                self.sockets[m].follow(request, busy)
+            late = busy - timing.total_ns   # lost messages delay everything after them: counted on all
+            result = RunResult(job_id=request.job_id, socket=members[0], start_ns=request.start_ns,
+                               ttft_ns=timing.ttft_ns, finish_ns=tuple(request.start_ns + f + late
+                                                                       for f in timing.finish_ns),
+                               end_ns=request.start_ns + busy, busy_ns=busy, collective_ns=timing.collective_ns,
+                               setup_ns=timing.setup_ns)
+        else:
+            _, coll = self.span_times(group, request, request.iterations)
+            for m in members:
+                self.sockets[m].run_span(request, busy)
+            result = SpanResult(request.job_id, members[0], request.start_ns, request.start_ns + busy, busy,
+                                int(np.rint(coll).sum()))
+        for member, out in zip(members, outputs):
+            if tuple(out["digest"]) != digest(self.sockets[member]):
+                raise ActorDivergence(f"{member}: after running {request.job_id} its state is "
+                                      f"{_show(tuple(out['digest']))}, the runtime expected "
+                                      f"{_show(digest(self.sockets[member]))}")
+        self.messages_lost += sum(out.get("messages_lost", 0) for out in outputs)
+        self.messages_resent += sum(out.get("messages_resent", 0) for out in outputs)
+        first = outputs[0]
+        self.checks.check(request.model_id, np.asarray(first["prompts"]), int(np.asarray(first["tokens"]).shape[1]),
+                          first["tokens"], first["logits"])
         return result
 
     def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
@@ -277,7 +314,8 @@ class ActorNodeBackend(InlineNodeBackend):
         self.drain()
         return {"backend": self.name, "sockets": len(self.actors), "commands": self.commands,
                 "logs_sent": self.logs_sent, "logs_confirmed": self.confirmed, "actor_restarts": self.restarts,
-                **(self.checks.to_dict() if self.functional else {})}
+                **({**self.checks.to_dict(), "messages_lost": self.messages_lost,
+                    "messages_resent": self.messages_resent} if self.functional else {})}
 
 
 def _restart(handle, name: str, timeout_s: float = 60.0) -> None:

@@ -24,7 +24,7 @@ from rdu.scheduler.engine_recipe import EngineRecipe
 from rdu.scheduler.partition import PartitionResult, PartitionSpec, RoundInput, RoundOutput, partition_groups
 from rdu.socket_actor.core import RunRequest, RunResult, SocketCore, SpanRequest, SpanResult, span_tokens
 from rdu.socket_actor.cost_model import Timing
-from rdu.socket_actor.functional_payload import FunctionalChecks, batch_payload, in_process_tp, model_shards
+from rdu.socket_actor.functional_payload import FunctionalChecks, in_process_tp, model_shards, request_payload
 from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import shard_weight_bytes
 from rdu.socket_actor.tp_group import TPGroup
@@ -115,12 +115,18 @@ class InlineNodeBackend:
         result = self.sockets[leader].run(request, self._timing(request))
         for member in followers:
             self.sockets[member].follow(request, result.busy_ns)
-        if self.payloads_here:
-            shards = [self.sockets[m].residents[request.model_id].weights for m in self.tp_groups[group].members]
-            prompts, new_tokens = batch_payload(request.model_id, request.prompt_lens, request.output_lens)
-            ids, logits = in_process_tp(shards, prompts, new_tokens)
-            self.checks.check(request.model_id, prompts, new_tokens, ids, logits)
+        self._run_payload(group, request)
         return result
+
+    def _run_payload(self, group: int, request: RunRequest | SpanRequest) -> None:
+        """A functional run in this process: the batch's payload really generates with the
+        members' shards (collectives summed in-process), checked against the reference."""
+        if not self.payloads_here:
+            return
+        shards = [self.sockets[m].residents[request.model_id].weights for m in self.tp_groups[group].members]
+        prompts, new_tokens = request_payload(request)
+        ids, logits = in_process_tp(shards, prompts, new_tokens)
+        self.checks.check(request.model_id, prompts, new_tokens, ids, logits)
 
     def span_times(self, group: int, request: SpanRequest, iterations: int) -> tuple:
         """The leader's timing of the span's first `iterations` steps; the last answer is kept, so
@@ -138,6 +144,7 @@ class InlineNodeBackend:
         steps, coll = self.span_times(group, request, request.iterations)
         busy = int(steps.sum())
         results = [self.sockets[m].run_span(request, busy) for m in self.tp_groups[group].members]
+        self._run_payload(group, request)
         r = results[0]
         return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
 
