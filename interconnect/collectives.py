@@ -267,6 +267,22 @@ class Collectives:
                                                 combine, analytic_ns)
         return CollectiveResult(result, clock_ns, self.wire_bytes - start_bytes, algorithm)
 
+    async def all_gather_then(self, part: np.ndarray, clock_ns: int, label: str,
+                              finish: Callable[[list[np.ndarray]], np.ndarray],
+                              timed_bytes: int | None = None) -> CollectiveResult:
+        """Every rank's `part`, gathered at the root, which sends every rank `finish(parts)` (parts
+        in rank order): an all-gather whose root also does what every rank would do next with the
+        gathered tensor. Timed as an all-gather of `timed_bytes` (default: `ranks` parts)."""
+        if self.ranks == 1:
+            self.calls += 1
+            return CollectiveResult(finish([part]), clock_ns, 0)
+        start_bytes = self.wire_bytes
+        nbytes = part.nbytes * self.ranks if timed_bytes is None else int(timed_bytes)
+        algorithm, analytic_ns = self._begin("all_gather", nbytes)
+        result, clock_ns = await self._via_root("all_gather", label, np.ascontiguousarray(part), clock_ns, nbytes,
+                                                lambda parts: [finish(parts)] * self.ranks, analytic_ns)
+        return CollectiveResult(result, clock_ns, self.wire_bytes - start_bytes, algorithm)
+
     async def settle(self, clock_ns: int, label: str = "settle") -> int:
         """The end every member agrees on: the latest clock of the group plus the timeouts still
         owed (answers resent in the last collectives). A collective of no virtual time, over the

@@ -183,12 +183,15 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator[Collective, np.ndarray, np.ndarray]:
+def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
+                  embedded: np.ndarray | None = None) -> Generator[Collective, np.ndarray, np.ndarray]:
     """Run `tokens` — shape (batch, new positions), or (new positions,) for one sequence — through
     one shard after what the cache holds; return the full-vocabulary logits of the last position
     of each sequence, shape (batch, vocab) (or (vocab,) for a 1-D input).
 
     Yields a `Collective` whenever the shard needs its partial combined with the other ranks'.
+    `embedded` (batch x positions, hidden) is the tokens' embedding when the caller already has
+    it (the sum the embedding all-reduce would form: then that collective is not yielded).
     """
     cfg, w = shard.cfg, shard.weights
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -207,9 +210,12 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache) -> Generator
     vs = w["embed"].shape[0]
     local = (tokens - shard.vocab_offset).reshape(-1)
     mine = (local >= 0) & (local < vs)
-    x_part = np.zeros((b * n, cfg.hidden_size), dtype=np.float32)
-    x_part[mine] = w["embed"][local[mine]]
-    x = yield Collective("all_reduce", x_part, "embedding")
+    if embedded is not None:
+        x = np.asarray(embedded, dtype=np.float32).reshape(b * n, cfg.hidden_size)
+    else:
+        x_part = np.zeros((b * n, cfg.hidden_size), dtype=np.float32)
+        x_part[mine] = w["embed"][local[mine]]
+        x = yield Collective("all_reduce", x_part, "embedding")
     hq, hkv = len(shard.kv_of_q), w["layers.0.wk"].shape[1] // d
     causal = positions[:, None] >= np.arange(start + n)[None, :]
     rope_positions = np.tile(positions, b)

@@ -168,29 +168,62 @@ class FunctionalRun:
     algorithms: dict[str, int] = field(default_factory=dict)
 
 
+def _pick_embedding(shard: Shard, parts: list[np.ndarray]) -> np.ndarray:
+    """At a root: each rank's [logits part | embedding row of its own best token] gathered in rank
+    order -> [full logits | the embedding row of the overall best token], per sequence. The best
+    token overall (numpy's argmax: the first maximum) is the first maximum of the rank whose part
+    holds it, so that rank sent its row: the row the embedding all-reduce would sum (its other
+    terms are zeros, so the same bits)."""
+    vocab_part = shard.weights["embed"].shape[0]
+    logits = np.concatenate([p[:, :vocab_part] for p in parts], axis=-1)
+    best = np.argmax(logits, axis=-1)
+    rows = np.stack([parts[owner][i, vocab_part:] for i, owner in enumerate(best // vocab_part)])
+    return np.concatenate([logits, rows], axis=-1)
+
+
+async def _gather_logits(shard: Shard, group: Collectives, local: np.ndarray, label: str, clock_ns: int,
+                         nbytes: int, fuse: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The logits all-gather: (full logits, next step's embedding or None, clock). With `fuse`
+    the next decode step's embedding all-reduce rides on it (each rank sends the embedding row of
+    its own best token; the root picks the overall best's), one collective fewer per token."""
+    if not fuse:
+        result = await group.all_gather(local, clock_ns, label, timed_bytes=nbytes)
+        return result.tensor, None, result.clock_ns
+    rows = shard.weights["embed"][np.argmax(local, axis=-1)]
+    packed = np.concatenate([local, rows], axis=-1).astype(np.float32, copy=False)
+    result = await group.all_gather_then(packed, clock_ns, label, lambda parts: _pick_embedding(shard, parts),
+                                         timed_bytes=nbytes)
+    vocab = shard.cfg.vocab_size
+    return result.tensor[:, :vocab], result.tensor[:, vocab:], result.clock_ns
+
+
 async def _step(shard: Shard, group: Collectives, tokens: np.ndarray, cache: KVCache, plan: StepPlan,
-                stand_ins: dict[int, int], clock_ns: int) -> tuple[np.ndarray, int]:
-    """One forward pass of `tokens`, its collectives over the plane, timed by `plan`: (logits, clock)."""
-    run = forward_shard(shard, tokens, cache)
+                stand_ins: dict[int, int], clock_ns: int, embedded: np.ndarray | None,
+                fuse: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """One forward pass of `tokens`, its collectives over the plane, timed by `plan`: (logits,
+    next step's embedding if `fuse`, clock). With `embedded` the embedding all-reduce already
+    travelled (with the previous step's logits): its nominal collective is charged its time."""
+    run = forward_shard(shard, tokens, cache, embedded)
     collective = next(run)
-    logits = None
+    logits = next_embedded = None
     for k, (kind, nbytes, analytic_ns) in enumerate(plan.collectives):
         clock_ns += plan.gaps_ns[k]
-        if k not in stand_ins:
-            clock_ns += analytic_ns   # a collective of the timing model the functional one lacks
+        if k not in stand_ins or (embedded is not None and stand_ins[k] == 0):
+            clock_ns += analytic_ns   # a collective of the timing model that does not travel here
             continue
         if collective.kind == "all_reduce":
             result = await group.all_reduce(collective.tensor, clock_ns, collective.label, timed_bytes=nbytes)
+            tensor, clock_ns = result.tensor, result.clock_ns
         else:
-            result = await group.all_gather(collective.tensor, clock_ns, collective.label, timed_bytes=nbytes)
-        clock_ns = result.clock_ns
+            tensor, next_embedded, clock_ns = await _gather_logits(shard, group, collective.tensor, collective.label,
+                                                                   clock_ns, nbytes, fuse)
         try:
-            collective = run.send(result.tensor)
+            collective = run.send(tensor)
         except StopIteration as done:
             logits = done.value
     if logits is None:
         raise RuntimeError(f"{group.me}: the functional step did not end with the timing model's step")
-    return logits, clock_ns + plan.gaps_ns[-1]
+    return logits, next_embedded, clock_ns + plan.gaps_ns[-1]
 
 
 async def run_functional(shard: Shard, group: Collectives, prompts: np.ndarray, schedule: Schedule,
@@ -205,9 +238,10 @@ async def run_functional(shard: Shard, group: Collectives, prompts: np.ndarray, 
     nominal_kinds = [c[0] for c in schedule.plans[0].collectives] if schedule.plans else kinds
     stand_ins = {k: j for j, k in enumerate(_stand_ins(len(kinds), nominal_kinds, kinds))}
     algorithms_before = dict(group.algorithms)
-    clock, ids, all_logits = int(start_ns), [], []
-    for plan in schedule.plans:
-        logits, clock = await _step(shard, group, tokens, cache, plan, stand_ins, clock)
+    clock, ids, all_logits, embedded = int(start_ns), [], [], None
+    for step, plan in enumerate(schedule.plans):
+        fuse = step + 1 < len(schedule.plans)
+        logits, embedded, clock = await _step(shard, group, tokens, cache, plan, stand_ins, clock, embedded, fuse)
         all_logits.append(logits)
         ids.append(np.argmax(logits, axis=-1))
         tokens = ids[-1][:, None]
