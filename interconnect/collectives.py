@@ -283,6 +283,23 @@ class Collectives:
                                                 lambda parts: [finish(parts)] * self.ranks, analytic_ns)
         return CollectiveResult(result, clock_ns, self.wire_bytes - start_bytes, algorithm)
 
+    async def rendezvous(self) -> None:
+        """Every member exchanges an empty message with every root, as a collective library does
+        when a communicator is made: each stream has carried a message and each server knows its
+        callers before the first collective is timed. Every member of the group must call it
+        together. It costs no virtual time and leaves the numbering and what is owed as they were."""
+        if self.ranks == 1:
+            return
+        saved = self.epoch, self.calls, self.owed_ns
+        self.begin("rendezvous#")
+        empty = np.zeros(0, dtype=np.int64)
+        try:
+            for _ in self.members:
+                await self._via_root("rendezvous", "hello", empty, 0, 0, lambda parts: [empty] * self.ranks, 0)
+            await self.flush()
+        finally:
+            self.epoch, self.calls, self.owed_ns = saved
+
     async def settle(self, clock_ns: int, label: str = "settle") -> int:
         """The end every member agrees on: the latest clock of the group plus the timeouts still
         owed (answers resent in the last collectives). A collective of no virtual time, over the

@@ -230,8 +230,11 @@ class SocketActor:
         return process_memory()
 
     async def connect(self, members: list[str]) -> None:
-        """Open the plane's streams to every other member of a group before it runs."""
+        """Make the group's communicator before it runs: open the plane's streams to every other
+        member and exchange an empty message with each (`Collectives.rendezvous`); every member of
+        the group calls it at the same time."""
         await self.client.connect([m for m in members if m != self.name])
+        await self._group(tuple(members)).rendezvous()
 
     async def plane_stats(self, peers: list[str]) -> dict[str, dict]:
         """What each of `peers` says its gRPC server received, asked over the plane itself (the

@@ -39,7 +39,8 @@ def test_check_tp_matches_reference_over_grpc(ray_local, nodes, per_node):
     # all-reduce rides on the logits gather before it)...
     assert result["collective_algorithms"] == {"ring": 6 + 5 * 5}
     # ...while the tensors went to a root and back: 2 (n - 1) messages per collective and the agreement
-    assert result["collective_transport"] == "root" and result["grpc_messages"] == 2 * 7 * (6 + 5 * 5 + 1)
+    # (and, before the first token, an empty message between every member and every root)
+    assert result["collective_transport"] == "root" and result["grpc_messages"] == 2 * 7 * (6 + 5 * 5 + 1 + 8)
     # every socket's server, asked over the plane's Stats call, received its share of what was sent
     received = result["plane_received"]
     assert sorted(received) == [f"node{n}/socket{s}" for n in range(nodes) for s in range(per_node)] and sum(r["bytes"] for r in received.values()) == result["grpc_bytes"] > 0

@@ -68,7 +68,6 @@ def _generate(cluster: RayNodes, prompts: np.ndarray, tokens: int) -> tuple[list
     import ray
 
     members = tuple(cluster.names)
-    ray.get([cluster.sockets[name].connect.remote(list(members)) for name in members])
     started = time.perf_counter()
     try:
         results = ray.get([cluster.sockets[name].generate.remote(MODEL_ID, members, prompts.tolist(), tokens)
@@ -104,7 +103,10 @@ def check_tp(nodes: int, sockets_per_node: int, tokens: int = 16, prompt_tokens:
         try:
             cluster.start()
             _load_shards(cluster, spec, weights, cfg, nodes, sockets_per_node)
-            _lose_messages(cluster, lossy, seed)
+            import ray
+
+            ray.get([cluster.sockets[name].connect.remote(cluster.names) for name in cluster.names])
+            _lose_messages(cluster, lossy, seed)   # from the first generated token on
             results, wall_s, plane = _generate(cluster, prompts, tokens)
             ray_nodes = cluster.ray_node_of()
         finally:
