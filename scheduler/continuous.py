@@ -22,10 +22,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from rdu.base import UserError, format_bytes
+from rdu.base import format_bytes
 from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
-from rdu.scheduler.dispatch import choose_group, hot_experts
+from rdu.scheduler.dispatch import group_on_node, hot_experts
+from rdu.scheduler.faults import RestartBudget
 from rdu.scheduler.kv import GroupMemory, blocks_for
 from rdu.scheduler.metrics import EngineMetrics, GroupStats, RequestRecord
 from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
@@ -230,7 +231,7 @@ class ContinuousEngine:
         self._steps: list = []
         self._jobs = 0
         self._dispatched = 0
-        self._restarts: dict[str, int] = {}
+        self._restarts = RestartBudget(backend.max_restarts)
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> int:
@@ -379,9 +380,8 @@ class ContinuousEngine:
     # -- arrivals and dispatch ---------------------------------------------------------------------
     def _on_dispatch(self, request: Request, node: int) -> None:
         """The request reached `node`: the node picks one of its groups, on what it knows now."""
-        eligible = [g for g in self.groups if g.info.node == node]
-        group = choose_group(eligible, request.expert, {node}, self.config.dispatch, self.step.max_num_seqs,
-                             self._dispatched)
+        group = group_on_node(self.groups, request.expert, node, self.config.dispatch, self.step.max_num_seqs,
+                              self._dispatched)
         if group is None:   # the node died after the request was routed to it: back to the ingress
             self._orphans.append(request)
             return
@@ -686,11 +686,7 @@ class ContinuousEngine:
         if group.dead:
             return   # its node is already gone: nothing left to kill
         self.fault_stats["faults_injected"] += 1
-        self._restarts[fault.target] = self._restarts.get(fault.target, 0) + 1
-        if self._restarts[fault.target] > self.backend.max_restarts:
-            raise ServingStopped(f"{fault.target} failed at {now} ns for the {self._restarts[fault.target]}th time, "
-                                 f"more than the {self.backend.max_restarts} restarts the platform allows "
-                                 "(socket.max_restarts)", None)
+        self._restarts.spend(fault.target, now)
         lost = self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)

@@ -7,7 +7,7 @@ from collections import Counter
 
 from rdu.socket_actor.tiers import CapacityError
 
-__all__ = ["DISPATCH", "PLACEMENT", "choose_group", "place_experts", "hot_experts"]
+__all__ = ["DISPATCH", "PLACEMENT", "choose_group", "group_on_node", "place_experts", "hot_experts"]
 
 DISPATCH = ("expert-affinity", "least-loaded", "round-robin")
 PLACEMENT = ("spread", "popularity")
@@ -31,6 +31,12 @@ def choose_group(groups: list, expert: int, holders: set[int], rule: str, slack:
             if best.load <= coldest.load + slack:
                 return best
     return coldest
+
+
+def group_on_node(groups: list, expert: int, node: int, rule: str, slack: int, counter: int):
+    """The group of `node` a request the ingress routed there goes to (None if none is alive):
+    the same rule as the ingress's, on what the node knows when the request reaches it."""
+    return choose_group([g for g in groups if g.info.node == node], expert, {node}, rule, slack, counter)
 
 
 def hot_experts(sequence: list[int]) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from rdu.base import UserError
 
-__all__ = ["FaultSpec", "parse_fault", "parse_faults", "FAULT_KINDS"]
+__all__ = ["FaultSpec", "parse_fault", "parse_faults", "FAULT_KINDS", "RestartBudget"]
 
 FAULT_KINDS = ("kill-socket", "kill-node", "drop-link")
 MAX_VIRTUAL_MS = 1e12   # ~31 years of virtual time: far inside int64 ns
@@ -110,3 +110,21 @@ def parse_faults(texts, where: str = "faults") -> tuple[FaultSpec, ...]:
     if not isinstance(texts, (list, tuple)):
         raise UserError(f"{where}: expected a list of fault specs, got {texts!r}")
     return tuple(parse_fault(t, where) for t in texts)
+
+
+class RestartBudget:
+    """How many times each socket was killed; one kill more than the platform's
+    `socket.max_restarts` stops the run (both engines, both backends)."""
+
+    def __init__(self, max_restarts: int) -> None:
+        self.max_restarts = max_restarts
+        self.kills: dict[str, int] = {}
+
+    def spend(self, socket: str, now: int) -> None:
+        """Count a kill of `socket` at `now`; raises ServingStopped past the limit."""
+        from rdu.scheduler.serving_types import ServingStopped
+
+        self.kills[socket] = self.kills.get(socket, 0) + 1
+        if self.kills[socket] > self.max_restarts:
+            raise ServingStopped(f"{socket} failed at {now} ns for the {self.kills[socket]}th time, more than the "
+                                 f"{self.max_restarts} restarts the platform allows (socket.max_restarts)", None)

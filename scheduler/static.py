@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from rdu.base import format_bytes
 from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
-from rdu.scheduler.dispatch import choose_group
-from rdu.scheduler.faults import FaultSpec
+from rdu.scheduler.dispatch import group_on_node
+from rdu.scheduler.faults import FaultSpec, RestartBudget
 from rdu.scheduler.metrics import GroupStats, RequestRecord
 from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
@@ -90,7 +90,7 @@ class StaticEngine:
         self.until_ns = 0
         self._now = 0
         self.stopped = ""
-        self._restarts: dict[str, int] = {}   # kills survived per socket
+        self._restarts = RestartBudget(backend.max_restarts)
         self.fault_stats = {"faults_injected": 0, "faults_recovered": 0, "recovery_ns": 0, "runs_retried": 0}
         self._jobs = 0
         self._events: list[tuple] = []
@@ -222,9 +222,8 @@ class StaticEngine:
         that already holds (or is about to run) the expert, unless it is a whole batch busier
         than the least-loaded one: then the request spills over and that group warms up too."""
         request, node = payload
-        eligible = [g for g in self.groups if g.info.node == node]
-        group = choose_group(eligible, request.expert, {node}, self.config.dispatch, self.config.max_batch,
-                             self._dispatched)
+        group = group_on_node(self.groups, request.expert, node, self.config.dispatch, self.config.max_batch,
+                              self._dispatched)
         if group is None:   # the node died after the request was routed to it: back to the ingress
             self._orphans.append(request)
             return
@@ -431,11 +430,7 @@ class StaticEngine:
         if group.dead:
             return   # its node is already gone: nothing left to kill
         self.fault_stats["faults_injected"] += 1
-        self._restarts[fault.target] = self._restarts.get(fault.target, 0) + 1
-        if self._restarts[fault.target] > self.backend.max_restarts:
-            raise ServingStopped(f"{fault.target} failed at {now} ns for the {self._restarts[fault.target]}th time, "
-                                 f"more than the {self.backend.max_restarts} restarts the platform allows "
-                                 "(socket.max_restarts)", None)
+        self._restarts.spend(fault.target, now)
         self._interrupt(group, now)
         back = now + int(self.backend.restart_ns)
         self.backend.fail_socket(fault.target, now, back)

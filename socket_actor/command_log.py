@@ -20,7 +20,7 @@ import numpy as np
 
 from rdu.socket_actor.core import SocketCore
 
-__all__ = ["CommandLog", "SpanColumns", "apply_log", "digest", "CommandRefused"]
+__all__ = ["CommandLog", "SpanColumns", "apply_log", "digest", "describe", "CommandRefused"]
 
 
 class CommandRefused(RuntimeError):
@@ -111,13 +111,15 @@ def apply_log(core: SocketCore, log: CommandLog, payloads: dict | None = None) -
         except CommandRefused:
             raise
         except Exception as exc:   # the socket's own checks: not resident, not free, does not fit
-            raise CommandRefused(f"{me}: {_describe(op)}: {exc}") from None
+            raise CommandRefused(f"{me}: {describe(op)}: {exc}") from None
     return digest(core)
 
 
-def _describe(op: tuple) -> str:
+def describe(op: tuple) -> str:
+    """A command of a log in a few words (what a divergence message names)."""
     if op[0] == "spans":
-        return f"span {op[1].jobs[0]} .. {op[1].jobs[-1]}"
+        spans = op[1]
+        return f"span {spans.jobs[0]}" if len(spans.jobs) == 1 else f"spans {spans.jobs[0]} .. {spans.jobs[-1]}"
     if op[0] == "follow":
         return f"run {op[1].job_id}"
     return " ".join(str(part) for part in op[:2])

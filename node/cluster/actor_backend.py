@@ -22,7 +22,7 @@ from rdu.node.cluster.inline_backend import InlineNodeBackend
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.partition import PartitionSpec
 from rdu.scheduler.serving_types import ServingStopped
-from rdu.socket_actor.command_log import CommandLog, digest
+from rdu.socket_actor.command_log import CommandLog, describe, digest
 from rdu.socket_actor.core import RunRequest, RunResult, SpanRequest, SpanResult, span_tokens
 from rdu.socket_actor.functional_payload import FunctionalChecks, model_shards
 from rdu.socket_actor.model_spec import ModelSpec
@@ -95,7 +95,7 @@ class ActorNodeBackend(InlineNodeBackend):
             refs[m] = self.actors[m].apply_log.remote(self._batch[m], log_ref)
             self._batch[m] += 1
             self.logs_sent += 1
-        self._sent.append(_Sent(group, _describe(log.ops[-1]), refs, {m: digest(self.sockets[m]) for m in members}))
+        self._sent.append(_Sent(group, describe(log.ops[-1]), refs, {m: digest(self.sockets[m]) for m in members}))
         self.logs[group] = CommandLog()
         self.collect(block=len(self._sent) > self.max_in_flight)
 
@@ -334,14 +334,6 @@ def _restart(handle, name: str, timeout_s: float = 60.0) -> None:
                     and "restart" not in str(exc).lower():
                 raise ActorDivergence(f"socket actor {name} did not come back after a restart: {exc}") from None
             time.sleep(0.05)
-
-
-def _describe(op: tuple) -> str:
-    if op[0] == "spans":
-        return f"span {op[1].jobs[-1]} ({op[1].models[-1]})"
-    if op[0] == "follow":
-        return f"run {op[1].job_id}"
-    return " ".join(str(part) for part in op[:2])
 
 
 def _show(state: tuple) -> str:

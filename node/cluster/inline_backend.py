@@ -16,7 +16,7 @@ import numpy as np
 
 from rdu.interconnect.links import transmit_path
 from rdu.interconnect.topology import Topology
-from rdu.node.cluster.layout import tp_groups
+from rdu.node.cluster.emulated_cluster import EmulatedCluster
 from rdu.node.cluster.model_store import ModelStore
 from rdu.node.cluster.platform import NodeSpec
 from rdu.scheduler.backend import GroupInfo
@@ -29,17 +29,9 @@ from rdu.socket_actor.model_spec import ModelSpec
 from rdu.socket_actor.operators import shard_weight_bytes
 from rdu.socket_actor.tp_group import TPGroup
 
-__all__ = ["InlineCluster", "InlineNodeBackend", "InlineRunner", "cluster_groups"]
+__all__ = ["InlineCluster", "InlineNodeBackend", "InlineRunner"]
 
 _CACHE_ENTRIES = 4096
-
-
-def cluster_groups(spec: NodeSpec, nodes: int, tp: int) -> list[GroupInfo]:
-    """The TP groups of `nodes` nodes of `spec` cut at degree `tp` (checks that the cut works)."""
-    topology = Topology(spec.links, nodes, spec.sockets_per_node)
-    return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
-                      hbm_usable_bytes=spec.socket.hbm_usable_bytes)
-            for i, g in enumerate(tp_groups(spec, topology, tp))]
 
 
 class InlineNodeBackend:
@@ -226,36 +218,14 @@ class InlineRunner:
         pass
 
 
-class InlineCluster:
+class InlineCluster(EmulatedCluster):
     """A cluster of `nodes` nodes of `spec`, cut into TP groups of `tp`, served in this process."""
 
     name = "inline"
 
     def __init__(self, spec: NodeSpec, nodes: int, tp: int, functional: bool = False) -> None:
-        self.spec = spec
-        self.nodes = nodes
-        self.tp = tp
-        self.functional = functional
-        self.capacity_tier_bytes = spec.capacity_tier_bytes
-        self.capacity_tier_name = spec.capacity_tier_name
-        self._groups = cluster_groups(spec, nodes, tp)
-        self.fabric = Topology(spec.links, nodes, spec.sockets_per_node)   # request forwarding at the ingress
+        super().__init__(spec, nodes, tp, functional)
         self.runner: InlineRunner | None = None
-
-    def groups(self) -> list[GroupInfo]:
-        return list(self._groups)
-
-    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
-        if src_node == dst_node:
-            return send_ns
-        links = [self.fabric.links[f"node{src_node}->fabric"], self.fabric.links[f"fabric->node{dst_node}"]]
-        return transmit_path(links, nbytes, send_ns)
-
-    def degrade_fabric(self, a: str, b: str, probability: float, at_ns: int) -> None:
-        self.fabric.degrade(a, b, probability, at_ns)
-
-    def lost_node(self, node: int) -> None:
-        pass   # the node's engine already dropped its sockets and tier
 
     def start(self, recipe: EngineRecipe) -> InlineRunner:
         self.runner = InlineRunner(self.spec, self.nodes, self._groups, recipe, self.functional)

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rdu.interconnect.links import transmit_path
-from rdu.interconnect.topology import Topology
-from rdu.node.cluster.inline_backend import cluster_groups
+from rdu.node.cluster.emulated_cluster import EmulatedCluster
 from rdu.node.cluster.node_runtime import NodeRuntime
 from rdu.node.cluster.platform import NodeSpec
 from rdu.node.cluster.ray_nodes import RayNodes
-from rdu.scheduler.backend import GroupInfo
 from rdu.scheduler.engine_recipe import EngineRecipe
 from rdu.scheduler.partition import PartitionResult, PartitionSpec, RoundInput, RoundOutput, partition_groups
 
@@ -102,7 +99,7 @@ def runtime_blocks(partitions: list[PartitionSpec], host_of_node: dict[int, str]
     return sorted(blocks)
 
 
-class RayCluster:
+class RayCluster(EmulatedCluster):
     """Emulated nodes on Ray: socket actors, model stores, and node runtimes for a run."""
 
     name = "ray"
@@ -113,13 +110,9 @@ class RayCluster:
         """`on_node_lost(node, ray_node_ids)` is called when a kill-node fault has taken an
         emulated node's actors, with the Ray nodes that hosted them (tests take those Ray nodes
         away as well)."""
-        self.spec, self.nodes, self.tp, self.functional = spec, nodes, tp, functional
-        self.capacity_tier_bytes = spec.capacity_tier_bytes
-        self.capacity_tier_name = spec.capacity_tier_name
+        super().__init__(spec, nodes, tp, functional)
         self.flush_commands = flush_commands
         self.on_node_lost = on_node_lost
-        self._groups = cluster_groups(spec, nodes, tp)
-        self.fabric = Topology(spec.links, nodes, spec.sockets_per_node)   # request forwarding at the ingress
         self.actors = RayNodes(spec, nodes, run_token=run_token, bind_host=bind_host, max_restarts=max_restarts)
         self.runner: RayRunner | None = None
         self._hosts: dict[str, str] = {}
@@ -138,18 +131,6 @@ class RayCluster:
         self.host_of_node = {n: self._hosts[f"node{n}/socket0"] for n in range(self.nodes)}
         self.runtime_slots = {node["NodeID"]: int(node["Resources"].get("CPU", 1))
                               for node in ray.nodes() if node.get("Alive")}
-
-    def groups(self) -> list[GroupInfo]:
-        return list(self._groups)
-
-    def forward_request(self, src_node: int, dst_node: int, nbytes: int, send_ns: int) -> int:
-        if src_node == dst_node:
-            return send_ns
-        links = [self.fabric.links[f"node{src_node}->fabric"], self.fabric.links[f"fabric->node{dst_node}"]]
-        return transmit_path(links, nbytes, send_ns)
-
-    def degrade_fabric(self, a: str, b: str, probability: float, at_ns: int) -> None:
-        self.fabric.degrade(a, b, probability, at_ns)
 
     def lost_node(self, node: int) -> None:
         """A kill-node fault took `node` (its runtime killed its actors)."""

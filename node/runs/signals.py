@@ -62,18 +62,5 @@ def deferred_interrupts() -> Iterator[list[int]]:
 def stop_as_flag() -> Iterator[Callable[[], bool]]:
     """For the duration, SIGINT / SIGTERM set a flag instead of raising; yields the function that
     tells whether one came (the serving loop then raises KeyboardInterrupt at a safe point)."""
-    noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def note(signum: int, _frame) -> None:
-        _last_signal["signum"] = signum
-        noted.append(signum)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with deferred_interrupts() as noted:
         yield lambda: bool(noted)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
