@@ -223,19 +223,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 _ORCHESTRATION_HELP = ("who launches the kernels: SO = software orchestration (the host launches each kernel), "
                        "HO = hardware orchestration (the chip launches them itself); default: the platform's")
 
-def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="rdu", description="Emulator of multi-socket AI dataflow accelerator nodes "
-                                                   "(SambaNova SN40L-style) serving a Composition of Experts.")
-    from rdu.node.runs.provenance import version_line
-
-    parser.add_argument("--version", action="version", version=version_line())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    sub.required = True
-
+def _add_presets_command(sub: argparse._SubParsersAction) -> None:
+    """`rdu presets`: list the platform and model presets."""
     p = sub.add_parser("presets", help="list platform and model presets")
     p.add_argument("--json", action="store_true", help="print names as one JSON object")
     p.set_defaults(handler=cmd_presets)
 
+
+def _add_estimate_command(sub: argparse._SubParsersAction) -> None:
+    """`rdu estimate`: the cost model's time for one generation on one TP group."""
     p = sub.add_parser("estimate", help="time one generation of a model on one tensor-parallel group")
     p.add_argument("--platform", default="sn40l-node", help="platform preset or YAML file (default sn40l-node)")
     p.add_argument("--model", default="llama-2-7b", help="model preset or config.json path (default llama-2-7b)")
@@ -249,6 +245,10 @@ def build_parser() -> OneLineParser:
                    help="override a platform field, e.g. socket.hbm.bandwidth_bytes_per_s=2e12 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ns, bytes)")
     p.set_defaults(handler=cmd_estimate)
+
+
+def _add_check_tp_command(sub: argparse._SubParsersAction) -> None:
+    """`rdu check-tp`: the functional model run tensor-parallel over gRPC."""
     p = sub.add_parser("check-tp", help="run the functional model tensor-parallel over gRPC and check it")
     p.add_argument("--nodes", type=_positive_int, default=1, help="emulated nodes (default 1)")
     p.add_argument("--sockets-per-node", type=_positive_int, default=8, help="socket actors per node (default 8)")
@@ -264,6 +264,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_check_tp)
 
+
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    """`rdu run`: a whole serving run; its flags override the run config's fields."""
     p = sub.add_parser("run", help="serve a Composition of Experts on an emulated cluster")
     p.add_argument("config", nargs="?", help="run config YAML (flags override its fields)")
     p.add_argument("--name", help="run name (default: derived from the config)")
@@ -315,18 +318,35 @@ def build_parser() -> OneLineParser:
     p.add_argument("--json", action="store_true", help="print summary and run info as one JSON object")
     p.set_defaults(handler=cmd_run)
 
-    from rdu.node.cli import calibrate as cli_calibrate
-    from rdu.node.cli import observe as cli_observe
-    from rdu.node.cli import studies as cli_studies
 
-    cli_observe.add_commands(sub)
-    cli_studies.add_commands(sub)
-    cli_calibrate.add_commands(sub)
-
+def _add_validate_cluster_command(sub: argparse._SubParsersAction) -> None:
+    """`rdu validate-cluster`: check a Ray cluster-launcher YAML offline."""
     p = sub.add_parser("validate-cluster", help="check a Ray cluster-launcher YAML offline (Ray's schema + ours)")
     p.add_argument("config", help="cluster YAML, e.g. cluster.yaml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_validate_cluster)
+
+
+def build_parser() -> OneLineParser:
+    """The `rdu` parser: one helper (or module) per subcommand, registered in the order --help lists them."""
+    parser = OneLineParser(prog="rdu", description="Emulator of multi-socket AI dataflow accelerator nodes "
+                                                   "(SambaNova SN40L-style) serving a Composition of Experts.")
+    from rdu.node.cli import calibrate as cli_calibrate
+    from rdu.node.cli import observe as cli_observe
+    from rdu.node.cli import studies as cli_studies
+    from rdu.node.runs.provenance import version_line
+
+    parser.add_argument("--version", action="version", version=version_line())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    _add_presets_command(sub)
+    _add_estimate_command(sub)
+    _add_check_tp_command(sub)
+    _add_run_command(sub)
+    cli_observe.add_commands(sub)
+    cli_studies.add_commands(sub)
+    cli_calibrate.add_commands(sub)
+    _add_validate_cluster_command(sub)
     return parser
 
 
