@@ -33,7 +33,7 @@ from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, Part
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
 from rdu.scheduler.serving_types import ServingStopped
-from rdu.scheduler.step_scheduler import Seq, StepConfig, build_batch, select_model, span_limit
+from rdu.scheduler.step_scheduler import Batch, Seq, StepConfig, build_batch, select_model, span_limit
 from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Preempt, Run, Switch, TimelineBuffer
 from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import SpanRequest
@@ -516,16 +516,31 @@ class ContinuousEngine:
         end = result.end_ns
         model = batch.model
         busy = end - start
-        if model == ROUTER_KEY:
-            group.stats.router_ns += busy
-        else:
+        expert = model != ROUTER_KEY
+        if expert:
             group.stats.expert_ns += busy
+        else:
+            group.stats.router_ns += busy
         group.stats.collective_ns += result.collective_ns
+        firsts = [s for s, _ in batch.chunks if s.computed == 0 and s.preemptions == 0] if expert else []
+        seqs = self._advance_tokens(batch, steps, end0, end, expert)
+        self.metrics.span(model, busy, batch, k, len(seqs))
+        if self.listening:
+            # accesses: requests first admitted in this span; a hit: its expert was resident when decided
+            self.emit(Run(t_ns=start, group=group.info.name, model=model_id(model), end_ns=end,
+                          first_step_ns=int(steps[0]), collective_ns=result.collective_ns,
+                          requests=sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
+                          iterations=k, prefill_tokens=sum(c for _, c in batch.chunks), decodes=len(batch.decodes),
+                          accesses=len(firsts), hits=sum(s.hit for s in firsts), stall_ns=0,
+                          kv_bytes=request.kv_bytes, queued=len(group.waiting.get(model, ()))))
+        self._retire([s for s in seqs if s.generated >= s.output], group)
+
+    def _advance_tokens(self, batch: Batch, steps, end0: int, end: int, expert: bool) -> list[Seq]:
+        """Move a span's sequences on by its iterations (the first one ends at `end0`, the last at
+        `end`): prefill chunks computed, tokens generated, their times and the inter-token gaps an
+        expert's tokens add to the metrics. Returns the sequences that generated tokens."""
         m = self.metrics
         gaps = []
-        finished = []
-        expert = model != ROUTER_KEY
-        firsts = [s for s, _ in batch.chunks if s.computed == 0 and s.preemptions == 0] if expert else []
         for s, c in batch.chunks:
             s.computed += c
             if s.computed >= s.prompt:
@@ -542,7 +557,7 @@ class ContinuousEngine:
                 gaps.append(end0 - s.last_token_ns)
             s.last_token_ns = end0
         seqs = batch.decodes + [s for s, _ in batch.chunks if s.computed >= s.prompt]
-        m.span(model, busy, batch, k, len(seqs))
+        k = len(steps)
         if k > 1:
             for s in seqs:
                 s.computed += k - 1
@@ -554,28 +569,21 @@ class ContinuousEngine:
             m.itl_values(gaps)
         for s in seqs:
             s.batch = len(seqs)
-            if s.generated >= s.output:
-                finished.append(s)
-        if self.listening:
-            # accesses: requests first admitted in this span; a hit: its expert was resident when decided
-            self.emit(Run(t_ns=start, group=group.info.name, model=model_id(model), end_ns=end,
-                          first_step_ns=int(steps[0]), collective_ns=result.collective_ns,
-                          requests=sorted({s.request.id for s in seqs} | {s.request.id for s, _ in batch.chunks}),
-                          iterations=k, prefill_tokens=sum(c for _, c in batch.chunks), decodes=len(batch.decodes),
-                          accesses=len(firsts), hits=sum(s.hit for s in firsts), stall_ns=0,
-                          kv_bytes=request.kv_bytes, queued=len(group.waiting.get(model, ()))))
+        return seqs
+
+    def _retire(self, finished: list[Seq], group: ContinuousGroup) -> None:
+        """Free the finished sequences' KV: a routed request goes on to its expert, an expert's is done."""
         for s in finished:
             group.release(s)
+            group.dirty = True
             if s.model == ROUTER_KEY:
                 expert_seq = Seq(s.request, s.request.expert, s.request.prompt_tokens, s.request.output_tokens)
                 expert_seq.queue_ns = s.admitted_ns - s.request.arrival_ns
                 expert_seq.router_ns = self.now - s.admitted_ns
                 self._decided(group, expert_seq)
-                group.dirty = True
             else:
                 self._record(group, s)
-                group.dirty = True
-                m.kv_sample(group.memory)
+                self.metrics.kv_sample(group.memory)
 
     def _record(self, group: ContinuousGroup, s: Seq) -> None:
         r = s.request
