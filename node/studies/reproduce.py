@@ -252,52 +252,65 @@ def _assumptions() -> dict[str, dict[str, str]]:
     return table
 
 
-def reproduce_sn40l() -> Reproduction:
-    switch = {p: _switch_ns(p) for p in PLATFORMS}
-    expert = {p: _expert_ns(p) for p in PLATFORMS}
-    coe = {(p, b): _paper_coe(p, b) for p in PLATFORMS for b in (8, 1)}
-    spill = _largest(lambda n: _only_cold_switches("dgx-h100", n), 1, 200)
-    oom = _largest(lambda n: _fits_in_ddr("dgx-h100", n), 1, 400) + 1
-    sn_capacity = _largest(lambda n: _fits_in_ddr("sn40l-node", n), 1, 4000)
-    dgx_nodes = math.ceil(sn_capacity / spill)
-    fusion = _fusion_ratios()
-
-    claims = [
+def _switching_claims(switch_ns: dict[str, int]) -> list[Claim]:
+    """The expert-switch speedups: the SN40L's per-socket DDR links against a DGX's shared host link."""
+    return [
         Claim("switching_vs_dgx_a100", "expert switch (DDR -> HBM) speedup over DGX A100", 31.0,
-              switch["dgx-a100"] / switch["sn40l-node"],
+              switch_ns["dgx-a100"] / switch_ns["sn40l-node"],
               definition="Llama-2-7B into a TP8 group: 8 shards over each socket's DDR link (SN40L) vs over the "
                          "host link all GPUs share (DGX), on the link model"),
         Claim("switching_vs_dgx_h100", "expert switch speedup over DGX H100 (15x; 16x in one section)", 15.0,
-              switch["dgx-h100"] / switch["sn40l-node"], definition="as above, PCIe Gen5 host link"),
+              switch_ns["dgx-h100"] / switch_ns["sn40l-node"], definition="as above, PCIe Gen5 host link"),
     ]
+
+
+def _coe_claims(coe: dict[tuple[str, int], dict]) -> list[Claim]:
+    """The CoE end-to-end speedups, batch 8 then batch 1, each over DGX A100 then H100."""
+    claims = []
     for batch, targets in ((8, (6.6, 3.7)), (1, (4.8, 2.8))):
-        sn = coe[("sn40l-node", batch)]["virtual_ns"]
+        sn_ns = coe[("sn40l-node", batch)]["virtual_ns"]
         for gpu, target in zip(("dgx-a100", "dgx-h100"), targets):
             claims.append(Claim(f"coe_bs{batch}_vs_{gpu.replace('-', '_')}",
                                 f"CoE end-to-end speedup over {gpu.upper()}, batch {batch}, 128 in / 20 out", target,
-                                coe[(gpu, batch)]["virtual_ns"] / sn,
+                                coe[(gpu, batch)]["virtual_ns"] / sn_ns,
                                 definition=f"paper-coe workload served by the scheduler (inline backend): router once "
                                            f"at batch {batch}, {batch} distinct cold experts switched in and run one "
                                            f"after another; time from arrival to the last token"))
-    for gpu, target in zip(("dgx-a100", "dgx-h100"), (2.0, 1.5)):
-        claims.append(Claim(f"expert_only_vs_{gpu.replace('-', '_')}",
-                            f"expert-only speedup over {gpu.upper()} (resident, no switching), batch 1", target,
-                            expert[gpu] / expert["sn40l-node"],
-                            definition="one expert generation, 128 in / 20 out, TP8, weights in HBM; execution only "
-                                       "(the sheet's definition): the run's set-up is a CoE cost"))
-    claims += [
-        Claim("dgx_spill_experts", "experts that fit in a DGX's HBM before latency jumps", 50.0, float(spill),
+    return claims
+
+
+def _expert_only_claims(expert_ns: dict[str, int]) -> list[Claim]:
+    """The speedups of one resident expert's generation, with no switching, over each DGX."""
+    return [Claim(f"expert_only_vs_{gpu.replace('-', '_')}",
+                  f"expert-only speedup over {gpu.upper()} (resident, no switching), batch 1", target,
+                  expert_ns[gpu] / expert_ns["sn40l-node"],
+                  definition="one expert generation, 128 in / 20 out, TP8, weights in HBM; execution only "
+                             "(the sheet's definition): the run's set-up is a CoE cost")
+            for gpu, target in zip(("dgx-a100", "dgx-h100"), (2.0, 1.5))]
+
+
+def _capacity_claims(spill_experts: int, oom_experts: int, sn_node_experts: int) -> list[Claim]:
+    """The capacity points: a DGX's HBM spill and out-of-memory counts, an SN40L node's DDR capacity,
+    and the DGX footprint holding as many experts."""
+    dgx_nodes = math.ceil(sn_node_experts / spill_experts)
+    return [
+        Claim("dgx_spill_experts", "experts that fit in a DGX's HBM before latency jumps", 50.0, float(spill_experts),
               unit="experts", definition="largest N for which serving N experts round-robin three times on "
                                          "dgx-h100 switches each expert in only once (router and KV cache resident)"),
-        Claim("dgx_oom_experts", "expert count at which a DGX runs out of memory", 150.0, float(oom),
+        Claim("dgx_oom_experts", "expert count at which a DGX runs out of memory", 150.0, float(oom_experts),
               unit="experts", definition="smallest N whose experts plus router do not fit in the DGX's host DRAM "
                                          "(2 TB): the emulator explains the paper's out-of-memory point by capacity"),
-        Claim("sn40l_node_experts", "experts one SN40L node holds at TP8", 850.0, float(sn_capacity),
+        Claim("sn40l_node_experts", "experts one SN40L node holds at TP8", 850.0, float(sn_node_experts),
               unit="experts", definition="largest N whose experts plus router fit in one node's DDR (8 x 1.5 TB)"),
         Claim("dgx_nodes_for_same_experts", "DGX nodes needed to hold those experts in HBM (footprint)", 19.0,
               float(dgx_nodes), unit="nodes",
               definition="ceil(experts one SN40L node holds / experts one DGX holds in HBM (the spill point))"),
     ]
+
+
+def _fusion_claims(fusion: dict[str, dict[str, float]]) -> list[Claim]:
+    """Fusion and orchestration speedups per benchmark, then which benchmark gains most from fusion."""
+    claims = []
     for key, ratios in fusion.items():
         claims += [
             Claim(f"fusion_decode[{key}]", f"fused vs unfused decode, {key}", (1.0, 13.0), ratios["fusion_decode"],
@@ -314,8 +327,23 @@ def reproduce_sn40l() -> Reproduction:
     top = max(fusion, key=lambda k: fusion[k]["fusion_decode"]).split("@")[0]
     claims.append(Claim("fusion_decode_highest", "benchmark with the highest decode fusion speedup", "mistral-7b",
                         top, unit="", definition="argmax over the benchmark list of fused vs unfused decode"))
+    return claims
+
+
+def reproduce_sn40l() -> Reproduction:
+    """Run every experiment once (in this order), then state each claim from the measurements."""
+    switch_ns = {p: _switch_ns(p) for p in PLATFORMS}
+    expert_ns = {p: _expert_ns(p) for p in PLATFORMS}
+    coe = {(p, b): _paper_coe(p, b) for p in PLATFORMS for b in (8, 1)}
+    spill = _largest(lambda n: _only_cold_switches("dgx-h100", n), 1, 200)
+    oom = _largest(lambda n: _fits_in_ddr("dgx-h100", n), 1, 400) + 1
+    sn_capacity = _largest(lambda n: _fits_in_ddr("sn40l-node", n), 1, 4000)
+    fusion = _fusion_ratios()
+
+    claims = (_switching_claims(switch_ns) + _coe_claims(coe) + _expert_only_claims(expert_ns)
+              + _capacity_claims(spill, oom, sn_capacity) + _fusion_claims(fusion))
     details = {
-        "switch_ns": switch, "expert_run_ns": expert,
+        "switch_ns": switch_ns, "expert_run_ns": expert_ns,
         "coe": {f"{p}/bs{b}": {"virtual_ns": s["virtual_ns"], **s["time_breakdown_ns"]} for (p, b), s in coe.items()},
         "fusion": fusion, "dgx_spill_experts": spill, "dgx_oom_experts": oom, "sn40l_node_experts": sn_capacity,
     }
