@@ -43,7 +43,7 @@ class ServingConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     max_span_iterations: int | None = None     # 1: step one iteration at a time (the exactness check)
-    dispatch_window_ms: float = 100.0           # how often nodes report their load to the ingress (virtual)
+    dispatch_window_ms: float = 1000.0          # how often nodes report their load to the ingress (virtual)
 
     def resolved_kind(self, workload_kind: str) -> str:
         if self.kind != "auto":

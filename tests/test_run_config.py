@@ -184,7 +184,7 @@ def test_the_parser_validates_every_field_by_its_type(section, variant, field, t
 def test_defaults_come_from_the_table():
     assert DEFAULTS["tp"] == TOP.field("tp").default == 8
     assert DEFAULTS["scheduler"] == {"kind": "auto", "policy": "lru", "max_batch": 8, "dispatch": "expert-affinity",
-                                     "dispatch_window_ms": 100.0, "pinned_experts": [], "max_num_batched_tokens": 8192, "max_num_seqs": 256,
+                                     "dispatch_window_ms": 1000.0, "pinned_experts": [], "max_num_batched_tokens": 8192, "max_num_seqs": 256,
                                      "block_size": 16, "preemption": "recompute", "model_selection": "round-robin",
                                      "placement": "spread"}
 

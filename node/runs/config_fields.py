@@ -98,7 +98,7 @@ SCHEDULER = Section("scheduler", "Scheduler", note=(
     ConfigField("dispatch", "choice", "which tensor-parallel group a request goes to", "expert-affinity",
                 choices=DISPATCH, example="least-loaded"),
     ConfigField("dispatch_window_ms", "number", "how often each node reports its load to the cluster's ingress, "
-                "which routes requests on the last report (the nodes advance in windows of this length)", 100.0,
+                "which routes requests on the last report (the nodes advance in windows of this length)", 1000.0,
                 unit="ms", minimum=0.001, inclusive=True, maximum=3.6e6, example=50.0),
     ConfigField("pinned_experts", "integer-list", "experts kept resident in HBM, never evicted", (),
                 example=[1, 2]),
