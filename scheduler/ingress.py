@@ -15,6 +15,7 @@ to that moment, the dying node hands back its unfinished requests, and they are 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class Ingress:
         self._results: list[PartitionResult] | None = None
         self._retired: dict[int, PartitionResult] = {}   # partitions whose nodes all died, and their totals
         self.rounds = 0
+        self.rounds_wall_s = 0.0   # the wall the driver waited for rounds (the emulator's speed, never a result)
 
     # -- the run --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -149,7 +151,9 @@ class Ingress:
                                          stores=tuple(self._stores[spec.index]),
                                          kill_nodes=tuple(n for n in kill_nodes if n in spec.nodes), start_ns=start_ns)
                   for spec in live}
+        started = time.perf_counter()
         answers = self.runner.round(inputs)
+        self.rounds_wall_s += time.perf_counter() - started
         outputs = [answers[spec.index] for spec in live]
         self.rounds += 1
         self._pending = [[] for _ in self.runner.partitions]
@@ -304,7 +308,8 @@ class Ingress:
 
     def backend_info(self) -> dict:
         """The backends' own checks and counters, summed over partitions."""
-        info: dict = {"backend": self.cluster.name, "partitions": len(self._finish()), "rounds": self.rounds}
+        info: dict = {"backend": self.cluster.name, "partitions": len(self._finish()), "rounds": self.rounds,
+                      "rounds_wall_s": round(self.rounds_wall_s, 3)}
         for result in self._finish():   # counts add up; maxima (a `max` in the name) stay maxima
             for key, value in result.backend.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -27,7 +27,9 @@ class NodeRuntime:
                          for p in partitions}
         self.engines = {p.index: recipe.build(self.backends[p.index], p) for p in partitions}
         self.stopped = ""
-        self.cpu_s = 0.0   # CPU this runtime spent in rounds (the emulator's own measurement, never a result)
+        # the emulator's own measurements, never a result: CPU and wall this runtime spent in rounds
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
 
     def setup(self) -> dict[int, int]:
         return {i: engine.setup() for i, engine in self.engines.items()}
@@ -35,7 +37,7 @@ class NodeRuntime:
     def advance(self, inputs: dict[int, RoundInput]) -> dict[int, RoundOutput]:
         """One round of each engine; the socket actors' answers that are in are checked, and a
         divergence stops the run (reported, not raised: the ingress stops every partition)."""
-        started = time.process_time()
+        started, started_wall = time.process_time(), time.perf_counter()
         outputs = {i: self.engines[i].advance(round_input) for i, round_input in inputs.items()}
         for i in inputs:
             try:
@@ -45,6 +47,7 @@ class NodeRuntime:
         for output in outputs.values():
             output.stopped = output.stopped or self.stopped
         self.cpu_s += time.process_time() - started
+        self.wall_s += time.perf_counter() - started_wall
         return outputs
 
     def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
@@ -55,6 +58,7 @@ class NodeRuntime:
             try:
                 results[i] = engine.finish()
                 results[i].backend["runtime_cpu_max_s"] = round(self.cpu_s, 3)
+                results[i].backend["runtime_wall_max_s"] = round(self.wall_s, 3)
             except ActorDivergence as exc:
                 results[i] = PartitionResult(groups=[g.stats for g in engine.groups],
                                              metrics=getattr(engine, "metrics", None), peak_kv_bytes=[],
