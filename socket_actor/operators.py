@@ -124,126 +124,218 @@ def shard_weight_bytes(model: ModelSpec, tp: int) -> int:
     return total * e
 
 
-def build_step_graph(model: ModelSpec, tp: int, shape: PhaseShape) -> StepGraph:
-    """Operators and tensor sizes of one step; `shape` fields may be arrays (evaluated elementwise)."""
+@dataclass(frozen=True)
+class _StepDims:
+    """One socket's share of a step: head counts, widths (elements), bytes per element, the shape's
+    variables as float arrays and the weight bytes of the sharded matrices of one layer."""
+
+    heads: int
+    kv_heads: int
+    hidden: int
+    head_dim: int
+    dtype_bytes: int
+    ffn: int                    # intermediate size on this socket
+    vocab: int                  # vocabulary rows on this socket
+    mlp_in: int                 # gate + up (gated MLP) or up width on this socket
+    tokens: np.ndarray
+    seqs: np.ndarray
+    attn_pairs: np.ndarray
+    score_elems: np.ndarray
+    kv_read_tokens: np.ndarray
+    zero: np.ndarray            # broadcasts every size to the shape's length
+    norm_weight_bytes: np.ndarray
+    qkv_weight_bytes: int
+    o_weight_bytes: int
+    up_weight_bytes: int
+    down_weight_bytes: int
+
+
+def _step_dims(model: ModelSpec, tp: int, shape: PhaseShape) -> _StepDims:
+    """The sizes every operator of the step is written in."""
     hq, hkv = _heads_per_socket(model, tp)
     h, d, e = model.hidden_size, model.head_dim, model.dtype_bytes
     fs = _ceil_div(model.intermediate_size, tp)
-    vs = _ceil_div(model.vocab_size, tp)
-    T, B = np.asarray(shape.tokens, float), np.asarray(shape.seqs, float)
-    pairs, scores = np.asarray(shape.attn_pairs, float), np.asarray(shape.score_elems, float)
-    kv_read = np.asarray(shape.kv_read_tokens, float)
+    T = np.asarray(shape.tokens, float)
     zero = T * 0.0
-    norm_w = model.norm_params * e + zero
     bias = model.linear_bias
     mlp_in = (2 if model.gated_mlp else 1) * fs
-    gqa = hq > hkv
+    return _StepDims(
+        heads=hq, kv_heads=hkv, hidden=h, head_dim=d, dtype_bytes=e, ffn=fs,
+        vocab=_ceil_div(model.vocab_size, tp), mlp_in=mlp_in,
+        tokens=T, seqs=np.asarray(shape.seqs, float), attn_pairs=np.asarray(shape.attn_pairs, float),
+        score_elems=np.asarray(shape.score_elems, float), kv_read_tokens=np.asarray(shape.kv_read_tokens, float),
+        zero=zero, norm_weight_bytes=model.norm_params * e + zero,
+        qkv_weight_bytes=h * (hq + 2 * hkv) * d * e + (bias * (hq + 2 * hkv) * d * e),
+        o_weight_bytes=hq * d * h * e + bias * h * e,
+        up_weight_bytes=h * mlp_in * e + bias * mlp_in * e,
+        down_weight_bytes=fs * h * e + bias * h * e,
+    )
 
-    tensors: dict[str, np.ndarray] = {}
-    persistent: set[str] = set()
-    ops: list[Operator] = []
 
-    def op(name, cls, scope, layer, flops, weights, reads, writes, collective=None, coll_bytes=0.0):
-        ops.append(Operator(name, cls, scope, layer, flops + zero, weights + zero, tuple(reads), tuple(writes),
-                            collective, coll_bytes))
+class _GraphBuilder:
+    """Collects operators and the tensors they touch in graph order, every size broadcast to the
+    shape's length."""
 
-    def act(name: str, size) -> str:
-        tensors[name] = size + zero
+    def __init__(self, zero: np.ndarray) -> None:
+        self.zero = zero
+        self.ops: list[Operator] = []
+        self.tensors: dict[str, np.ndarray] = {}
+        self.persistent: set[str] = set()
+
+    def op(self, name: str, cls: str, scope: str, layer: int, flops, weights, reads: list[str], writes: list[str],
+           collective: str | None = None, coll_bytes=0.0) -> None:
+        self.ops.append(Operator(name, cls, scope, layer, flops + self.zero, weights + self.zero, tuple(reads),
+                                 tuple(writes), collective, coll_bytes))
+
+    def act(self, name: str, size_bytes) -> str:
+        self.tensors[name] = size_bytes + self.zero
         return name
 
-    # -- pre: vocab-parallel embedding, then the all-reduce that assembles each row --------------
-    ids = act("ids", T * _ID_BYTES)
-    persistent.add(ids)
-    emb = act("emb_part", T * h * e)
-    x0 = act("emb_sum" if model.embedding_norm else "x@0", T * h * e)
-    op("embedding", "embedding", "pre", -1, zero, T * h * e / tp, [ids], [emb])
-    op("embed_all_reduce", "collective", "pre", -1, zero, zero, [emb], [x0], "all_reduce", T * h * e)
+    def graph(self) -> StepGraph:
+        return StepGraph(ops=self.ops, tensor_bytes=self.tensors, persistent=self.persistent)
+
+
+def _add_embedding(g: _GraphBuilder, model: ModelSpec, tp: int, s: _StepDims) -> None:
+    """pre: vocab-parallel embedding, then the all-reduce that assembles each row."""
+    T, h, e, zero = s.tokens, s.hidden, s.dtype_bytes, s.zero
+    ids = g.act("ids", T * _ID_BYTES)
+    g.persistent.add(ids)
+    emb = g.act("emb_part", T * h * e)
+    x0 = g.act("emb_sum" if model.embedding_norm else "x@0", T * h * e)
+    g.op("embedding", "embedding", "pre", -1, zero, T * h * e / tp, [ids], [emb])
+    g.op("embed_all_reduce", "collective", "pre", -1, zero, zero, [emb], [x0], "all_reduce", T * h * e)
     if model.embedding_norm:
-        op("embed_norm", "norm", "pre", -1, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x0], [act("x@0", T * h * e)])
+        g.op("embed_norm", "norm", "pre", -1, _NORM_FLOPS_PER_ELEM * T * h, s.norm_weight_bytes, [x0],
+             [g.act("x@0", T * h * e)])
 
-    # -- layers -----------------------------------------------------------------------------
-    qkv_w = h * (hq + 2 * hkv) * d * e + (bias * (hq + 2 * hkv) * d * e)
-    o_w = hq * d * h * e + bias * h * e
-    up_w = h * mlp_in * e + bias * mlp_in * e
-    down_w = fs * h * e + bias * h * e
+
+def _add_attention(g: _GraphBuilder, model: ModelSpec, s: _StepDims, layer: int) -> tuple[str, str]:
+    """Input norm, QKV projection, position encoding, attention and output projection of one
+    layer; returns the normed input and this socket's partial output (before any all-reduce)."""
+    T, h, d, e, zero = s.tokens, s.hidden, s.head_dim, s.dtype_bytes, s.zero
+    hq, hkv, kv_read, pairs = s.heads, s.kv_heads, s.kv_read_tokens, s.attn_pairs
+
+    def t(name: str) -> str:
+        return f"{name}@{layer}"
+
+    xn = g.act(t("xn"), T * h * e)
+    g.op("input_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, s.norm_weight_bytes, [t("x")], [xn])
+    qkv = g.act(t("qkv"), T * (hq + 2 * hkv) * d * e)
+    g.op("qkv_proj", "matmul", "layer", layer, 2 * T * h * (hq + 2 * hkv) * d, s.qkv_weight_bytes, [xn], [qkv])
+    q = g.act(t("q"), T * hq * d * e)
+    k_new, v_new = g.act(t("k_new"), T * hkv * d * e), g.act(t("v_new"), T * hkv * d * e)
+    k_past, v_past = g.act(t("k_past"), kv_read * hkv * d * e), g.act(t("v_past"), kv_read * hkv * d * e)
+    g.persistent.update({k_new, v_new, k_past, v_past})
+    if model.position == "rope":
+        g.op("rope", "elementwise", "layer", layer, _ROPE_FLOPS_PER_ELEM * T * (hq + hkv) * d, zero,
+             [qkv], [q, k_new, v_new])
+    else:
+        g.op("qkv_split", "elementwise", "layer", layer, zero, zero, [qkv], [q, k_new, v_new])
+    if hq > hkv:  # eager GQA materialises the key/value heads once per query head
+        keys = [g.act(t("k_exp"), (kv_read + T) * hq * d * e)]
+        values = [g.act(t("v_exp"), (kv_read + T) * hq * d * e)]
+        g.op("kv_repeat", "attention", "layer", layer, zero, zero, [k_new, k_past, v_new, v_past], keys + values)
+    else:
+        keys, values = [k_new, k_past], [v_new, v_past]
+    sc = g.act(t("scores"), s.score_elems * hq * e)
+    g.op("attn_scores", "attention", "layer", layer, 2 * pairs * hq * d, zero, [q] + keys, [sc])
+    pr = g.act(t("probs"), s.score_elems * hq * e)
+    g.op("attn_softmax", "attention", "layer", layer, _SOFTMAX_FLOPS_PER_ELEM * pairs * hq, zero, [sc], [pr])
+    ctx = g.act(t("attn"), T * hq * d * e)
+    g.op("attn_context", "attention", "layer", layer, 2 * pairs * hq * d, zero, [pr] + values, [ctx])
+    o_part = g.act(t("o_part"), T * h * e)
+    g.op("o_proj", "matmul", "layer", layer, 2 * T * hq * d * h, s.o_weight_bytes, [ctx], [o_part])
+    return xn, o_part
+
+
+def _add_mlp_input(g: _GraphBuilder, model: ModelSpec, s: _StepDims, layer: int, xn: str,
+                   o_part: str) -> tuple[str, str | None]:
+    """What the MLP reads: with parallel attention the layer input (normed again if the layer has
+    two norms); otherwise the attention's residual sum, all-reduced and normed. Returns it and that
+    residual sum (None with parallel attention)."""
+    T, h, e, zero = s.tokens, s.hidden, s.dtype_bytes, s.zero
+    x = f"x@{layer}"
+    if model.parallel_attention:
+        if model.norms_per_layer != 2:
+            return xn, None
+        mlp_input = g.act(f"xm@{layer}", T * h * e)
+        g.op("mlp_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, s.norm_weight_bytes, [x], [mlp_input])
+        return mlp_input, None
+    o_sum = g.act(f"o_sum@{layer}", T * h * e)
+    g.op("attn_all_reduce", "collective", "layer", layer, zero, zero, [o_part], [o_sum], "all_reduce", T * h * e)
+    h1 = g.act(f"h1@{layer}", T * h * e)
+    g.op("attn_residual", "elementwise", "layer", layer, T * h, zero, [x, o_sum], [h1])
+    mlp_input = g.act(f"h1n@{layer}", T * h * e)
+    g.op("post_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, s.norm_weight_bytes, [h1], [mlp_input])
+    return mlp_input, h1
+
+
+def _add_mlp(g: _GraphBuilder, s: _StepDims, layer: int, mlp_input: str) -> str:
+    """Gate/up projection, activation and down projection; returns this socket's partial output."""
+    T, h, e, fs, zero = s.tokens, s.hidden, s.dtype_bytes, s.ffn, s.zero
+    gu = g.act(f"gate_up@{layer}", T * s.mlp_in * e)
+    g.op("gate_up_proj", "matmul", "layer", layer, 2 * T * h * s.mlp_in, s.up_weight_bytes, [mlp_input], [gu])
+    a = g.act(f"mlp_act@{layer}", T * fs * e)
+    g.op("mlp_act", "elementwise", "layer", layer, _ACT_FLOPS_PER_ELEM * T * fs, zero, [gu], [a])
+    d_part = g.act(f"down_part@{layer}", T * h * e)
+    g.op("down_proj", "matmul", "layer", layer, 2 * T * fs * h, s.down_weight_bytes, [a], [d_part])
+    return d_part
+
+
+def _add_layer_output(g: _GraphBuilder, model: ModelSpec, s: _StepDims, layer: int, o_part: str, d_part: str,
+                      h1: str | None) -> None:
+    """The all-reduce(s) of the row-parallel outputs and the residual that writes the next layer's
+    input: one all-reduce of both branches' sum with parallel attention, else the MLP's."""
+    T, h, e, zero = s.tokens, s.hidden, s.dtype_bytes, s.zero
+    x, out = f"x@{layer}", f"x@{layer + 1}"
+    if model.parallel_attention:
+        p_part = g.act(f"sum_part@{layer}", T * h * e)
+        g.op("branch_add", "elementwise", "layer", layer, T * h, zero, [o_part, d_part], [p_part])
+        p_sum = g.act(f"sum@{layer}", T * h * e)
+        g.op("layer_all_reduce", "collective", "layer", layer, zero, zero, [p_part], [p_sum], "all_reduce",
+             T * h * e)
+        g.op("residual", "elementwise", "layer", layer, T * h, zero, [x, p_sum], [out])
+    else:
+        d_sum = g.act(f"down_sum@{layer}", T * h * e)
+        g.op("mlp_all_reduce", "collective", "layer", layer, zero, zero, [d_part], [d_sum], "all_reduce",
+             T * h * e)
+        g.op("mlp_residual", "elementwise", "layer", layer, T * h, zero, [h1, d_sum], [out])
+
+
+def _add_layer(g: _GraphBuilder, model: ModelSpec, s: _StepDims, layer: int) -> None:
+    """One decoder layer, from its input x@layer to x@layer+1."""
+    # the last layer keeps only the rows the LM head needs (last position of each sequence)
+    g.act(f"x@{layer + 1}", (s.seqs if layer == model.num_layers - 1 else s.tokens) * s.hidden * s.dtype_bytes)
+    xn, o_part = _add_attention(g, model, s, layer)
+    mlp_input, h1 = _add_mlp_input(g, model, s, layer, xn, o_part)
+    d_part = _add_mlp(g, s, layer, mlp_input)
+    _add_layer_output(g, model, s, layer, o_part, d_part, h1)
+
+
+def _add_lm_head(g: _GraphBuilder, model: ModelSpec, s: _StepDims) -> None:
+    """post: only the last position of each sequence goes through the final norm and the LM head;
+    the vocab-parallel logits are gathered for the host."""
+    B, h, e, vs, zero = s.seqs, s.hidden, s.dtype_bytes, s.vocab, s.zero
+    final = g.act("final", B * h * e)
+    g.op("final_norm", "norm", "post", -1, _NORM_FLOPS_PER_ELEM * B * h, s.norm_weight_bytes,
+         [f"x@{model.num_layers}"], [final])
+    logits_part = g.act("logits_part", B * vs * e)
+    g.op("lm_head", "matmul", "post", -1, 2 * B * h * vs, h * vs * e, [final], [logits_part])
+    logits = g.act("logits", B * model.vocab_size * _LOGIT_BYTES)
+    g.persistent.add(logits)
+    g.op("logits_all_gather", "collective", "post", -1, zero, zero, [logits_part], [logits], "all_gather",
+         B * model.vocab_size * e)
+
+
+def build_step_graph(model: ModelSpec, tp: int, shape: PhaseShape) -> StepGraph:
+    """Operators and tensor sizes of one step; `shape` fields may be arrays (evaluated elementwise)."""
+    dims = _step_dims(model, tp, shape)
+    g = _GraphBuilder(dims.zero)
+    _add_embedding(g, model, tp, dims)
     for layer in range(model.num_layers):
-        def t(name: str) -> str:
-            return f"{name}@{layer}"
-
-        x, out = t("x"), f"x@{layer + 1}"
-        # the last layer keeps only the rows the LM head needs (last position of each sequence)
-        act(out, (B if layer == model.num_layers - 1 else T) * h * e)
-        xn = act(t("xn"), T * h * e)
-        op("input_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x], [xn])
-        qkv = act(t("qkv"), T * (hq + 2 * hkv) * d * e)
-        op("qkv_proj", "matmul", "layer", layer, 2 * T * h * (hq + 2 * hkv) * d, qkv_w, [xn], [qkv])
-        q = act(t("q"), T * hq * d * e)
-        k_new, v_new = act(t("k_new"), T * hkv * d * e), act(t("v_new"), T * hkv * d * e)
-        k_past, v_past = act(t("k_past"), kv_read * hkv * d * e), act(t("v_past"), kv_read * hkv * d * e)
-        persistent.update({k_new, v_new, k_past, v_past})
-        if model.position == "rope":
-            op("rope", "elementwise", "layer", layer, _ROPE_FLOPS_PER_ELEM * T * (hq + hkv) * d, zero,
-               [qkv], [q, k_new, v_new])
-        else:
-            op("qkv_split", "elementwise", "layer", layer, zero, zero, [qkv], [q, k_new, v_new])
-        if gqa:  # eager GQA materialises the key/value heads once per query head
-            keys = [act(t("k_exp"), (kv_read + T) * hq * d * e)]
-            values = [act(t("v_exp"), (kv_read + T) * hq * d * e)]
-            op("kv_repeat", "attention", "layer", layer, zero, zero, [k_new, k_past, v_new, v_past],
-               keys + values)
-        else:
-            keys, values = [k_new, k_past], [v_new, v_past]
-        sc = act(t("scores"), scores * hq * e)
-        op("attn_scores", "attention", "layer", layer, 2 * pairs * hq * d, zero, [q] + keys, [sc])
-        pr = act(t("probs"), scores * hq * e)
-        op("attn_softmax", "attention", "layer", layer, _SOFTMAX_FLOPS_PER_ELEM * pairs * hq, zero, [sc], [pr])
-        ctx = act(t("attn"), T * hq * d * e)
-        op("attn_context", "attention", "layer", layer, 2 * pairs * hq * d, zero, [pr] + values, [ctx])
-        o_part = act(t("o_part"), T * h * e)
-        op("o_proj", "matmul", "layer", layer, 2 * T * hq * d * h, o_w, [ctx], [o_part])
-        if model.parallel_attention:
-            mlp_input = xn
-            if model.norms_per_layer == 2:
-                mlp_input = act(t("xm"), T * h * e)
-                op("mlp_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [x], [mlp_input])
-        else:
-            o_sum = act(t("o_sum"), T * h * e)
-            op("attn_all_reduce", "collective", "layer", layer, zero, zero, [o_part], [o_sum], "all_reduce",
-               T * h * e)
-            h1 = act(t("h1"), T * h * e)
-            op("attn_residual", "elementwise", "layer", layer, T * h, zero, [x, o_sum], [h1])
-            mlp_input = act(t("h1n"), T * h * e)
-            op("post_norm", "norm", "layer", layer, _NORM_FLOPS_PER_ELEM * T * h, norm_w, [h1], [mlp_input])
-        gu = act(t("gate_up"), T * mlp_in * e)
-        op("gate_up_proj", "matmul", "layer", layer, 2 * T * h * mlp_in, up_w, [mlp_input], [gu])
-        a = act(t("mlp_act"), T * fs * e)
-        op("mlp_act", "elementwise", "layer", layer, _ACT_FLOPS_PER_ELEM * T * fs, zero, [gu], [a])
-        d_part = act(t("down_part"), T * h * e)
-        op("down_proj", "matmul", "layer", layer, 2 * T * fs * h, down_w, [a], [d_part])
-        if model.parallel_attention:
-            p_part = act(t("sum_part"), T * h * e)
-            op("branch_add", "elementwise", "layer", layer, T * h, zero, [o_part, d_part], [p_part])
-            p_sum = act(t("sum"), T * h * e)
-            op("layer_all_reduce", "collective", "layer", layer, zero, zero, [p_part], [p_sum], "all_reduce",
-               T * h * e)
-            op("residual", "elementwise", "layer", layer, T * h, zero, [x, p_sum], [out])
-        else:
-            d_sum = act(t("down_sum"), T * h * e)
-            op("mlp_all_reduce", "collective", "layer", layer, zero, zero, [d_part], [d_sum], "all_reduce",
-               T * h * e)
-            op("mlp_residual", "elementwise", "layer", layer, T * h, zero, [h1, d_sum], [out])
-
-    # -- post: only the last position of each sequence goes through the LM head --------------
-    last = f"x@{model.num_layers}"
-    final = act("final", B * h * e)
-    op("final_norm", "norm", "post", -1, _NORM_FLOPS_PER_ELEM * B * h, norm_w, [last], [final])
-    logits_part = act("logits_part", B * vs * e)
-    op("lm_head", "matmul", "post", -1, 2 * B * h * vs, h * vs * e, [final], [logits_part])
-    logits = act("logits", B * model.vocab_size * _LOGIT_BYTES)
-    persistent.add(logits)
-    op("logits_all_gather", "collective", "post", -1, zero, zero, [logits_part], [logits], "all_gather",
-       B * model.vocab_size * e)
-    return StepGraph(ops=ops, tensor_bytes=tensors, persistent=persistent)
+        _add_layer(g, model, dims, layer)
+    _add_lm_head(g, model, dims)
+    return g.graph()
 
 
 def window_pairs(prompt: np.ndarray, window: int | None) -> np.ndarray:
