@@ -38,8 +38,8 @@ import numpy as np
 from rdu.interconnect.collectives_timing import RingTiming
 from rdu.base import UserError
 from rdu.socket_actor.model_spec import ModelSpec
-from rdu.socket_actor.operators import (SHAPE_KEYS, PhaseShape, build_step_graph, decode_shapes, prefill_shape,
-                                    shard_weight_bytes)
+from rdu.socket_actor.operators import (SHAPE_KEYS, Operator, PhaseShape, StepGraph, build_step_graph, decode_shapes,
+                                    prefill_shape, shard_weight_bytes)
 from rdu.socket_actor.spec import MODES, ORCHESTRATIONS, SocketSpec
 
 __all__ = ["CostModel", "CompiledStep", "StepTimes", "Generation", "Timing", "Segment", "compile_step"]
@@ -78,79 +78,120 @@ def _kernel_of(op, index: int, mode: str, scope: str, groups: tuple[tuple[str, .
     return ("op", index)
 
 
-@functools.lru_cache(maxsize=256)
-def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
-                 groups: tuple[tuple[str, ...], ...]) -> CompiledStep:
-    """Compile the step graph under a kernel plan (see module docstring)."""
-    width = 1 + len(SHAPE_KEYS)
-    basis = np.zeros((len(SHAPE_KEYS), width))
+def _unit_shapes() -> PhaseShape:
+    """Shape 0 has every variable 0 and shape k+1 has variable k at 1: sizes are affine in the shape,
+    so a graph evaluated at these points yields its coefficients."""
+    basis = np.zeros((len(SHAPE_KEYS), 1 + len(SHAPE_KEYS)))
     for k in range(len(SHAPE_KEYS)):
-        basis[k, k + 1] = 1.0  # point 0 is all zeros; point k+1 has shape variable k = 1
-    graph = build_step_graph(model, tp, PhaseShape(*basis))
+        basis[k, k + 1] = 1.0
+    return PhaseShape(*basis)
 
-    def coef(values: np.ndarray) -> np.ndarray:
-        values = np.broadcast_to(np.asarray(values, dtype=np.float64), (width,))
-        return np.concatenate([[values[0]], values[1:] - values[0]])
 
-    kernels = [_kernel_of(op, i, mode, scope, groups) for i, op in enumerate(graph.ops)]
+def _affine_coefficients(values: np.ndarray) -> np.ndarray:
+    """[constant, slope of each shape variable] from a quantity evaluated at `_unit_shapes()`."""
+    values = np.broadcast_to(np.asarray(values, dtype=np.float64), (1 + len(SHAPE_KEYS),))
+    return np.concatenate([[values[0]], values[1:] - values[0]])
+
+
+def _tensor_kernels(graph: StepGraph, kernels: list[tuple]) -> tuple[dict[str, tuple], dict[str, set]]:
+    """The kernel that writes each tensor and the kernels that read it: what decides whether a
+    tensor crosses a kernel boundary, hence HBM."""
     producer = {t: kernels[i] for i, op in enumerate(graph.ops) for t in op.writes}
     consumers: dict[str, set] = {}
     for i, op in enumerate(graph.ops):
         for t in op.reads:
             consumers.setdefault(t, set()).add(kernels[i])
-    already_read: set[tuple] = set()
-    rows: dict[tuple, int] = {}
-    instance_rows: list[int] = []
-    names, classes, colls, counts, flops, hbm, compulsory, coll_bytes, onchip = [], [], [], [], [], [], [], [], []
-    for i, op in enumerate(graph.ops):
-        kernel = kernels[i]
-        traffic = np.asarray(op.weight_bytes, dtype=np.float64).copy()
-        must = traffic.copy()
-        on_chip = traffic * 0.0
-        for t in op.reads:
-            if producer.get(t) == kernel and t.split("@")[0] not in _TILED:
-                on_chip = on_chip + graph.tensor_bytes[t]
-            if producer.get(t) != kernel and (kernel, t) not in already_read:
-                already_read.add((kernel, t))
-                traffic = traffic + graph.tensor_bytes[t]
-                if t in graph.persistent:
-                    must = must + graph.tensor_bytes[t]
-        for t in op.writes:
+    return producer, consumers
+
+
+def _operator_bytes(op: Operator, kernel: tuple, graph: StepGraph, producer: dict[str, tuple],
+                    consumers: dict[str, set], already_read: set[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One operator's HBM traffic, the compulsory part of it (weights and persistent tensors) and
+    its on-chip bytes under the kernel plan. A kernel reads an outside tensor from HBM once: the
+    first reader in it pays (`already_read` records that)."""
+    traffic = np.asarray(op.weight_bytes, dtype=np.float64).copy()
+    must = traffic.copy()
+    on_chip = traffic * 0.0
+    for t in op.reads:
+        if producer.get(t) == kernel and t.split("@")[0] not in _TILED:
+            on_chip = on_chip + graph.tensor_bytes[t]
+        if producer.get(t) != kernel and (kernel, t) not in already_read:
+            already_read.add((kernel, t))
+            traffic = traffic + graph.tensor_bytes[t]
             if t in graph.persistent:
-                traffic = traffic + graph.tensor_bytes[t]
                 must = must + graph.tensor_bytes[t]
-            elif consumers.get(t, set()) - {kernel}:
-                traffic = traffic + graph.tensor_bytes[t]
-            elif t.split("@")[0] not in _TILED:
-                on_chip = on_chip + graph.tensor_bytes[t]
-        row = (coef(op.flops), coef(traffic), coef(must), coef(np.asarray(op.collective_bytes, dtype=np.float64)),
-               coef(on_chip))
-        key = (op.name, op.cls, op.collective) + tuple(tuple(c) for c in row)
-        if key in rows:
-            counts[rows[key]] += 1
-            instance_rows.append(rows[key])
-            continue
-        rows[key] = len(names)
-        instance_rows.append(rows[key])
-        names.append(op.name)
-        classes.append(op.cls)
-        colls.append(op.collective)
-        counts.append(1)
-        flops.append(row[0])
-        hbm.append(row[1])
-        compulsory.append(row[2])
-        coll_bytes.append(row[3])
-        onchip.append(row[4])
-    seen_kernels: set[tuple] = set()
-    kernel_starts = []
+    for t in op.writes:
+        if t in graph.persistent:
+            traffic = traffic + graph.tensor_bytes[t]
+            must = must + graph.tensor_bytes[t]
+        elif consumers.get(t, set()) - {kernel}:
+            traffic = traffic + graph.tensor_bytes[t]
+        elif t.split("@")[0] not in _TILED:
+            on_chip = on_chip + graph.tensor_bytes[t]
+    return traffic, must, on_chip
+
+
+@dataclass
+class _Rows:
+    """Distinct operator instances (same name, class, collective and coefficients: typically one
+    per operator of the decoder layer, however many layers) and the row of every instance."""
+
+    names: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    collectives: list[str | None] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    coefficients: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # flops, hbm, compulsory, coll, onchip
+    instance_rows: list[int] = field(default_factory=list)
+    index: dict[tuple, int] = field(default_factory=dict)
+
+    def add(self, op: Operator, coefficients: tuple[np.ndarray, ...]) -> None:
+        key = (op.name, op.cls, op.collective) + tuple(tuple(c) for c in coefficients)
+        if key in self.index:
+            self.counts[self.index[key]] += 1
+        else:
+            self.index[key] = len(self.names)
+            self.names.append(op.name)
+            self.classes.append(op.cls)
+            self.collectives.append(op.collective)
+            self.counts.append(1)
+            self.coefficients.append(coefficients)
+        self.instance_rows.append(self.index[key])
+
+    def column(self, j: int) -> np.ndarray:
+        """Coefficient j of every row (rows x (1 + len(SHAPE_KEYS)))."""
+        return np.array([c[j] for c in self.coefficients])
+
+
+def _kernel_starts(kernels: list[tuple]) -> tuple[bool, ...]:
+    """Whether each operator opens a kernel (the first of it in graph order), i.e. pays a launch."""
+    seen: set[tuple] = set()
+    starts = []
     for kernel in kernels:
-        kernel_starts.append(kernel not in seen_kernels)
-        seen_kernels.add(kernel)
-    kernel_rows, kernel_count, kernel_is_layer, last = _distinct_kernels(kernels, instance_rows, len(names), colls)
-    return CompiledStep(tuple(names), tuple(classes), tuple(colls), np.array(counts, dtype=np.float64),
-                        np.array(flops), np.array(hbm), np.array(compulsory), np.array(coll_bytes),
-                        len(seen_kernels), tuple(instance_rows), tuple(kernel_starts), np.array(onchip),
-                        kernel_rows, kernel_count, kernel_is_layer, last)
+        starts.append(kernel not in seen)
+        seen.add(kernel)
+    return tuple(starts)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_step(model: ModelSpec, tp: int, mode: str, scope: str,
+                 groups: tuple[tuple[str, ...], ...]) -> CompiledStep:
+    """Compile the step graph under a kernel plan (see module docstring)."""
+    graph = build_step_graph(model, tp, _unit_shapes())
+    kernels = [_kernel_of(op, i, mode, scope, groups) for i, op in enumerate(graph.ops)]
+    producer, consumers = _tensor_kernels(graph, kernels)
+    already_read: set[tuple] = set()
+    rows = _Rows()
+    for op, kernel in zip(graph.ops, kernels):
+        traffic, must, on_chip = _operator_bytes(op, kernel, graph, producer, consumers, already_read)
+        rows.add(op, (_affine_coefficients(op.flops), _affine_coefficients(traffic), _affine_coefficients(must),
+                      _affine_coefficients(np.asarray(op.collective_bytes, dtype=np.float64)),
+                      _affine_coefficients(on_chip)))
+    kernel_rows, kernel_count, kernel_is_layer, last = _distinct_kernels(kernels, rows.instance_rows,
+                                                                         len(rows.names), rows.collectives)
+    return CompiledStep(tuple(rows.names), tuple(rows.classes), tuple(rows.collectives),
+                        np.array(rows.counts, dtype=np.float64), rows.column(0), rows.column(1), rows.column(2),
+                        rows.column(3), len(set(kernels)), tuple(rows.instance_rows), _kernel_starts(kernels),
+                        rows.column(4), kernel_rows, kernel_count, kernel_is_layer, last)
 
 
 # tensors a fused kernel streams tile by tile (flash-style attention): never whole on chip
