@@ -72,37 +72,14 @@ class SocketSpec:
 
     @classmethod
     def from_fields(cls, fields: Fields) -> "SocketSpec":
-        fields.check_known({"kind", "name", "peak_flops_per_s", "sram", "hbm", "ddr", "hbm_reserved_bytes",
-                            "restart_ns", "max_restarts", "efficiency", "launch", "execution", "runtime"})
-        eff = fields.sub("efficiency")
-        eff.check_known({"fused_compute_fraction", "fused_hbm_bandwidth_fraction",
-                         "unfused_compute_fraction", "unfused_hbm_bandwidth_fraction"})
-        launch = fields.sub("launch")
-        launch.check_known({"so_ns", "ho_ns"})
-        execution = fields.sub("execution")
-        execution.check_known({"supports_fusion", "fusion_scope", "default_mode", "default_orchestration",
-                               "unfused_kernel_groups", "fill_drain_ns", "kernel_looping"})
-        runtime = fields.sub("runtime") if fields.has("runtime") else Fields({}, fields.origin, "socket.runtime")
-        runtime.check_known({"run_setup_ns", "step_host_ns"})
+        """Parse the `socket:` section; fields are read, and mistakes reported, in a fixed order."""
+        eff, launch, execution, runtime = _known_sections(fields)
         supports_fusion = execution.boolean("supports_fusion")
         if not supports_fusion:
             _refuse_inert(fields, eff, execution)
         ho_ns = launch.number("ho_ns", minimum=0.0, inclusive=True) if launch.has("ho_ns") else None
-        default_mode = execution.string("default_mode", choices=MODES)
-        default_orch = execution.string("default_orchestration", choices=ORCHESTRATIONS)
-        if default_mode == "fused" and not supports_fusion:
-            execution.fail("default_mode is fused but supports_fusion is false", "default_mode")
-        if default_orch == "HO" and ho_ns is None:
-            execution.fail("default_orchestration is HO but launch.ho_ns is not given", "default_orchestration")
-        groups_raw = execution.data.get("unfused_kernel_groups") or []
-        if not isinstance(groups_raw, list):
-            execution.fail(f"expected a list of operator-name lists, got {groups_raw!r}", "unfused_kernel_groups")
-        groups = []
-        for i, group in enumerate(groups_raw):
-            if not isinstance(group, list) or not all(isinstance(op, str) for op in group) or not group:
-                execution.fail(f"expected a non-empty list of operator names, got {group!r}",
-                               f"unfused_kernel_groups[{i}]")
-            groups.append(tuple(group))
+        default_mode, default_orch = _execution_defaults(execution, supports_fusion, ho_ns)
+        groups = _unfused_kernel_groups(execution)
         spec = cls(
             kind=fields.string("kind", choices=("rdu", "gpu")),
             name=fields.string("name"),
@@ -123,18 +100,13 @@ class SocketSpec:
             fusion_scope=execution.string("fusion_scope", "layer", choices=FUSION_SCOPES),
             default_mode=default_mode,
             default_orchestration=default_orch,
-            unfused_kernel_groups=tuple(groups),
+            unfused_kernel_groups=groups,
             fill_drain_ns=execution.number("fill_drain_ns", 0.0, minimum=0.0, inclusive=True),
             kernel_looping=execution.boolean("kernel_looping", False),
             run_setup_ns=runtime.number("run_setup_ns", 0.0, minimum=0.0, inclusive=True),
             step_host_ns=runtime.number("step_host_ns", 0.0, minimum=0.0, inclusive=True),
         )
-        if supports_fusion and (spec.fused_compute_fraction <= 0 or spec.fused_hbm_bandwidth_fraction <= 0):
-            eff.fail("a socket that runs fused kernels needs fused_compute_fraction and "
-                     "fused_hbm_bandwidth_fraction > 0", "fused_hbm_bandwidth_fraction")
-        if spec.hbm_reserved_bytes >= spec.hbm.capacity_bytes:
-            fields.fail(f"reserves {spec.hbm_reserved_bytes} bytes of a {spec.hbm.capacity_bytes}-byte HBM",
-                        "hbm_reserved_bytes")
+        _check_fractions_and_reserve(spec, fields, eff)
         return spec
 
     @property
@@ -165,3 +137,58 @@ def _refuse_inert(fields: Fields, eff: Fields, execution: Fields) -> None:
     if fields.sub("sram").has("bandwidth_bytes_per_s"):
         fields.sub("sram").fail("changes nothing on a socket without fusion (supports_fusion: false): no kernel "
                                 "keeps data on chip; remove it", "bandwidth_bytes_per_s")
+
+
+def _known_sections(fields: Fields) -> tuple[Fields, Fields, Fields, Fields]:
+    """Refuse unknown keys up front, so a typo is named before any value is read; returns the
+    `efficiency`, `launch`, `execution` and `runtime` sub-sections (`runtime` may be absent)."""
+    fields.check_known({"kind", "name", "peak_flops_per_s", "sram", "hbm", "ddr", "hbm_reserved_bytes",
+                        "restart_ns", "max_restarts", "efficiency", "launch", "execution", "runtime"})
+    eff = fields.sub("efficiency")
+    eff.check_known({"fused_compute_fraction", "fused_hbm_bandwidth_fraction",
+                     "unfused_compute_fraction", "unfused_hbm_bandwidth_fraction"})
+    launch = fields.sub("launch")
+    launch.check_known({"so_ns", "ho_ns"})
+    execution = fields.sub("execution")
+    execution.check_known({"supports_fusion", "fusion_scope", "default_mode", "default_orchestration",
+                           "unfused_kernel_groups", "fill_drain_ns", "kernel_looping"})
+    runtime = fields.sub("runtime") if fields.has("runtime") else Fields({}, fields.origin, "socket.runtime")
+    runtime.check_known({"run_setup_ns", "step_host_ns"})
+    return eff, launch, execution, runtime
+
+
+def _execution_defaults(execution: Fields, supports_fusion: bool, ho_launch_ns: float | None) -> tuple[str, str]:
+    """The default mode and orchestration, refused when the socket cannot run them (fused without
+    fusion, HO without an HO launch cost)."""
+    default_mode = execution.string("default_mode", choices=MODES)
+    default_orch = execution.string("default_orchestration", choices=ORCHESTRATIONS)
+    if default_mode == "fused" and not supports_fusion:
+        execution.fail("default_mode is fused but supports_fusion is false", "default_mode")
+    if default_orch == "HO" and ho_launch_ns is None:
+        execution.fail("default_orchestration is HO but launch.ho_ns is not given", "default_orchestration")
+    return default_mode, default_orch
+
+
+def _unfused_kernel_groups(execution: Fields) -> tuple[tuple[str, ...], ...]:
+    """`execution.unfused_kernel_groups`: lists of operator names an unfused plan runs as one kernel."""
+    groups_raw = execution.data.get("unfused_kernel_groups") or []
+    if not isinstance(groups_raw, list):
+        execution.fail(f"expected a list of operator-name lists, got {groups_raw!r}", "unfused_kernel_groups")
+    groups = []
+    for i, group in enumerate(groups_raw):
+        if not isinstance(group, list) or not all(isinstance(op, str) for op in group) or not group:
+            execution.fail(f"expected a non-empty list of operator names, got {group!r}",
+                           f"unfused_kernel_groups[{i}]")
+        groups.append(tuple(group))
+    return tuple(groups)
+
+
+def _check_fractions_and_reserve(spec: SocketSpec, fields: Fields, eff: Fields) -> None:
+    """Checks across fields, once all are parsed: a fusing socket needs fused efficiencies above 0,
+    and the HBM reserve must leave some HBM."""
+    if spec.supports_fusion and (spec.fused_compute_fraction <= 0 or spec.fused_hbm_bandwidth_fraction <= 0):
+        eff.fail("a socket that runs fused kernels needs fused_compute_fraction and "
+                 "fused_hbm_bandwidth_fraction > 0", "fused_hbm_bandwidth_fraction")
+    if spec.hbm_reserved_bytes >= spec.hbm.capacity_bytes:
+        fields.fail(f"reserves {spec.hbm_reserved_bytes} bytes of a {spec.hbm.capacity_bytes}-byte HBM",
+                    "hbm_reserved_bytes")
