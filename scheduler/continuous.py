@@ -23,16 +23,14 @@ from dataclasses import replace
 import numpy as np
 
 from rdu.base import format_bytes
-from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
 from rdu.scheduler.dispatch import group_on_node, hot_experts
 from rdu.scheduler.faults import RestartBudget
 from rdu.scheduler.kv import GroupMemory, blocks_for
 from rdu.scheduler.metrics import EngineMetrics, GroupStats, RequestRecord
-from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
+from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionEngine, PartitionResult, PartitionSpec, RoundInput
 from rdu.scheduler.policies import make_policy
 from rdu.scheduler.residency import ROUTER_KEY, Residency, model_id
-from rdu.scheduler.serving_types import ServingStopped
 from rdu.scheduler.step_scheduler import Batch, Seq, StepConfig, build_batch, select_model, span_limit
 from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Preempt, Run, Switch, TimelineBuffer
 from rdu.scheduler.workloads import Request
@@ -200,7 +198,7 @@ class ContinuousGroup:
         return [s for seqs in self.running.values() for s in seqs] + [s for q in self.waiting.values() for s in q]
 
 
-class ContinuousEngine:
+class ContinuousEngine(PartitionEngine):
     """Serves the requests the ingress delivers to one partition, round by round."""
 
     def __init__(self, backend: ServingBackend, partition: PartitionSpec, recipe) -> None:
@@ -287,11 +285,8 @@ class ContinuousEngine:
             self.push(at, _FAULT, (i,), ("fault", fault))
 
     # -- rounds ---------------------------------------------------------------------------------
-    def advance(self, round_input: RoundInput) -> RoundOutput:
-        """Process every event before `round_input.until_ns`, with its deliveries and stores."""
-        if round_input.start_ns >= 0:
-            self.start(round_input.start_ns)
-        self.until_ns = round_input.until_ns
+    def _take_round(self, round_input: RoundInput) -> None:
+        """A round's re-placed experts and deliveries; a delivery cuts the spans it lands in."""
         for node, expert in round_input.stores:
             self.backend.store(node, model_id(expert), self.expert_model.weight_bytes())
             self._holders[expert].add(node)
@@ -299,18 +294,9 @@ class ContinuousEngine:
             self.push(d.enqueue_ns, _DISPATCH, (d.request.id,), ("dispatch", d.request, d.node))
         if round_input.deliveries and not self.stopped:
             self._cut_spans(min(d.enqueue_ns for d in round_input.deliveries))
-        if not self.stopped:
-            try:
-                self._loop(round_input.until_ns)
-                for node in round_input.kill_nodes:
-                    self._kill_node(node, round_input.until_ns)
-            except (ServingStopped, LinkDown) as exc:
-                self.stopped = f"at {self.now} ns: {exc}" if isinstance(exc, LinkDown) else str(exc)
-        timeline, count = self.timeline.take()
-        records, self._records = self._records, []
-        orphans, self._orphans = self._orphans, []
-        return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
-                           stopped=self.stopped, next_event_ns=self._next_event_ns())
+
+    def clock_ns(self) -> int:
+        return self.now
 
     def _next_event_ns(self) -> int:
         heads = [heap[0][0] for heap in (self._external, self._steps) if heap]

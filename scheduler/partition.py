@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo
 from rdu.scheduler.metrics import EngineMetrics, GroupStats, RequestRecord
+from rdu.scheduler.serving_types import ServingStopped
 from rdu.scheduler.workloads import Request
 
 __all__ = ["PartitionSpec", "GroupLoad", "Delivery", "RoundInput", "RoundOutput", "PartitionResult",
-           "partition_groups", "FOREVER_NS"]
+           "partition_groups", "PartitionEngine", "FOREVER_NS"]
 
 FOREVER_NS = 1 << 62    # "advance until there is nothing left to do"
 
@@ -120,3 +122,34 @@ def partition_groups(groups: list[GroupInfo]) -> list[PartitionSpec]:
         members = [g for g in groups if g.node in nodes]
         specs.append(PartitionSpec(index=i, nodes=tuple(nodes), groups=tuple(members)))
     return specs
+
+
+class PartitionEngine:
+    """The round both engines run (static.py, continuous.py): take the round's stores and
+    deliveries (`_take_round`, the engine's own), process every event before the round's end,
+    lose the nodes a fault kills there, and answer with what happened meanwhile. A link that
+    failed for good or a reason the cluster cannot go on stops the engine, reported, not raised:
+    the ingress stops every partition."""
+
+    stopped: str = ""
+
+    def advance(self, round_input: RoundInput) -> RoundOutput:
+        """Process every event before `round_input.until_ns`, with its deliveries and stores."""
+        if round_input.start_ns >= 0:
+            self.start(round_input.start_ns)
+        self.until_ns = round_input.until_ns
+        self._take_round(round_input)
+        if not self.stopped:
+            try:
+                self._loop(round_input.until_ns)
+                for node in round_input.kill_nodes:
+                    self._kill_node(node, round_input.until_ns)
+            except LinkDown as exc:
+                self.stopped = f"at {self.clock_ns()} ns: {exc}"
+            except ServingStopped as exc:
+                self.stopped = str(exc)
+        timeline, count = self.timeline.take()
+        records, self._records = self._records, []
+        orphans, self._orphans = self._orphans, []
+        return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
+                           stopped=self.stopped, next_event_ns=self._next_event_ns())

@@ -19,14 +19,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rdu.base import format_bytes
-from rdu.interconnect.links import LinkDown
 from rdu.scheduler.backend import GroupInfo, ServingBackend
 from rdu.scheduler.dispatch import group_on_node
 from rdu.scheduler.faults import FaultSpec, RestartBudget
 from rdu.scheduler.metrics import GroupStats, RequestRecord
-from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionResult, PartitionSpec, RoundInput, RoundOutput
+from rdu.scheduler.partition import FOREVER_NS, GroupLoad, PartitionEngine, PartitionResult, PartitionSpec, RoundInput
 from rdu.scheduler.policies import ResidencyPolicy, make_policy
-from rdu.scheduler.serving_types import ROUTER_ID, ServingStopped, expert_id
+from rdu.scheduler.serving_types import ROUTER_ID, expert_id
 from rdu.scheduler.timeline import Done, Enqueue, Fault, KvResize, Run, Switch, TimelineBuffer
 from rdu.scheduler.workloads import Request
 from rdu.socket_actor.core import RunRequest
@@ -73,7 +72,7 @@ class StaticGroup:
         return expert in self.resident or any(r.expert == expert for r in self.queue)
 
 
-class StaticEngine:
+class StaticEngine(PartitionEngine):
     """Serves the requests the ingress delivers to one partition with the static cycle."""
 
     def __init__(self, backend: ServingBackend, partition: PartitionSpec, recipe) -> None:
@@ -154,29 +153,15 @@ class StaticEngine:
                 at = setup_ns + self.workload.requests[fault.request].arrival_ns
                 self._push(at, "fault", fault, _ARRIVING, (fault.request, 0))
 
-    def advance(self, round_input: RoundInput) -> RoundOutput:
-        """Process every event before `round_input.until_ns`, with its deliveries and stores."""
-        if round_input.start_ns >= 0:
-            self.start(round_input.start_ns)
-        self.until_ns = round_input.until_ns
+    def _take_round(self, round_input: RoundInput) -> None:
+        """A round's re-placed experts and deliveries."""
         for node, expert in round_input.stores:
             self.backend.store(node, expert_id(expert), self.expert_model.weight_bytes())
         for d in round_input.deliveries:
             self._push(d.enqueue_ns, "dispatch", (d.request, d.node), _ARRIVING, (d.request.id, 1))
-        if not self.stopped:
-            try:
-                self._loop(round_input.until_ns)
-                for node in round_input.kill_nodes:
-                    self._kill_node(node, round_input.until_ns)
-            except LinkDown as exc:
-                self.stopped = f"at {self._now} ns: {exc}"
-            except ServingStopped as exc:
-                self.stopped = str(exc)
-        timeline, count = self.timeline.take()
-        records, self._records = self._records, []
-        orphans, self._orphans = self._orphans, []
-        return RoundOutput(timeline=timeline, events=count, records=records, loads=self.loads(), orphans=orphans,
-                           stopped=self.stopped, next_event_ns=self._next_event_ns())
+
+    def clock_ns(self) -> int:
+        return self._now
 
     def _next_event_ns(self) -> int:
         return self._events[0][0] if self._events and not self.stopped else FOREVER_NS

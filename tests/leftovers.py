@@ -22,14 +22,22 @@ from pathlib import Path
 MARKERS = ("raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard", "ray/autoscaler", "default_worker.py")
 
 
-def ray_processes() -> dict[int, str]:
-    found = {}
+def _own_processes():
+    """/proc entries of this user's processes (any may vanish while read: callers catch OSError)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != os.getuid():
-                continue
+            if entry.stat().st_uid == os.getuid():
+                yield entry
+        except OSError:
+            continue
+
+
+def ray_processes() -> dict[int, str]:
+    found = {}
+    for entry in _own_processes():
+        try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
@@ -41,12 +49,8 @@ def ray_processes() -> dict[int, str]:
 def process_table() -> dict[int, tuple[int, int]]:
     """This user's live processes (not zombies): PID -> (parent PID, start time in clock ticks)."""
     table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in _own_processes():
         try:
-            if entry.stat().st_uid != os.getuid():
-                continue
             data = (entry / "stat").read_bytes()
         except OSError:
             continue
