@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 from rdu.interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
     MailboxFull
 from rdu.interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
-from rdu.interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor, parse_chunk
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, Received, TensorAssembler, WireError, encode_chunks, parse_chunk
 from rdu.protos import interconnect_pb2 as pb
 from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
@@ -40,6 +40,7 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_CHUNK_BYTES + (64 << 10)),
 ]
 SERVICE_NAME = "rdu.interconnect.Interconnect"
+TRANSFER_METHOD = f"/{SERVICE_NAME}/Transfer"
 EXPIRY_SWEEP_S = 5.0   # how often a quiet server drops expired unclaimed tensors
 log = logging.getLogger("rdu.interconnect")
 
@@ -349,9 +350,11 @@ class _PeerStream:
     read. Without a reader, a stream learns how its call ended when a write finds it finished
     (`PeerClient._ending`)."""
 
-    def __init__(self, peer: str, stub: pb_grpc.InterconnectStub, metadata: tuple = ()) -> None:
+    def __init__(self, peer: str, channel: grpc.aio.Channel, metadata: tuple = ()) -> None:
         self.peer = peer
-        self.call = stub.Transfer(metadata=metadata)
+        # chunks are written as the bytes `encode_chunks` made (no serializer: no message object)
+        self.call = channel.stream_stream(TRANSFER_METHOD, request_serializer=None,
+                                          response_deserializer=pb.Ack.FromString)(metadata=metadata)
         self.failure: str | None = None
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
@@ -428,6 +431,9 @@ class PeerClient:
         self._streams: dict[str, _PeerStream] = {}
 
     async def _stub(self, peer: str) -> pb_grpc.InterconnectStub:
+        return pb_grpc.InterconnectStub(await self._channel(peer))
+
+    async def _channel(self, peer: str) -> grpc.aio.Channel:
         if peer not in self._addresses:
             self._addresses[peer] = await self.resolve(peer)
         address = self._addresses[peer]
@@ -437,12 +443,12 @@ class PeerClient:
                                                                   options=GRPC_OPTIONS + self.tls.channel_options)
             else:
                 self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-        return pb_grpc.InterconnectStub(self._channels[address])
+        return self._channels[address]
 
     async def _stream(self, peer: str) -> _PeerStream:
         stream = self._streams.get(peer)
         if stream is None or not stream.alive:
-            stream = _PeerStream(peer, await self._stub(peer), self.metadata)
+            stream = _PeerStream(peer, await self._channel(peer), self.metadata)
             self._streams[peer] = stream
         return stream
 
@@ -533,7 +539,7 @@ class PeerClient:
             waiter = stream.expect_ack(header.tensor_id)
         try:
             async with stream.writing, asyncio.timeout(self.deadline_s):
-                for chunk in chunk_tensor(header, array):
+                for chunk in encode_chunks(header, array):
                     await stream.call.write(chunk)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._raise_for(stream, header, exc, await self._ending(stream, exc))

@@ -3,6 +3,14 @@
 Raw bytes with a dtype/shape header; chunks of at most `MAX_CHUNK_BYTES`; nothing is pickled.
 `TensorAssembler` checks every rule a well-behaved sender follows and raises `WireError`
 (naming the rule) on the first one broken, so a server can reject the stream and keep serving.
+
+The plane itself never builds a `TensorChunk` object for a chunk's data: `encode_chunks` writes
+the message's bytes directly (the protobuf encoding of its fields, the data field last: one copy
+of the tensor's bytes instead of three) and `parse_chunk` reads the four fields of a received
+message itself, the data staying a view of the bytes gRPC handed over (the header, a small
+message, is parsed by protobuf). Both speak exactly the `TensorChunk` encoding of
+protos/interconnect.proto: any protobuf client interoperates; a message that is not one, or
+repeats a field, is a `WireError`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from google.protobuf.message import DecodeError
 from rdu.protos import interconnect_pb2 as pb
 
 __all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
-           "TensorAssembler", "Received", "parse_chunk"]
+           "encode_chunks", "Chunk", "TensorAssembler", "Received", "parse_chunk"]
 
 MAX_CHUNK_BYTES = 1 << 20            # 1 MiB: the best chunk size measured on this machine size
 MAX_TENSOR_BYTES = 1 << 30           # refuse anything larger than 1 GiB
@@ -60,14 +68,116 @@ def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
                              last=seq == count - 1)
 
 
-def parse_chunk(raw: bytes) -> pb.TensorChunk:
-    """Decode one chunk off the wire; malformed protobuf is a `WireError` like any broken rule
-    (the server parses itself, so such input gets INVALID_ARGUMENT instead of gRPC's UNKNOWN)."""
-    try:
-        chunk = pb.TensorChunk.FromString(raw)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise WireError(f"malformed TensorChunk ({len(raw)} bytes): {exc}") from None
-    return chunk
+def _varint(value: int) -> bytes:
+    """The protobuf varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_chunks(header: pb.TensorHeader, array: np.ndarray,
+                  chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """The wire bytes of the chunks of `array`, each a `TensorChunk` message (see the module
+    docstring): the header (completed with dtype, shape, size) on the first, the data field last,
+    so each message costs one copy of its slice of the array."""
+    array = np.ascontiguousarray(array)
+    header.dtype = _NAME_OF.get(array.dtype) or array.dtype.name
+    del header.shape[:]
+    header.shape.extend(array.shape)
+    header.total_bytes = nbytes = array.nbytes
+    head = header.SerializeToString()
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    count = max(1, -(-nbytes // chunk_bytes))
+    for seq in range(count):
+        piece = view[seq * chunk_bytes:(seq + 1) * chunk_bytes]
+        fields = [b"\x0a", _varint(len(head)), head] if seq == 0 else [b"\x10", _varint(seq)]
+        if seq == count - 1:
+            fields.append(b"\x20\x01")
+        fields += (b"\x1a", _varint(len(piece)), piece)
+        yield b"".join(fields)
+
+
+class Chunk:
+    """A received `TensorChunk`: `header` (None when the message has none), `seq`, `data` (a view
+    of the received bytes) and `last`; `HasField("header")` as on the protobuf message."""
+
+    __slots__ = ("header", "seq", "data", "last")
+
+    def __init__(self, header: pb.TensorHeader | None, seq: int, data, last: bool) -> None:
+        self.header, self.seq, self.data, self.last = header, seq, data, last
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 (the protobuf message's name)
+        return name == "header" and self.header is not None
+
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _read_varint(raw, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint longer than 10 bytes")
+
+
+def parse_chunk(raw) -> Chunk:
+    """Decode one chunk off the wire (the `TensorChunk` encoding, read field by field); anything
+    else — truncated, an unknown wire type, a field given twice, a header protobuf cannot parse —
+    is a `WireError` like any broken rule (the server parses itself, so such input gets
+    INVALID_ARGUMENT instead of gRPC's UNKNOWN). Unknown fields are skipped, as protobuf does."""
+    view = memoryview(raw)
+    end = len(view)
+    pos = 0
+    header, seq, data, last = None, 0, view[0:0], False
+    seen = 0
+    while pos < end:
+        key, pos = _read_varint(raw, pos, end)
+        field, wire = key >> 3, key & 7
+        if field == 0 or field > 0x1FFFFFFF:
+            raise WireError(f"malformed TensorChunk ({end} bytes): field number {field}")
+        if 1 <= field <= 4:
+            if seen & (1 << field):
+                raise WireError(f"malformed TensorChunk ({end} bytes): field {field} repeated")
+            seen |= 1 << field
+            if wire != (_LEN if field in (1, 3) else _VARINT):
+                raise WireError(f"malformed TensorChunk ({end} bytes): field {field} of wire type {wire}")
+        if wire == _VARINT:
+            value, pos = _read_varint(raw, pos, end)
+            if field == 2:
+                value &= 0xFFFFFFFF      # an int32, as protobuf reads it
+                seq = value - (1 << 32) if value >= 1 << 31 else value
+            elif field == 4:
+                last = value != 0
+        elif wire == _LEN:
+            size, pos = _read_varint(raw, pos, end)
+            if size > end - pos:
+                raise WireError(f"malformed TensorChunk ({end} bytes): a field of {size} bytes is truncated")
+            if field == 1:
+                try:
+                    header = pb.TensorHeader.FromString(view[pos:pos + size])
+                except (DecodeError, RuntimeWarning, ValueError) as exc:
+                    raise WireError(f"malformed TensorChunk ({end} bytes): its header: {exc}") from None
+            elif field == 3:
+                data = view[pos:pos + size]
+            pos += size
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+            if pos > end:
+                raise WireError(f"malformed TensorChunk ({end} bytes): truncated")
+        else:
+            raise WireError(f"malformed TensorChunk ({end} bytes): wire type {wire}")
+    return Chunk(header, seq, data, last)
 
 
 class TensorAssembler:

@@ -15,7 +15,8 @@ from rdu.interconnect.collectives_timing import RingTiming
 from rdu.interconnect.grpc_plane import InterconnectServer, PeerClient, TransferRejected
 from rdu.interconnect.plane_auth import call_metadata
 from rdu.interconnect.topology import Topology, socket_name
-from rdu.interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, TensorAssembler, WireError, chunk_tensor, encode_chunks, \
+    parse_chunk
 from rdu.node.cluster.platform import load_platform
 from rdu.protos import interconnect_pb2 as pb
 from rdu.protos import interconnect_pb2_grpc as pb_grpc
@@ -150,6 +151,45 @@ def test_large_tensor_is_chunked():
     for c in chunks:
         assembler.add(c)
     assert np.array_equal(assembler.result().array, array)
+
+
+@pytest.mark.parametrize("values", [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(0, np.int64),
+                                    np.arange(8, dtype=np.int32)[::2], np.arange(3 * MAX_CHUNK_BYTES // 8 + 3, dtype=np.int64)])
+def test_encoded_chunks_are_tensor_chunk_messages(values):
+    """The plane writes chunk bytes itself and reads them itself: both are the protobuf encoding
+    of TensorChunk, interchangeable with protobuf's own, and the tensor comes back intact."""
+    mine = list(encode_chunks(pb.TensorHeader(tensor_id="t", dst="b", virtual_send_ns=7, virtual_arrival_ns=9), values))
+    theirs = list(chunk_tensor(pb.TensorHeader(tensor_id="t", dst="b", virtual_send_ns=7, virtual_arrival_ns=9), values))
+    assert [pb.TensorChunk.FromString(raw) for raw in mine] == theirs
+    for encoding in (mine, [c.SerializeToString() for c in theirs]):
+        assembler = TensorAssembler()
+        for raw in encoding:
+            assembler.add(parse_chunk(raw))
+        received = assembler.result()
+        assert received.array.dtype == np.asarray(values).dtype and np.array_equal(received.array, values)
+        assert received.header.virtual_send_ns == 7
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\x10", "truncated varint"),
+    (b"\x1a\x05abc", "truncated"),
+    (b"\x10\x01\x10\x02", "repeated"),
+    (b"\x0a\x02\xff\xff", "header"),
+    (b"\x12\x01x", "wire type"),              # seq as a length-delimited field
+    (b"\x0b", "wire type 3"),                  # a group
+    (b"\x00", "field number 0"),
+    (b"\x10" + b"\xff" * 11, "longer than 10 bytes"),
+])
+def test_parse_chunk_refuses_what_is_no_tensor_chunk(raw, message):
+    with pytest.raises(WireError, match=message):
+        parse_chunk(raw)
+
+
+def test_parse_chunk_reads_like_protobuf():
+    """Unknown fields are skipped and a negative seq reads as protobuf's int32 does."""
+    raw = pb.TensorChunk(seq=-3, data=b"abc", last=True).SerializeToString() + b"\x28\x07\x35\0\0\0\0"
+    chunk = parse_chunk(raw)
+    assert (chunk.seq, bytes(chunk.data), chunk.last, chunk.HasField("header")) == (-3, b"abc", True, False)
 
 
 def _raw_stream(header: pb.TensorHeader, payload: bytes, seqs=None):
