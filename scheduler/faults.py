@@ -126,5 +126,5 @@ class RestartBudget:
 
         self.kills[socket] = self.kills.get(socket, 0) + 1
         if self.kills[socket] > self.max_restarts:
-            raise ServingStopped(f"{socket} failed at {now} ns for the {self.kills[socket]}th time, more than the "
-                                 f"{self.max_restarts} restarts the platform allows (socket.max_restarts)", None)
+            raise ServingStopped(f"{socket} failed at {now} ns (kill {self.kills[socket]} of this socket), more than "
+                                 f"the {self.max_restarts} restarts the platform allows (socket.max_restarts)", None)

@@ -59,7 +59,7 @@ def test_payloads_and_schedules_are_derived_from_the_request():
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("nodes, per_node", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("nodes, per_node", [(1, 8), pytest.param(2, 4, marks=pytest.mark.scale)])   # 2x4: check-tp covers it too
 def test_execute_runs_the_batch_and_lands_on_the_cost_model(ray_local, nodes, per_node):
     import ray
 

@@ -91,7 +91,7 @@ def test_bad_run_config_file(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.parametrize("extra", [[], ["--nodes", "2", "--tp", "4", "--policy", "prefetch"]])
 def test_ray_and_inline_summaries_are_byte_identical(ray_local, tmp_path, capsys, extra):
-    common = ["run", "--limit", "400", "--experts", "60", *extra]
+    common = ["run", "--limit", "200", "--experts", "60", *extra]
     assert run(capsys, *common, "--backend", "inline", "--out", str(tmp_path / "inline"))[0] == 0
     code, _, _ = run(capsys, *common, "--backend", "ray", "--out", str(tmp_path / "ray"))
     assert code == 0

@@ -160,9 +160,22 @@ def _serve(config: RunConfig, cluster, events: EventsWriter, sinks, records, pha
         state["server"] = server = _make_server(config, cluster, events, sinks, records, stop_requested)
         server.prepare()
         phases.end("setup")
-        state["result"] = server.run()
+        try:
+            state["result"] = server.run()
+        except (ServingStopped, KeyboardInterrupt):
+            state["backend_info"] = _checks_so_far(server)   # while the cluster is still up
+            raise
         state["backend_info"] = server.backend_info()
         phases.end("serving")
+
+
+def _checks_so_far(server) -> dict:
+    """The backend's counters of a run that stopped or was interrupted (a cluster too broken to
+    answer has none to give: the run's results are written without them)."""
+    try:
+        return server.backend_info()
+    except Exception:
+        return {}
 
 
 def _serve_inline(config: RunConfig, events: EventsWriter, sinks, records, phases: _Phases, state: dict) -> None:

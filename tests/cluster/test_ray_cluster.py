@@ -1,6 +1,8 @@
-"""The emulator on a fake two-node Ray cluster: each emulated node's sockets on their own Ray
-node, results identical to the single-process and single-Ray-node runs, a lost Ray node
-survived, and the interconnect closed with a per-run token that is never written down.
+"""The emulator on a fake four-node Ray cluster (one fake cluster for every test: starting one
+costs seconds): each emulated node's sockets, model store and node runtime on their own Ray
+node, the driver as the ingress; results identical to the single-process and single-Ray-node
+runs, a lost Ray node survived, and the interconnect closed with a per-run token that is never
+written down.
 
 Runs in its own pytest invocation (`pytest -m cluster tests/cluster`): it starts and stops Ray
 itself, so it cannot share a process with the session-wide local Ray of the other tests.
@@ -41,8 +43,8 @@ def cluster(one_node_check):
 
     fake = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                          "object_store_memory": 128 * 2**20})
-    workers = [fake.add_node(num_cpus=1, resources={"rdu_socket": 8}, object_store_memory=128 * 2**20)
-               for _ in range(2)]
+    workers = [fake.add_node(num_cpus=1, resources={"rdu_socket": 8}, object_store_memory=96 * 2**20)
+               for _ in range(4)]
     ray.init(address=fake.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield fake, workers
@@ -64,15 +66,23 @@ def _fields(tmp_path: Path, name: str) -> dict:
     return {"nodes": 2, "experts": 40, "workload": {"kind": "trace", "limit": 300}, "out": str(tmp_path / name)}
 
 
-def test_run_summary_identical_across_ray_layouts(cluster, tmp_path, monkeypatch):
+def test_a_partitioned_run_on_four_ray_nodes_equals_the_inline_run(cluster, tmp_path, monkeypatch):
+    """Four emulated nodes, one per Ray node, a socket killed and restarted on its Ray node:
+    summary.json and requests.csv byte for byte the in-process run's."""
     import secrets
 
     monkeypatch.setattr(secrets, "token_hex", lambda n=16: KNOWN_TOKEN)
-    inline = execute_run(resolve_run_config(None, {**_fields(tmp_path, "inline"), "backend": "inline"}))
-    spread = execute_run(resolve_run_config(None, {**_fields(tmp_path, "ray"), "backend": "ray"}))
+    fields = {"nodes": 4, "experts": 40, "workload": {"kind": "trace", "limit": 400, "time_scale": 0.25},
+              "scheduler": {"dispatch_window_ms": 200.0}, "faults": ["kill-socket:node2/socket5@request=120"]}
+    inline = execute_run(resolve_run_config(None, {**fields, "backend": "inline", "out": str(tmp_path / "inline")}))
+    spread = execute_run(resolve_run_config(None, {**fields, "backend": "ray", "out": str(tmp_path / "ray")}))
     assert (inline.out_dir / "summary.json").read_bytes() == (spread.out_dir / "summary.json").read_bytes()
-    assert spread.run_info["ray_nodes"] == 3 and spread.run_info["interconnect_token"]
+    assert (inline.out_dir / "requests.csv").read_bytes() == (spread.out_dir / "requests.csv").read_bytes()
+    checks = spread.run_info["backend_checks"]
+    assert spread.run_info["ray_nodes"] == 5 and checks["partitions"] == 4
+    assert checks["logs_confirmed"] == checks["logs_sent"] > 0 and checks["actor_restarts"] == 1
     # the per-run secret reaches the actors through Ray, and is written nowhere
+    assert spread.run_info["interconnect_token"]
     for path in list(spread.out_dir.rglob("*")) + list(Path("/tmp/ray/session_latest/logs").rglob("*")):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert KNOWN_TOKEN.encode() not in path.read_bytes(), path
