@@ -21,7 +21,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-import grpc
+from rdu.interconnect.grpc_runtime import grpc  # first: initialises gRPC for the plane (see there)
 import numpy as np
 from google.protobuf.message import DecodeError
 

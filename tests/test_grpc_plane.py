@@ -391,3 +391,21 @@ def test_each_loss_costs_the_group_one_retransmit_timeout():
             assert set(ends) == {12 * clean + victim.stats.dropped * rto}
 
     asyncio.run(main())
+
+
+def test_plane_processes_run_the_lean_transport_and_leave_the_environment_alone():
+    """A process whose first gRPC import is the plane's (a socket actor) runs gRPC's iomgr
+    endpoints (interconnect/grpc_runtime.py); the variable that selects them is gone afterwards,
+    so processes it starts (Ray's) do not inherit it. A user's own setting is left as it is."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os; import rdu.interconnect.grpc_plane; from rdu.interconnect.grpc_runtime import "
+             "plane_transport; print(plane_transport(), os.environ.get('GRPC_EXPERIMENTS'))")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["iomgr", "None"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "GRPC_EXPERIMENTS": "-x"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["default", "-x"]
