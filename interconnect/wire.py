@@ -15,6 +15,7 @@ repeats a field, is a `WireError`.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,21 @@ def encode_chunks(header: pb.TensorHeader, array: np.ndarray,
             fields.append(b"\x20\x01")
         fields += (b"\x1a", _varint(len(piece)), piece)
         yield b"".join(fields)
+
+
+POPULATED_BUFFER_BYTES = 4 << 20     # from this size on a received tensor's buffer is mapped populated
+
+
+def receive_buffer(nbytes: int) -> np.ndarray:
+    """A fresh writable buffer of `nbytes` for a tensor being received. Large ones are mapped with
+    MAP_POPULATE: the kernel provides every page at once instead of one fault per page while the
+    chunks are copied in, and without numpy's transparent-huge-page hint (on a busy or virtualised
+    host a huge-page fault may compact memory first: copying 64 MiB into a fresh np.empty buffer
+    took 100-250 ms of CPU there, instead of ~30 ms populated)."""
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if nbytes < POPULATED_BUFFER_BYTES or not flags:
+        return np.empty(nbytes, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags), dtype=np.uint8)
 
 
 class Chunk:
@@ -211,7 +227,7 @@ class TensorAssembler:
             if self.admit is not None:
                 self.admit(chunk.header)
             self.header = chunk.header
-            self.buffer = np.empty(self.header.total_bytes, dtype=np.uint8)
+            self.buffer = receive_buffer(int(self.header.total_bytes))
         elif chunk.HasField("header"):
             raise WireError("header repeated after the first chunk")
         assert self.header is not None and self.buffer is not None
