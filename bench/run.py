@@ -60,7 +60,8 @@ def bench_plane() -> list[Row]:
     from rdu.socket_actor.numerics import Shard, TinyConfig
 
     rows: list[Row] = []
-    ray.init(num_cpus=os.cpu_count() or 2, resources={"rdu_socket": 8}, include_dashboard=False,
+    # a private local Ray even when another one runs on this machine (joining it would fail on num_cpus)
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, resources={"rdu_socket": 8}, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING, object_store_memory=1 << 30)
     try:
         spec = load_platform("sn40l-node", {"sockets_per_node": 2}).spec
