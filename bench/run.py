@@ -312,9 +312,11 @@ class _MemoryProbe:
 
             from rdu.socket_actor.actor import process_memory
 
-            actors = ray.get([h.memory.remote() for h in self.backend.cluster.sockets.values()])
+            actors = ray.get([h.memory.remote() for h in self.backend.actors.sockets.values()])
+            runtimes = ray.get([r.memory.remote() for r in self.backend.runner.runtimes])
             self.samples[self.marks[self.done]] = {"driver": process_memory()["peak_rss_bytes"],
-                                                   "actors": max(a["peak_rss_bytes"] for a in actors)}
+                                                   "actors": max(a["peak_rss_bytes"] for a in actors),
+                                                   "runtimes": max(r["peak_rss_bytes"] for r in runtimes)}
 
 
 def bench_soak(requests: int = 100_000) -> list[Row]:
@@ -337,10 +339,10 @@ def bench_soak(requests: int = 100_000) -> list[Row]:
         output = execute_run(config, [probe], trace=True)
         with_outputs = process_memory()["peak_rss_bytes"]
     rows = [Row("soak", f"{requests:,} requests, ray backend: wall", output.run_info["wall_s"], "s")]
-    for who in ("driver", "actors"):
+    names = {"driver": "driver", "actors": "largest socket actor", "runtimes": "largest node runtime"}
+    for who, name in names.items():
         for mark in ("10%", "50%", "100%"):
-            rows.append(Row("soak", f"peak RSS of the {'driver' if who == 'driver' else 'largest socket actor'} "
-                                    f"at {mark}", probe.samples[mark][who] / 2**20, "MiB"))
+            rows.append(Row("soak", f"peak RSS of the {name} at {mark}", probe.samples[mark][who] / 2**20, "MiB"))
         growth = probe.samples["100%"][who] / probe.samples["10%"][who] - 1
         rows.append(Row("soak", f"{who} memory growth 10% -> 100%", growth * 100, "%", "< 20", growth < 0.2))
     # the outputs (summary, requests.csv, run.json and the Perfetto trace) are written by the

@@ -50,6 +50,12 @@ class NodeRuntime:
         self.wall_s += time.perf_counter() - started_wall
         return outputs
 
+    def memory(self) -> dict:
+        """This runtime's process memory (the emulator's own measurement: `make bench`)."""
+        from rdu.socket_actor.actor import process_memory
+
+        return process_memory()
+
     def finish(self, partitions: list[int]) -> dict[int, PartitionResult]:
         """These engines' totals, once every socket confirmed its share."""
         results = {}
