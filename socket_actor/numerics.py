@@ -192,6 +192,11 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
     Yields a `Collective` whenever the shard needs its partial combined with the other ranks'.
     `embedded` (batch x positions, hidden) is the tokens' embedding when the caller already has
     it (the sum the embedding all-reduce would form: then that collective is not yielded).
+
+    Over 60 lines on purpose: it is one pass of the model, written straight through in the order
+    of the reference implementation (embedding, per layer attention and MLP with their
+    collectives, final norm, LM head) so that it can be read against it line by line; split up,
+    the yields of the collectives would have to be threaded through every helper.
     """
     cfg, w = shard.cfg, shard.weights
     tokens = np.asarray(tokens, dtype=np.int64)
