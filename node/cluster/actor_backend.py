@@ -255,9 +255,8 @@ class ActorNodeBackend(InlineNodeBackend):
 
     def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
         super().truncate_span(group, request, iterations, at_ns)
-        steps, _ = self.span_times(group, request, request.iterations)
-        self._log(group).add("truncate", request.job_id, iterations, int(steps[:iterations].sum()),
-                             span_tokens(request, iterations), at_ns)
+        busy, tokens = self.truncated(group, request, iterations)
+        self._log(group).add("truncate", request.job_id, iterations, busy, tokens, at_ns)
 
     def set_kv(self, group: int, kv_bytes: int) -> None:
         super().set_kv(group, kv_bytes)

@@ -13,9 +13,8 @@ from rdu.scheduler.backend import GroupInfo
 __all__ = ["EmulatedCluster", "cluster_groups"]
 
 
-def cluster_groups(spec: NodeSpec, nodes: int, tp: int) -> list[GroupInfo]:
-    """The TP groups of `nodes` nodes of `spec` cut at degree `tp` (checks that the cut works)."""
-    topology = Topology(spec.links, nodes, spec.sockets_per_node)
+def cluster_groups(spec: NodeSpec, topology: Topology, tp: int) -> list[GroupInfo]:
+    """The TP groups of `topology`'s nodes of `spec` cut at degree `tp` (checks that the cut works)."""
     return [GroupInfo(index=i, name=g.name, node=Topology.parse(g.members[0])[0], members=tuple(g.members),
                       hbm_usable_bytes=spec.socket.hbm_usable_bytes)
             for i, g in enumerate(tp_groups(spec, topology, tp))]
@@ -31,8 +30,8 @@ class EmulatedCluster:
         self.spec, self.nodes, self.tp, self.functional = spec, nodes, tp, functional
         self.capacity_tier_bytes = spec.capacity_tier_bytes
         self.capacity_tier_name = spec.capacity_tier_name
-        self._groups = cluster_groups(spec, nodes, tp)
         self.fabric = Topology(spec.links, nodes, spec.sockets_per_node)   # request forwarding at the ingress
+        self._groups = cluster_groups(spec, self.fabric, tp)
 
     def groups(self) -> list[GroupInfo]:
         return list(self._groups)

@@ -140,9 +140,13 @@ class InlineNodeBackend:
         r = results[0]
         return SpanResult(r.job_id, r.socket, r.start_ns, r.end_ns, busy, int(np.rint(coll).sum()))
 
-    def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
+    def truncated(self, group: int, request: SpanRequest, iterations: int) -> tuple[int, int]:
+        """The busy time and tokens of a span's first `iterations` steps."""
         steps, _ = self.span_times(group, request, request.iterations)
-        busy, tokens = int(steps[:iterations].sum()), span_tokens(request, iterations)
+        return int(steps[:iterations].sum()), span_tokens(request, iterations)
+
+    def truncate_span(self, group: int, request: SpanRequest, iterations: int, at_ns: int) -> None:
+        busy, tokens = self.truncated(group, request, iterations)
         for member in self.tp_groups[group].members:
             if member in self.sockets:
                 self.sockets[member].truncate_span(request.job_id, iterations, busy, tokens, at_ns)
