@@ -85,8 +85,6 @@ class Collectives:
         self.wire_bytes = 0
         self.messages = 0                        # messages this rank sent
         self.owed_ns = 0                         # timeouts of resent answers, charged at the next collective
-        self.charged_ns = 0                      # timeouts this rank charged its group as a root
-        self.lost_received = 0                   # lost copies of messages this rank received (their attempts)
         self.algorithms: Counter[str] = Counter()   # collectives timed as each algorithm
         self._answers: list[asyncio.Task] = []   # a root's answers being written
 
@@ -133,7 +131,6 @@ class Collectives:
     async def _take(self, call: int, label: str, phase: str, src: str) -> tuple[np.ndarray, pb.TensorHeader]:
         """The tensor `src` sent this rank in this phase of collective `call` (from `src` only)."""
         received = await self.mailbox.take(self._tensor_id(call, label, phase, src), self.timeout_s, sender=src)
-        self.lost_received += int(received.header.attempt)
         return received.array, received.header
 
     # -- the transport: to a root and back ------------------------------------------------------
@@ -163,7 +160,6 @@ class Collectives:
                 start_ns = max(start_ns, int(header.virtual_send_ns))
                 charged_ns += int(header.virtual_arrival_ns) - int(header.virtual_send_ns)
         end_ns = start_ns + analytic_ns + charged_ns
-        self.charged_ns += charged_ns
         results = combine(parts)
         loop = asyncio.get_running_loop()
         for r, peer in enumerate(self.members):

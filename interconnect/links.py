@@ -16,7 +16,7 @@ import numpy as np
 
 from rdu.base import Fields
 
-__all__ = ["LinkSpec", "Link", "LinkDown", "serialisation_ns", "transmit_path", "transmit_shared", "path_spec"]
+__all__ = ["LinkSpec", "Link", "LinkDown", "serialisation_ns", "transmit_path", "path_spec"]
 
 
 class LinkDown(RuntimeError):
@@ -87,45 +87,21 @@ def _check_up(links: list[Link]) -> None:
             raise LinkDown(f"link {link.name} is down since {link.down_since_ns} ns: every message is lost")
 
 
-def transmit_path(links: list[Link], nbytes: int, send_ns: int, bandwidth_fraction: float = 1.0) -> int:
+def transmit_path(links: list[Link], nbytes: int, send_ns: int) -> int:
     """Carry one transfer over links in series; return its arrival time in ns.
 
     The transfer starts when it is sent and every link on the path is free, holds all of them
-    for the serialisation time at the slowest bandwidth (times `bandwidth_fraction`, the share a
-    collective achieves), and arrives after the summed latency.
+    for the serialisation time at the slowest bandwidth, and arrives after the summed latency.
     """
     if not links:
         return send_ns
     _check_up(links)
     start_ns = max(send_ns, max(link.free_at_ns for link in links))
-    busy_ns = serialisation_ns(nbytes, min(link.spec.bandwidth_bytes_per_s for link in links) * bandwidth_fraction)
+    busy_ns = serialisation_ns(nbytes, min(link.spec.bandwidth_bytes_per_s for link in links))
     latency_ns = math.ceil(sum(link.spec.latency_ns for link in links))
     for link in links:
         link.free_at_ns = start_ns + busy_ns
         link.bytes_moved += nbytes
         link.busy_ns += busy_ns
         link.transfers += 1
-    return start_ns + latency_ns + busy_ns
-
-
-def transmit_shared(paths: list[list[Link]], nbytes: int, send_ns: int, bandwidth_fraction: float = 1.0) -> int:
-    """Carry one `nbytes` copy along each of `paths`, all leaving through the same port (their
-    first link, e.g. a socket's port into a switch): the copies are interleaved on it, so the
-    port is held for the serialisation of all of them together and every copy's last byte
-    arrives after that plus the path latency. Returns that arrival time (the latest path's)."""
-    paths = [path for path in paths if path]
-    if not paths:
-        return send_ns
-    links = list({id(link): link for path in paths for link in path}.values())
-    _check_up(links)
-    start_ns = max(send_ns, max(link.free_at_ns for link in links))
-    bandwidth = min(link.spec.bandwidth_bytes_per_s for link in links) * bandwidth_fraction
-    busy_ns = serialisation_ns(nbytes * len(paths), bandwidth)
-    latency_ns = max(math.ceil(sum(link.spec.latency_ns for link in path)) for path in paths)
-    copies = {id(link): sum(1 for path in paths for hop in path if hop is link) for link in links}
-    for link in links:
-        link.free_at_ns = start_ns + busy_ns
-        link.bytes_moved += nbytes * copies[id(link)]
-        link.busy_ns += busy_ns
-        link.transfers += copies[id(link)]
     return start_ns + latency_ns + busy_ns
