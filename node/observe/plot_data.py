@@ -67,8 +67,8 @@ class RunData:
 class _Gatherer(TimelineView):
     """Fills a `RunData` from the reducer's reports and the events it does not reduce."""
 
-    def __init__(self, setup: Setup, where: str, latencies: bool, grid: TimeGrid | None = None) -> None:
-        grid = grid or TimeGrid()
+    def __init__(self, setup: Setup, where: str, latencies: bool) -> None:
+        grid = TimeGrid()
         self.data = data = RunData(setup=setup, grid=grid, groups={})
         self.latencies = latencies
         self.state = TimelineState(setup, self, where)

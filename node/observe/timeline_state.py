@@ -133,10 +133,6 @@ class RunSpan:
         return self.end_ns < self.run.end_ns
 
     @property
-    def busy_ns(self) -> int:
-        return max(0, self.end_ns - self.run.t_ns)
-
-    @property
     def first_step_end_ns(self) -> int:
         """End of its first iteration (a static batch's prefill), within the run as it happened."""
         return max(self.run.t_ns, min(self.end_ns, self.run.t_ns + self.run.first_step_ns))
