@@ -86,9 +86,15 @@ class TimeGrid:
                 steps._merge()
             self.width_ns *= 2
 
+    def _clamped(self, t_ns: int) -> int:
+        """`t_ns` within the bins' range, the bins widened to reach it."""
+        t_ns = min(max(0, t_ns), _MAX_NS)
+        self._reach(t_ns)
+        return t_ns
+
     def see(self, t_ns: int) -> None:
         """Something happened at `t_ns` (the run lasted at least until then)."""
-        self._reach(min(max(0, t_ns), _MAX_NS))
+        self._clamped(t_ns)
 
     def add_span(self, series: np.ndarray, start_ns: int, end_ns: int, weight: float = 1.0) -> None:
         """Add `weight` x the time of [start, end) that falls in each bin."""
@@ -107,13 +113,10 @@ class TimeGrid:
             series[first + 1:last] += width * weight
 
     def add_count(self, series: np.ndarray, t_ns: int, count: float = 1.0) -> None:
-        t_ns = min(max(0, t_ns), _MAX_NS)
-        self._reach(t_ns)
-        series[t_ns // self.width_ns] += count
+        series[self._clamped(t_ns) // self.width_ns] += count
 
     def set_step(self, steps: StepSeries, t_ns: int, value: float) -> None:
-        t_ns = min(max(0, t_ns), _MAX_NS)
-        self._reach(t_ns)
+        t_ns = self._clamped(t_ns)
         i = t_ns // self.width_ns
         if t_ns >= steps.last_t_ns[i]:
             steps.last[i], steps.last_t_ns[i] = value, t_ns
