@@ -219,9 +219,13 @@ class _TraceBuilder(TimelineView):
             if track is not None:
                 self.sink((0, track.pid, track.tid, ts, -dur, depth, "X", body))
 
-    def _instant(self, pid: int, tid: int, scope: str, name: str, category: str, t_ns: int, args: dict) -> None:
-        body = f'"s":"{scope}","name":{_json(name)},"cat":"{category}","ts":{_us(t_ns)},"args":{_json(args)}'
-        self.sink((0, pid, tid, _us(t_ns), 0.0, 0, "i", body))
+    def _instant(self, places: list[tuple[int, int]], scope: str, name: str, category: str, t_ns: int,
+                 args: dict) -> None:
+        """One instant at each (pid, tid) of `places`, its body rendered once."""
+        ts = _us(t_ns)
+        body = f'"s":"{scope}","name":{_json(name)},"cat":"{category}","ts":{ts},"args":{_json(args)}'
+        for pid, tid in places:
+            self.sink((0, pid, tid, ts, 0.0, 0, "i", body))
 
     def _counter(self, pid: int, name: str, t_ns: int, args_json: str) -> None:
         self.sink((1, pid, name, _us(t_ns), args_json))
@@ -284,7 +288,7 @@ class _TraceBuilder(TimelineView):
     def _fault(self, event: Fault) -> None:
         group = self.state.groups.get(event.groups[0]) if event.groups else None
         args = {key: value for key, value in to_record(event).items() if key not in ("type", "t_ns")}
-        self._instant(group.node + 1 if group is not None else 1, 0, "p", "fault", "fault", event.t_ns, args)
+        self._instant([(group.node + 1 if group is not None else 1, 0)], "p", "fault", "fault", event.t_ns, args)
 
     def _preempt(self, event: Preempt) -> None:
         """On the compute track of every member: its KV blocks went (the sequence re-queues)."""
@@ -293,11 +297,9 @@ class _TraceBuilder(TimelineView):
             return
         args = {"request": event.request, "model": event.model, "generated": event.generated, "mode": event.mode,
                 "kv_bytes": event.kv_bytes}
-        for member in group.members:
-            track = self.tracks.get(member)
-            if track is not None:
-                self._instant(track.pid, track.tid, "t", f"preempt request {event.request}", "preempt", event.t_ns,
-                              args)
+        tracks = [self.tracks.get(member) for member in group.members]
+        self._instant([(t.pid, t.tid) for t in tracks if t is not None], "t", f"preempt request {event.request}",
+                      "preempt", event.t_ns, args)
 
     def other_data(self, ended: bool, events: int) -> dict:
         return {"run": self.setup.name, "platform": self.setup.platform, "events": events,
