@@ -237,7 +237,7 @@ async def run_functional(shard: Shard, group: Collectives, prompts: np.ndarray, 
     kinds = collective_kinds(cfg)
     nominal_kinds = [c[0] for c in schedule.plans[0].collectives] if schedule.plans else kinds
     stand_ins = {k: j for j, k in enumerate(_stand_ins(len(kinds), nominal_kinds, kinds))}
-    algorithms_before = dict(group.algorithms)
+    algorithms_before = group.algorithms.copy()
     clock, ids, all_logits, embedded = int(start_ns), [], [], None
     for step, plan in enumerate(schedule.plans):
         fuse = step + 1 < len(schedule.plans)
@@ -246,8 +246,7 @@ async def run_functional(shard: Shard, group: Collectives, prompts: np.ndarray, 
         ids.append(np.argmax(logits, axis=-1))
         tokens = ids[-1][:, None]
     clock = await group.settle(clock + schedule.rest_ns)
-    algorithms = {name: count - algorithms_before.get(name, 0) for name, count in group.algorithms.items()
-                  if count > algorithms_before.get(name, 0)}
+    algorithms = dict(group.algorithms - algorithms_before)   # this run's collectives, by algorithm
     empty = np.zeros((len(tokens), 0), dtype=np.int64)
     return FunctionalRun(np.stack(ids, axis=1) if ids else empty,
                          np.stack(all_logits) if all_logits else np.zeros((0, len(tokens), cfg.vocab_size), np.float32),
