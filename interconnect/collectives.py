@@ -27,9 +27,12 @@ they are charged in the group's next collective. `settle` (the end of a request:
 no virtual time) charges what is still owed and makes every member agree on the end; a resend of
 its own answers is owed to the group's next request (`owed_ns` says how much).
 
-A root does not wait for its answers to be written (on a shared host a write's completion took
-~1.5 ms, on the group's critical path): they go on in the background, in order per peer, and a
-failure surfaces at the root's next collective (`flush` waits for them all).
+No rank waits for its own messages to be written (on a shared host a write's completion took
+~1.5 ms, on the group's critical path, and each wait woke the collective once more): they are
+queued on the plane (`PeerClient.post`) and written in the background, in order per peer. A
+rank's message to the root that cannot be sent fails the rank's wait for the answer at once;
+a root's answer that cannot be sent surfaces at the root's next collective (`flush` waits for
+them all). A root wakes once for the members' tensors, when the last one arrives.
 
 Headers. Every message carries its virtual send time and the time it counts as arriving: a
 rank's message to the root is sent at the rank's clock and counts as arriving that much later as
@@ -41,9 +44,8 @@ small functional tensor).
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +88,7 @@ class Collectives:
         self.messages = 0                        # messages this rank sent
         self.owed_ns = 0                         # timeouts of resent answers, charged at the next collective
         self.algorithms: Counter[str] = Counter()   # collectives timed as each algorithm
-        self._answers: list[asyncio.Task] = []   # a root's answers being written
+        self._answer_failure: BaseException | None = None   # why an answer of this root could not be sent
 
     @property
     def timing(self) -> RingTiming:
@@ -118,15 +120,15 @@ class Collectives:
         return f"{self.epoch}{call}/{label}/{phase}/{src}"
 
     def _post(self, call: int, kind: str, label: str, phase: str, dst: str, array: np.ndarray, send_ns: int,
-              arrival_ns: int, timed_bytes: int) -> Awaitable[None]:
-        """The send of one message (counted now, written when awaited)."""
+              arrival_ns: int, timed_bytes: int, on_failure: Callable[[BaseException], None]) -> None:
+        """Queue one message (counted now; written in the background, `on_failure` hears if it cannot be)."""
         header = pb.TensorHeader(
             tensor_id=self._tensor_id(call, label, phase, self.me), dst=dst, virtual_send_ns=send_ns,
             virtual_arrival_ns=arrival_ns, timed_bytes=timed_bytes,
             step=pb.CollectiveStep(collective=kind, label=label, index=0 if phase == "up" else 1, steps=2))
         self.wire_bytes += array.nbytes
         self.messages += 1
-        return self.client.send(header, array)          # buffered write: returns before the peer reads
+        self.client.post(header, array, on_failure)
 
     async def _take(self, call: int, label: str, phase: str, src: str) -> tuple[np.ndarray, pb.TensorHeader]:
         """The tensor `src` sent this rank in this phase of collective `call` (from `src` only)."""
@@ -146,7 +148,9 @@ class Collectives:
         root = self.members[(call - 1) % self.ranks]
         if root != self.me:
             owed, self.owed_ns = self.owed_ns, 0
-            await self._post(call, kind, label, "up", root, mine, clock_ns, clock_ns + owed, timed_bytes)
+            answer_id = self._tensor_id(call, label, "down", root)   # if the message cannot go, no answer comes
+            self._post(call, kind, label, "up", root, mine, clock_ns, clock_ns + owed, timed_bytes,
+                       lambda failure: self.mailbox.fail(answer_id, failure))
             result, header = await self._take(call, label, "down", root)
             end_ns = int(header.virtual_send_ns)
             self.owed_ns += int(header.virtual_arrival_ns) - end_ns   # the answer's resends: charged next time
@@ -154,39 +158,51 @@ class Collectives:
         parts: list[np.ndarray] = [mine] * self.ranks
         start_ns, charged_ns = clock_ns, self.owed_ns
         self.owed_ns = 0
-        for r, peer in enumerate(self.members):
-            if peer != self.me:
-                parts[r], header = await self._take(call, label, "up", peer)
-                start_ns = max(start_ns, int(header.virtual_send_ns))
-                charged_ns += int(header.virtual_arrival_ns) - int(header.virtual_send_ns)
+        peers = [(r, peer) for r, peer in enumerate(self.members) if peer != self.me]
+        for header in await self._gather(call, label, peers, parts):
+            start_ns = max(start_ns, int(header.virtual_send_ns))
+            charged_ns += int(header.virtual_arrival_ns) - int(header.virtual_send_ns)
         end_ns = start_ns + analytic_ns + charged_ns
         results = combine(parts)
-        loop = asyncio.get_running_loop()
-        for r, peer in enumerate(self.members):
-            if peer != self.me:   # written in the background: the root goes on at once (see _reap)
-                self._answers.append(loop.create_task(
-                    self._post(call, kind, label, "down", peer, results[r], end_ns, end_ns, timed_bytes)))
+        for r, peer in peers:   # written in the background: the root goes on at once (see _reap)
+            self._post(call, kind, label, "down", peer, results[r], end_ns, end_ns, timed_bytes, self._answer_failed)
         return results[self.rank], end_ns
 
+    async def _gather(self, call: int, label: str, peers: list[tuple[int, str]],
+                      parts: list[np.ndarray]) -> list[pb.TensorHeader]:
+        """At a root: every peer's tensor of this collective into `parts` (by rank); their
+        headers. Those already here are taken first, then the root waits once for all the others
+        (not once per arrival)."""
+        ids = {peer: self._tensor_id(call, label, "up", peer) for _, peer in peers}
+        here = [(r, peer) for r, peer in peers if self.mailbox.holds(ids[peer])]
+        late = [(r, peer) for r, peer in peers if not self.mailbox.holds(ids[peer])]
+        headers = [await self._take_part(call, label, r, peer, parts) for r, peer in here]
+        if late:
+            await self.mailbox.wait_all([ids[peer] for _, peer in late], self.timeout_s)
+        return headers + [await self._take_part(call, label, r, peer, parts) for r, peer in late]
+
+    async def _take_part(self, call: int, label: str, rank: int, peer: str, parts: list[np.ndarray]) -> pb.TensorHeader:
+        parts[rank], header = await self._take(call, label, "up", peer)
+        return header
+
+    def _answer_failed(self, failure: BaseException) -> None:
+        """An answer of this root could not be sent: the failure surfaces at its next collective."""
+        if self._answer_failure is None:
+            self._answer_failure = failure
+
     def _reap(self) -> None:
-        """Forget the answers whose writes completed; raise the failure of one that failed (a
-        refused tensor, a link that lost every copy). A root does not wait for its answers'
-        writes to complete (on a shared host that took ~1.5 ms each, on the group's critical
-        path); sends to one peer still go in order (`PeerClient`)."""
-        pending = []
-        for task in self._answers:
-            if not task.done():
-                pending.append(task)
-            elif task.exception() is not None:
-                self._answers = [t for t in self._answers if not t.done()]
-                raise task.exception()
-        self._answers = pending
+        """Raise the failure of an answer this rank sent as a root (a refused tensor, a link that
+        lost every copy). A root does not wait for its answers' writes to complete (on a shared
+        host that took ~1.5 ms each, on the group's critical path); sends to one peer still go in
+        order (`PeerClient`)."""
+        failure, self._answer_failure = self._answer_failure, None
+        if failure is not None:
+            raise failure
 
     async def flush(self) -> None:
         """Wait until every answer this rank sent as a root is written (or raise its failure)."""
-        while self._answers:
-            await asyncio.wait(self._answers)
-            self._reap()
+        await self.client.drain()
+        self._reap()
 
     @staticmethod
     def _sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ from google.protobuf.message import DecodeError
 from rdu.interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
     MailboxFull
 from rdu.interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
-from rdu.interconnect.wire import MAX_CHUNK_BYTES, Received, TensorAssembler, WireError, encode_chunks, parse_chunk
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, Chunk, Received, TensorAssembler, WireError, encode_chunks, \
+    parse_chunk, parse_header, split_whole
 from rdu.protos import interconnect_pb2 as pb
 from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
@@ -120,35 +122,23 @@ class _Servicer:
         """Assemble consecutive tensors from one peer's stream; ack those that ask; abort on a broken rule."""
         owner = self.server
         failure: Exception | None = None
-        assembler: TensorAssembler | None = None
+        assembler: TensorAssembler | None = None     # None between tensors
         try:
             sender = owner.authenticate(context.invocation_metadata())
-            assembler = owner.assembler(sender)
             async for raw in request_iterator:
-                chunk = parse_chunk(raw)
-                if not assembler.in_progress:
+                if assembler is None:
+                    chunk = _first_chunk(raw)
                     owner.check_tensor_start(sender, chunk)
-                    if owner.is_repeat(chunk):
-                        assembler = _RepeatSkipper()
+                    assembler = _RepeatSkipper() if owner.is_repeat(chunk) else _AdmittingAssembler(owner.mailbox)
+                else:
+                    chunk = parse_chunk(raw)
                 assembler.add(chunk)
                 if assembler.done:
-                    received = assembler.result()
-                    header = received.header
-                    if isinstance(assembler, _RepeatSkipper):      # delivered before: only acknowledge
-                        pass
-                    elif owner.link_loses(header.src):             # lost in transit: no delivery, no ack
-                        owner.mailbox.cancel(header.src, header.tensor_id, int(header.total_bytes))
-                        owner.stats.dropped += 1
-                        assembler = owner.assembler(sender)
-                        continue
-                    else:
-                        owner.mailbox.deliver(received)
-                        owner.stats.tensors_received += 1
-                        owner.stats.bytes_received += received.array.nbytes
-                    if header.want_ack:
-                        yield pb.Ack(tensor_id=header.tensor_id, received_bytes=int(header.total_bytes))
-                    assembler = owner.assembler(sender)
-            if assembler.in_progress:
+                    ack = owner.accept(assembler)
+                    assembler = None
+                    if ack is not None:
+                        yield ack
+            if assembler is not None and assembler.in_progress:
                 raise WireError(f"stream ended before the last chunk of {assembler.header.tensor_id!r}")
         except Exception as exc:  # noqa: BLE001 (every refusal gets a status, see _status_of)
             failure = exc
@@ -184,10 +174,27 @@ class _Servicer:
                                  bytes_sent=s.bytes_sent, rejected=s.rejected, dropped=s.dropped)
 
 
-class _AdmittingAssembler(TensorAssembler):
-    """An assembler that remembers whether its tensor's budget was reserved (to free it on failure)."""
+def _first_chunk(raw) -> Chunk:
+    """The first chunk of a tensor: a tensor of one chunk written as `encode_chunks` writes it
+    (nearly every collective message) is split without reading it field by field."""
+    whole = split_whole(raw)
+    if whole is None:
+        return parse_chunk(raw)
+    return Chunk(parse_header(whole[0], len(raw)), 0, whole[1], True)
 
-    admitted = False
+
+class _AdmittingAssembler(TensorAssembler):
+    """An assembler whose admission reserves the peer's mailbox budget before allocating, and
+    that remembers whether it did (to free it on failure)."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        super().__init__(admit=self._reserve)
+        self.mailbox = mailbox
+        self.admitted = False
+
+    def _reserve(self, header: pb.TensorHeader) -> None:
+        self.mailbox.reserve(header.src, header.tensor_id, int(header.total_bytes))
+        self.admitted = True
 
 
 class _RepeatSkipper(TensorAssembler):
@@ -293,16 +300,24 @@ class InterconnectServer:
         lossy = self._loss.get(src)
         return lossy is not None and lossy[1].random() < lossy[0]
 
-    def assembler(self, sender: str | None) -> TensorAssembler:
-        """A fresh assembler whose admission reserves the peer's mailbox budget before allocating."""
-        assembler = _AdmittingAssembler()
-
-        def admit(header: pb.TensorHeader) -> None:
-            self.mailbox.reserve(header.src, header.tensor_id, int(header.total_bytes))
-            assembler.admitted = True
-
-        assembler.admit = admit
-        return assembler
+    def accept(self, assembler: TensorAssembler) -> pb.Ack | None:
+        """A tensor's last chunk arrived: deliver it (or drop it, as a lossy link loses it, or
+        only acknowledge a repeat of one delivered before); the Ack to send back, if it asks."""
+        received = assembler.result()
+        header = received.header
+        if isinstance(assembler, _RepeatSkipper):      # delivered before: only acknowledge
+            pass
+        elif self._loss and self.link_loses(header.src):   # lost in transit: no delivery, no ack
+            self.mailbox.cancel(header.src, header.tensor_id, int(header.total_bytes))
+            self.stats.dropped += 1
+            return None
+        else:
+            self.mailbox.deliver(received)
+            self.stats.tensors_received += 1
+            self.stats.bytes_received += received.array.nbytes
+        if header.want_ack:
+            return pb.Ack(tensor_id=header.tensor_id, received_bytes=int(header.total_bytes))
+        return None
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -341,23 +356,112 @@ class InterconnectServer:
             self._server = None
 
 
+class _Outgoing:
+    """A tensor queued on a stream. A sender that waits for its write has a `done` future; a
+    posted one (`PeerClient.post`) has none: the client counts it once written and recovers it
+    when its write fails (`on_failure` hears of a failure that stays one)."""
+
+    __slots__ = ("header", "array", "done", "on_failure")
+
+    def __init__(self, header: pb.TensorHeader, array: np.ndarray, done: asyncio.Future | None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self.header, self.array, self.done, self.on_failure = header, array, done, on_failure
+
+
 class _PeerStream:
-    """The long-lived stream to one peer: writes chunks, reads acks, remembers how it ended.
+    """The long-lived stream to one peer: writes queued tensors in order, reads acks, remembers
+    how it ended.
+
+    gRPC takes one write at a time on a call, so one writer task per stream drains its queue: a
+    sender only queues a tensor (`enqueue`) and goes on, and sends to one peer go in the order
+    they were queued. Each write has a deadline without a timer of its own (a timer per write
+    was measurable CPU per message): one watchdog per stream, armed when a write starts while
+    none is armed, finds a write older than `deadline_s` and cancels the call.
 
     Acknowledgements are read only once a tensor asks for one (`want_ack`): a pending read on
     every stream cost ~15% of a collective's CPU, and a stream that never asks has nothing to
     read. Without a reader, a stream learns how its call ended when a write finds it finished
     (`PeerClient._ending`)."""
 
-    def __init__(self, peer: str, channel: grpc.aio.Channel, metadata: tuple = ()) -> None:
+    def __init__(self, peer: str, channel: grpc.aio.Channel, metadata: tuple = (),
+                 deadline_s: float = DEFAULT_DEADLINE_S,
+                 on_posted: Callable[["_PeerStream", _Outgoing, BaseException | None], None] | None = None) -> None:
         self.peer = peer
         # chunks are written as the bytes `encode_chunks` made (no serializer: no message object)
         self.call = channel.stream_stream(TRANSFER_METHOD, request_serializer=None,
                                           response_deserializer=pb.Ack.FromString)(metadata=metadata)
+        self.deadline_s = deadline_s
+        self.on_posted = on_posted
         self.failure: str | None = None
+        self.timed_out = False
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
-        self.writing = asyncio.Lock()   # one write at a time on a call; sends to one peer go in order
+        self._queue: deque[_Outgoing] = deque()
+        self._writer: asyncio.Task | None = None
+        self._writing_since_s: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def enqueue(self, item: _Outgoing) -> None:
+        """Queue one tensor (written after those queued before it)."""
+        self._queue.append(item)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def written(self) -> None:
+        """Wait until everything queued so far is written (or failed)."""
+        while self._writer is not None:
+            await asyncio.wait([self._writer])
+
+    async def _drain(self) -> None:
+        """Write the queue in order; a failed write fails every tensor still queued."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                item = self._queue[0]
+                self._writing_since_s = loop.time()
+                if self._watchdog is None:
+                    self._watchdog = loop.call_at(self._writing_since_s + self.deadline_s, self._check_deadline)
+                for chunk in encode_chunks(item.header, item.array):
+                    await self.call.write(chunk)
+                self._writing_since_s = None
+                self._queue.popleft()
+                self._finish(item, None)
+        except BaseException as exc:  # noqa: BLE001 (the writer's failure is every queued sender's)
+            failure = TimeoutError(f"not written within {self.deadline_s} s") if self.timed_out else exc
+            while self._queue:
+                self._finish(self._queue.popleft(), failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._writing_since_s = None
+            self._writer = None
+
+    def _finish(self, item: _Outgoing, failure: BaseException | None) -> None:
+        if item.done is None:
+            if self.on_posted is not None:
+                self.on_posted(self, item, failure)
+        elif item.done.done():
+            pass
+        elif failure is None:
+            item.done.set_result(None)
+        elif isinstance(failure, asyncio.CancelledError):
+            item.done.cancel()
+        else:
+            item.done.set_exception(failure)
+
+    def _check_deadline(self) -> None:
+        """The watchdog: cancel the call when its write in progress is older than the deadline."""
+        self._watchdog = None
+        since = self._writing_since_s
+        if since is None:
+            return   # idle: the next write arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < since + self.deadline_s:
+            self._watchdog = loop.call_at(since + self.deadline_s, self._check_deadline)
+            return
+        self.timed_out = True
+        self.failure = self.failure or f"DEADLINE_EXCEEDED: a write took more than {self.deadline_s} s"
+        self.call.cancel()
 
     def expect_ack(self, tensor_id: str) -> asyncio.Future:
         """A future that the peer's acknowledgement of `tensor_id` resolves (the reader starts now)."""
@@ -387,8 +491,18 @@ class _PeerStream:
     def alive(self) -> bool:
         return self.failure is None
 
+    @property
+    def busy(self) -> bool:
+        """Tensors are queued or being written."""
+        return self._writer is not None
+
     async def close(self) -> None:
         self.call.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
         if self.reader is None:
             self.failure = self.failure or "stream closed"
             return
@@ -428,6 +542,7 @@ class PeerClient:
         self._addresses: dict[str, str] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, _PeerStream] = {}
+        self._tasks: set[asyncio.Task] = set()     # posted tensors going the long way (see `post`)
 
     async def _stub(self, peer: str) -> pb_grpc.InterconnectStub:
         return pb_grpc.InterconnectStub(await self._channel(peer))
@@ -447,7 +562,7 @@ class PeerClient:
     async def _stream(self, peer: str) -> _PeerStream:
         stream = self._streams.get(peer)
         if stream is None or not stream.alive:
-            stream = _PeerStream(peer, await self._channel(peer), self.metadata)
+            stream = _PeerStream(peer, await self._channel(peer), self.metadata, self.deadline_s, self._posted)
             self._streams[peer] = stream
         return stream
 
@@ -479,10 +594,67 @@ class PeerClient:
         else:
             self._lossy.discard(peer)
 
-    def forget(self, peer: str) -> None:
-        """Drop a peer's cached address and stream (it may have restarted on another port)."""
+    def forget(self, peer: str, stream: _PeerStream | None = None) -> None:
+        """Drop a peer's cached address and stream (it may have restarted on another port); with
+        `stream`, only if that is still the stream to the peer (another send may have opened a new one)."""
+        if stream is not None and self._streams.get(peer) is not stream:
+            return
         self._addresses.pop(peer, None)
         self._streams.pop(peer, None)
+
+    def post(self, header: pb.TensorHeader, array: np.ndarray,
+             on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Queue one tensor for `header.dst` and return at once (no acknowledgement asked, unless
+        the link is lossy): the cheap path of a collective's messages, no task and no wait per
+        message on a healthy link with its stream open. Sends to one peer still go in the order
+        they were started; a write that fails goes again as `send` would send it, and if that
+        fails too, `on_failure` hears why. `drain` waits until everything posted is written."""
+        stream = self._streams.get(header.dst)
+        if stream is None or not stream.alive or header.dst in self._lossy:
+            self._background(self.send(header, array), on_failure)
+            return
+        header.src = self.name
+        header.run_token = ""   # the stream is authenticated by this sender's credential instead
+        header.want_ack = False
+        stream.enqueue(_Outgoing(header, array, None, on_failure))
+
+    async def drain(self) -> None:
+        """Wait until every tensor posted so far is written, or failed."""
+        while True:
+            pending = [stream for stream in self._streams.values() if stream.busy] or list(self._tasks)
+            if not pending:
+                return
+            for waiting in pending:
+                await (waiting.written() if isinstance(waiting, _PeerStream) else asyncio.wait([waiting]))
+
+    def _background(self, send: Awaitable[None], on_failure: Callable[[BaseException], None] | None) -> None:
+        """Run `send` as a task the client keeps (`drain` waits for it); its failure goes to `on_failure`."""
+        task = asyncio.get_running_loop().create_task(send)
+        self._tasks.add(task)
+
+        def finished(done: asyncio.Task) -> None:
+            self._tasks.discard(done)
+            failure = None if done.cancelled() else done.exception()
+            if failure is not None and on_failure is not None:
+                on_failure(failure)
+
+        task.add_done_callback(finished)
+
+    def _posted(self, stream: _PeerStream, item: _Outgoing, failure: BaseException | None) -> None:
+        """A posted tensor was written (count it) or its write failed: then it goes the way of
+        `send` (a peer that restarted elsewhere gets it again at its new address)."""
+        if failure is None:
+            self.stats.tensors_sent += 1
+            self.stats.bytes_sent += item.array.nbytes
+        elif not isinstance(failure, asyncio.CancelledError):
+            self._background(self._repost(stream, item, failure), item.on_failure)
+
+    async def _repost(self, stream: _PeerStream, item: _Outgoing, failure: BaseException) -> None:
+        mapped = await self._failure(stream, item.header, failure)
+        if not isinstance(mapped, _PeerUnavailable):
+            raise mapped
+        self.forget(item.header.dst, stream)
+        await self.send(item.header, item.array)
 
     async def send(self, header: pb.TensorHeader, array: np.ndarray, wait_ack: bool = False) -> None:
         """Write one tensor to `header.dst`. With `wait_ack`, return only once the peer accepted it
@@ -536,15 +708,12 @@ class PeerClient:
         waiter = None
         if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
             waiter = stream.expect_ack(header.tensor_id)
+        done = asyncio.get_running_loop().create_future()
+        stream.enqueue(_Outgoing(header, array, done))
         try:
-            async with stream.writing, asyncio.timeout(self.deadline_s):
-                for chunk in encode_chunks(header, array):
-                    await stream.call.write(chunk)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            self._raise_for(stream, header, exc, await self._ending(stream, exc))
-        except TimeoutError:
-            raise TimeoutError(f"{self.name} -> {header.dst}: {header.tensor_id} not written within "
-                               f"{self.deadline_s} s") from None
+            await done
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError) as exc:
+            raise await self._failure(stream, header, exc) from None
         if waiter is not None:
             try:
                 async with asyncio.timeout(ack_deadline_s):
@@ -558,6 +727,20 @@ class PeerClient:
                 stream.waiting.pop(header.tensor_id, None)
                 return False
         return True
+
+    async def _failure(self, stream: _PeerStream, header: pb.TensorHeader, exc: BaseException) -> BaseException:
+        """What a failed write of `header`'s tensor means: its deadline passed (TimeoutError), the
+        peer is unreachable (`_PeerUnavailable`: it can go again) or it was refused (final)."""
+        if isinstance(exc, TimeoutError):
+            return TimeoutError(f"{self.name} -> {header.dst}: {header.tensor_id} not written within "
+                                f"{self.deadline_s} s")
+        if not isinstance(exc, (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)):
+            return exc
+        try:
+            self._raise_for(stream, header, exc, await self._ending(stream, exc))
+        except (_PeerUnavailable, TransferRejected) as mapped:
+            return mapped
+        return exc
 
     @staticmethod
     async def _ending(stream: _PeerStream, exc: Exception) -> str | None:
@@ -581,6 +764,8 @@ class PeerClient:
         raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {failure}")
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for stream in self._streams.values():
             await stream.close()
         self._streams.clear()

@@ -26,6 +26,7 @@ DEFAULT_DEADLINE_S = 30.0
 DEFAULT_PEER_BUDGET_BYTES = 256 << 20     # in flight + unclaimed per peer (4x the largest bench transfer)
 DEFAULT_UNCLAIMED_TTL_S = 120.0           # a tensor nobody claimed within 2 min is dropped
 REMEMBERED_IDS = 1 << 15                  # ids kept for replay refusal (~6 MB at most)
+MAX_FAILED_IDS = 1 << 10                  # failures kept for ids nobody waits for yet
 log = logging.getLogger("rdu.interconnect")
 
 
@@ -45,6 +46,20 @@ class _Parcel:
     expires_at_s: float
 
 
+class _Gather:
+    """A `wait_all`: how many of its tensors have still to come, and the future it waits on."""
+
+    __slots__ = ("remaining", "future")
+
+    def __init__(self, remaining: int, future: asyncio.Future) -> None:
+        self.remaining, self.future = remaining, future
+
+    def arrived(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(None)
+
+
 def _expire(waiter: asyncio.Future, message: str) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError(message))
@@ -61,6 +76,11 @@ class Mailbox:
         self.remembered_ids = remembered_ids
         self.clock_s = clock_s
         self._waiters: dict[str, asyncio.Future] = {}
+        self._gathers: dict[str, _Gather] = {}              # an id a `wait_all` waits for -> its gather
+        self._deadlines: dict[asyncio.Future, tuple[float, str, float]] = {}   # -> (deadline, what, timeout)
+        self._failed: dict[str, BaseException] = {}          # why an id that nobody waits for yet will not come
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_due_s = 0.0
         self._unclaimed: OrderedDict[str, _Parcel] = OrderedDict()   # arrival order = expiry order
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._reserved_bytes: dict[str, int] = {}
@@ -79,6 +99,10 @@ class Mailbox:
                               f"{self.peer_budget_bytes}-byte budget")
         self._reserved_bytes[src] = held + nbytes
         self._remember(tensor_id)
+
+    def holds(self, tensor_id: str) -> bool:
+        """Whether `tensor_id` arrived and waits here to be taken."""
+        return tensor_id in self._unclaimed
 
     def delivered(self, tensor_id: str) -> bool:
         """Whether `tensor_id` was admitted here already (within the remembered window)."""
@@ -99,6 +123,9 @@ class Mailbox:
             return
         self._unclaimed[header.tensor_id] = _Parcel(received, header.src, int(header.total_bytes),
                                                     self.clock_s() + self.unclaimed_ttl_s)
+        gather = self._gathers.pop(header.tensor_id, None) if self._gathers else None
+        if gather is not None:
+            gather.arrived()
 
     def expire(self) -> int:
         """Drop unclaimed tensors past their deadline; returns how many went."""
@@ -125,22 +152,77 @@ class Mailbox:
     async def take(self, tensor_id: str, timeout_s: float = DEFAULT_DEADLINE_S, sender: str | None = None) -> Received:
         """The tensor `tensor_id`, waiting up to `timeout_s` for it; with `sender`, only from that
         socket (another member's tensor under this id is refused, not used)."""
+        failure = self._failed.pop(tensor_id, None) if self._failed else None
         parcel = self._unclaimed.pop(tensor_id, None)
         if parcel is not None:
             self._release(parcel.src, parcel.nbytes)
             return self._from(parcel.received, sender)
-        loop = asyncio.get_running_loop()
+        if failure is not None:
+            raise failure
         waiter = self._waiters.get(tensor_id)
         if waiter is None:
-            waiter = self._waiters[tensor_id] = loop.create_future()
-        # a plain timer on the future: asyncio.timeout costs more, and a take happens per message
-        timer = loop.call_later(timeout_s, _expire, waiter, f"no tensor {tensor_id!r} within {timeout_s} s")
+            waiter = self._waiters[tensor_id] = asyncio.get_running_loop().create_future()
+        self._deadline(waiter, timeout_s, tensor_id)
         try:
             return self._from(await waiter, sender)
         finally:
-            timer.cancel()
+            self._deadlines.pop(waiter, None)
             if self._waiters.get(tensor_id) is waiter:
                 del self._waiters[tensor_id]
+
+    async def wait_all(self, tensor_ids: list[str], timeout_s: float = DEFAULT_DEADLINE_S) -> None:
+        """Return once every one of `tensor_ids` has arrived (each then taken with `take`): one
+        wake-up for a root that waits for every member's tensor, not one per arrival."""
+        missing = [tensor_id for tensor_id in tensor_ids if tensor_id not in self._unclaimed]
+        if not missing:
+            return
+        gather = _Gather(len(missing), asyncio.get_running_loop().create_future())
+        for tensor_id in missing:
+            self._gathers[tensor_id] = gather
+        self._deadline(gather.future, timeout_s, missing[0])
+        try:
+            await gather.future
+        finally:
+            self._deadlines.pop(gather.future, None)
+            for tensor_id in missing:
+                if self._gathers.get(tensor_id) is gather:
+                    del self._gathers[tensor_id]
+
+    def fail(self, tensor_id: str, failure: BaseException) -> None:
+        """`tensor_id` will not come (say the message it answers could not be sent): its receiver
+        gets `failure` instead of waiting for its deadline."""
+        waiter = self._waiters.get(tensor_id)
+        if waiter is None:
+            self._failed[tensor_id] = failure
+            while len(self._failed) > MAX_FAILED_IDS:
+                del self._failed[next(iter(self._failed))]
+        elif not waiter.done():
+            waiter.set_exception(failure)
+
+    def _deadline(self, future: asyncio.Future, timeout_s: float, tensor_id: str) -> None:
+        """`future` fails with TimeoutError unless done within `timeout_s`. One timer serves
+        every deadline (a timer per receive was measurable CPU per message): it is moved only
+        when an earlier deadline comes."""
+        loop = asyncio.get_running_loop()
+        due_s = loop.time() + timeout_s
+        self._deadlines[future] = (due_s, tensor_id, timeout_s)
+        if self._watchdog is None or due_s < self._watchdog_due_s:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog, self._watchdog_due_s = loop.call_at(due_s, self._expire_waits, loop), due_s
+
+    def _expire_waits(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the waits past their deadline; arm the timer for the next deadline, if any."""
+        self._watchdog = None
+        now_s, earliest_s = loop.time(), None
+        for future, (due_s, tensor_id, timeout_s) in list(self._deadlines.items()):
+            if due_s <= now_s:
+                del self._deadlines[future]
+                _expire(future, f"no tensor {tensor_id!r} within {timeout_s} s")
+            elif earliest_s is None or due_s < earliest_s:
+                earliest_s = due_s
+        if earliest_s is not None:
+            self._watchdog, self._watchdog_due_s = loop.call_at(earliest_s, self._expire_waits, loop), earliest_s
 
     @staticmethod
     def _from(received: Received, sender: str | None) -> Received:

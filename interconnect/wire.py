@@ -16,7 +16,7 @@ repeats a field, is a `WireError`.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from rdu.protos import interconnect_pb2 as pb
 
 __all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
-           "encode_chunks", "Chunk", "TensorAssembler", "Received", "parse_chunk"]
+           "encode_chunks", "Chunk", "TensorAssembler", "Received", "parse_chunk", "split_whole", "parse_header"]
 
 MAX_CHUNK_BYTES = 1 << 20            # 1 MiB: the best chunk size measured on this machine size
 MAX_TENSOR_BYTES = 1 << 30           # refuse anything larger than 1 GiB
@@ -71,6 +71,8 @@ def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
 
 def _varint(value: int) -> bytes:
     """The protobuf varint of a non-negative integer."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -79,11 +81,16 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+_SMALL_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
 def encode_chunks(header: pb.TensorHeader, array: np.ndarray,
-                  chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+                  chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterable[bytes]:
     """The wire bytes of the chunks of `array`, each a `TensorChunk` message (see the module
     docstring): the header (completed with dtype, shape, size) on the first, the data field last,
-    so each message costs one copy of its slice of the array."""
+    so each message costs one copy of its slice of the array. A tensor of one chunk (most of a
+    collective's) comes as a tuple of its one message; a larger one as a generator, so that its
+    chunks are made one at a time as they are written."""
     array = np.ascontiguousarray(array)
     header.dtype = _NAME_OF.get(array.dtype) or array.dtype.name
     del header.shape[:]
@@ -91,7 +98,13 @@ def encode_chunks(header: pb.TensorHeader, array: np.ndarray,
     header.total_bytes = nbytes = array.nbytes
     head = header.SerializeToString()
     view = memoryview(array.reshape(-1).view(np.uint8))
-    count = max(1, -(-nbytes // chunk_bytes))
+    if nbytes <= chunk_bytes:
+        return (b"".join((b"\x0a", _varint(len(head)), head, b"\x20\x01\x1a", _varint(nbytes), view)),)
+    return _chunks(head, view, nbytes, chunk_bytes)
+
+
+def _chunks(head: bytes, view: memoryview, nbytes: int, chunk_bytes: int) -> Iterator[bytes]:
+    count = -(-nbytes // chunk_bytes)
     for seq in range(count):
         piece = view[seq * chunk_bytes:(seq + 1) * chunk_bytes]
         fields = [b"\x0a", _varint(len(head)), head] if seq == 0 else [b"\x10", _varint(seq)]
@@ -147,6 +160,47 @@ def _read_varint(raw, pos: int, end: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
+_WHOLE_TAIL = b"\x20\x01\x1a"   # `last` set, then the data field: what follows the header of a one-chunk tensor
+
+
+def split_whole(raw) -> tuple[memoryview, memoryview] | None:
+    """(header bytes, data) when `raw` is exactly how `encode_chunks` writes a tensor of one chunk
+    (header, last, data; seq 0 is not written); None for anything else, which `parse_chunk` then
+    reads field by field. Never raises: a message this shortcut does not take goes the long way."""
+    end = len(raw)
+    if end < 6 or raw[0] != 0x0A:
+        return None
+    size, pos = _short_varint(raw, 1, end)
+    head_end = pos + size
+    if size < 0 or raw[head_end:head_end + 3] != _WHOLE_TAIL:
+        return None
+    nbytes, pos = _short_varint(raw, head_end + 3, end)
+    if nbytes < 0 or pos + nbytes != end:
+        return None
+    view = memoryview(raw)
+    return view[head_end - size:head_end], view[pos:]
+
+
+def _short_varint(raw, pos: int, end: int) -> tuple[int, int]:
+    """A varint of at most 3 bytes (< 2 MiB) at `pos`: (value, next position), or (-1, pos)."""
+    value = shift = 0
+    for at in range(pos, min(pos + 3, end)):
+        byte = raw[at]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at + 1
+        shift += 7
+    return -1, pos
+
+
+def parse_header(raw, message_bytes: int) -> pb.TensorHeader:
+    """A chunk's header field, parsed by protobuf; anything it refuses is a `WireError`."""
+    try:
+        return pb.TensorHeader.FromString(raw)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise WireError(f"malformed TensorChunk ({message_bytes} bytes): its header: {exc}") from None
+
+
 def parse_chunk(raw) -> Chunk:
     """Decode one chunk off the wire (the `TensorChunk` encoding, read field by field); anything
     else — truncated, an unknown wire type, a field given twice, a header protobuf cannot parse —
@@ -180,10 +234,7 @@ def parse_chunk(raw) -> Chunk:
             if size > end - pos:
                 raise WireError(f"malformed TensorChunk ({end} bytes): a field of {size} bytes is truncated")
             if field == 1:
-                try:
-                    header = pb.TensorHeader.FromString(view[pos:pos + size])
-                except (DecodeError, RuntimeWarning, ValueError) as exc:
-                    raise WireError(f"malformed TensorChunk ({end} bytes): its header: {exc}") from None
+                header = parse_header(view[pos:pos + size], end)
             elif field == 3:
                 data = view[pos:pos + size]
             pos += size
@@ -208,6 +259,7 @@ class TensorAssembler:
         self.admit = admit
         self.header: pb.TensorHeader | None = None
         self.buffer: np.ndarray | None = None    # allocated once the header says how big
+        self.total_bytes = 0
         self.filled = 0
         self.next_seq = 0
         self.done = False
@@ -218,23 +270,25 @@ class TensorAssembler:
         if chunk.seq != self.next_seq:
             raise WireError(f"chunk {chunk.seq} out of order (expected {self.next_seq})")
         data = chunk.data   # read once: each access of a bytes field may copy it
-        if len(data) > MAX_CHUNK_BYTES:
-            raise WireError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
-        if chunk.seq == 0:
+        size = len(data)
+        if size > MAX_CHUNK_BYTES:
+            raise WireError(f"chunk of {size} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        if self.next_seq == 0:
             if not chunk.HasField("header"):
                 raise WireError("first chunk carries no header")
-            self._check_header(chunk.header)
+            header = chunk.header
+            self._check_header(header)
             if self.admit is not None:
-                self.admit(chunk.header)
-            self.header = chunk.header
-            self.buffer = receive_buffer(int(self.header.total_bytes))
+                self.admit(header)
+            self.header, self.total_bytes = header, header.total_bytes
+            self.buffer = receive_buffer(self.total_bytes)
         elif chunk.HasField("header"):
             raise WireError("header repeated after the first chunk")
         assert self.header is not None and self.buffer is not None
-        size = len(data)
-        if self.filled + size > self.header.total_bytes:
-            raise WireError(f"more data than the {self.header.total_bytes} bytes announced")
-        self.buffer[self.filled:self.filled + size] = np.frombuffer(data, dtype=np.uint8)
+        if self.filled + size > self.total_bytes:
+            raise WireError(f"more data than the {self.total_bytes} bytes announced")
+        if size:
+            self.buffer[self.filled:self.filled + size] = np.frombuffer(data, dtype=np.uint8)
         self.filled += size
         self.next_seq += 1
         self.done = chunk.last
@@ -242,9 +296,10 @@ class TensorAssembler:
     def _check_header(self, header: pb.TensorHeader) -> None:
         if not header.tensor_id:
             raise WireError("header has no tensor_id")
-        itemsize = _ITEMSIZE.get(header.dtype)
+        dtype = header.dtype
+        itemsize = _ITEMSIZE.get(dtype)
         if itemsize is None:
-            raise WireError(f"dtype {header.dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+            raise WireError(f"dtype {dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
         if len(header.shape) > MAX_DIMS:
             raise WireError(f"shape has {len(header.shape)} dimensions, more than {MAX_DIMS}")
         shape = list(header.shape)
@@ -257,12 +312,11 @@ class TensorAssembler:
             raise WireError(f"tensor of {total_bytes} bytes exceeds the {self.max_tensor_bytes}-byte limit")
         expected = _shape_bytes(shape, itemsize, self.max_tensor_bytes)
         if expected is None:
-            raise WireError(f"shape {_short(shape)} of {header.dtype} exceeds the "
-                            f"{self.max_tensor_bytes}-byte limit")
+            raise WireError(f"shape {_short(shape)} of {dtype} exceeds the {self.max_tensor_bytes}-byte limit")
         if expected != total_bytes:
-            raise WireError(f"shape {_short(shape)} of {header.dtype} is {expected} bytes, "
-                            f"header says {total_bytes}")
-        if header.virtual_arrival_ns < header.virtual_send_ns or header.virtual_send_ns < 0:
+            raise WireError(f"shape {_short(shape)} of {dtype} is {expected} bytes, header says {total_bytes}")
+        send_ns = header.virtual_send_ns
+        if header.virtual_arrival_ns < send_ns or send_ns < 0:
             raise WireError("virtual arrival before virtual send")
         if not 0 <= header.timed_bytes <= MAX_TIMED_BYTES:
             raise WireError(f"timed_bytes {header.timed_bytes} outside [0, {MAX_TIMED_BYTES}]")
@@ -279,8 +333,8 @@ class TensorAssembler:
             raise WireError("empty stream")
         if not self.done:
             raise WireError("stream ended before the last chunk")
-        if self.filled != self.header.total_bytes:
-            raise WireError(f"received {self.filled} bytes, header announced {self.header.total_bytes}")
+        if self.filled != self.total_bytes:
+            raise WireError(f"received {self.filled} bytes, header announced {self.total_bytes}")
         array = self.buffer.view(_DTYPES[self.header.dtype]).reshape(tuple(self.header.shape))
         return Received(header=self.header, array=array)
 

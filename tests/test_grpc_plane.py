@@ -409,3 +409,39 @@ def test_plane_processes_run_the_lean_transport_and_leave_the_environment_alone(
     out = subprocess.run([sys.executable, "-c", probe], env={**env, "GRPC_EXPERIMENTS": "-x"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.split() == ["default", "-x"]
+
+
+def test_a_write_that_does_not_complete_times_out_and_posts_fail_their_receiver():
+    """Writes carry a deadline without a timer each (one watchdog per stream): a peer that never
+    reads holds a large write past it, and the send fails with TimeoutError. A posted message
+    that cannot be sent fails the receive of the answer waiting for it, at once."""
+    async def main():
+        async def never_reads(requests, context):
+            await asyncio.sleep(30)
+            yield pb.Ack()
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("rdu.interconnect.Interconnect", {
+            "Transfer": grpc.stream_stream_rpc_method_handler(never_reads)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+
+        async def resolve(name):
+            return f"127.0.0.1:{port}"
+
+        client = PeerClient("node0/socket1", resolve, InterconnectServer("x").stats, run_token=TOKEN, deadline_s=0.5)
+        try:
+            with pytest.raises(TimeoutError, match="big not written within 0.5 s"):
+                await client.send(pb.TensorHeader(tensor_id="big", dst="node0/socket0"), np.zeros(8 << 20, np.uint8))
+            await client.connect(["node0/socket0"])
+            mailbox = InterconnectServer("y").mailbox
+            client.post(pb.TensorHeader(tensor_id="up", dst="node0/socket0"), np.zeros(8 << 20, np.uint8),
+                        lambda failure: mailbox.fail("answer", failure))
+            with pytest.raises(TimeoutError, match="up not written within 0.5 s"):
+                await mailbox.take("answer", 10)
+            await client.drain()
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    asyncio.run(main())
