@@ -221,8 +221,9 @@ def studies(draw) -> dict:
     xs = [a["field"].rsplit(".", 1)[-1] for a in study_axes if isinstance(a, dict) and isinstance(a.get("field"), str)]
     if xs and draw(st.booleans()):
         plot = {"x": draw(st.sampled_from(xs)), "y": draw(Y_METRICS)}
-        if len(xs) > 1 and draw(st.booleans()):
-            plot["series"] = next(x for x in xs if x != plot["x"])
+        others = [x for x in xs if x != plot["x"]]   # two axes may end in the same name
+        if others and draw(st.booleans()):
+            plot["series"] = others[0]
         study["plots"] = [plot]
     if draw(st.booleans()):
         study["name"] = draw(st.one_of(st.text(max_size=8), st.sampled_from(["../escape", "", "a/b"])))
