@@ -29,8 +29,8 @@ from google.protobuf.message import DecodeError
 from rdu.interconnect.mailbox import DEFAULT_DEADLINE_S, DEFAULT_PEER_BUDGET_BYTES, DEFAULT_UNCLAIMED_TTL_S, Mailbox, \
     MailboxFull
 from rdu.interconnect.plane_auth import PlaneTLS, call_metadata, check_credential, is_loopback, secrets_equal
-from rdu.interconnect.wire import MAX_CHUNK_BYTES, Chunk, Received, TensorAssembler, WireError, encode_chunks, \
-    parse_chunk, parse_header, split_whole
+from rdu.interconnect.wire import MAX_CHUNK_BYTES, Received, TensorAssembler, WireError, check_header, \
+    encode_chunks, parse_chunk, parse_header, split_whole
 from rdu.protos import interconnect_pb2 as pb
 from rdu.protos import interconnect_pb2_grpc as pb_grpc
 
@@ -127,7 +127,13 @@ class _Servicer:
             sender = owner.authenticate(context.invocation_metadata())
             async for raw in request_iterator:
                 if assembler is None:
-                    chunk = _first_chunk(raw)
+                    whole = split_whole(raw)
+                    if whole is not None:      # a tensor in one chunk (nearly every collective message)
+                        ack = owner.receive_whole(sender, parse_header(whole[0], len(raw)), whole[1])
+                        if ack is not None:
+                            yield ack
+                        continue
+                    chunk = parse_chunk(raw)
                     owner.check_tensor_start(sender, chunk)
                     assembler = _RepeatSkipper() if owner.is_repeat(chunk) else _AdmittingAssembler(owner.mailbox)
                 else:
@@ -172,15 +178,6 @@ class _Servicer:
             return pb.StatsReply(socket=self.server.name, tensors_received=s.tensors_received,
                                  bytes_received=s.bytes_received, tensors_sent=s.tensors_sent,
                                  bytes_sent=s.bytes_sent, rejected=s.rejected, dropped=s.dropped)
-
-
-def _first_chunk(raw) -> Chunk:
-    """The first chunk of a tensor: a tensor of one chunk written as `encode_chunks` writes it
-    (nearly every collective message) is split without reading it field by field."""
-    whole = split_whole(raw)
-    if whole is None:
-        return parse_chunk(raw)
-    return Chunk(parse_header(whole[0], len(raw)), 0, whole[1], True)
 
 
 class _AdmittingAssembler(TensorAssembler):
@@ -263,7 +260,10 @@ class InterconnectServer:
     def check_tensor_start(self, sender: str | None, chunk: pb.TensorChunk) -> None:
         """Before a tensor's header is checked or anything allocated: the run secret (a stream
         without a credential) and who sends it to whom."""
-        header = chunk.header if chunk.HasField("header") else None
+        self.check_start(sender, chunk.header if chunk.HasField("header") else None)
+
+    def check_start(self, sender: str | None, header: pb.TensorHeader | None) -> None:
+        """`check_tensor_start` of a first chunk's header (None: the chunk has none)."""
         if sender is None and (header is None or not secrets_equal(header.run_token, self.run_token)):
             src = header.src[:64] if header is not None else "?"
             raise PermissionError(f"refused a tensor from {src!r} without the run's token")
@@ -299,6 +299,31 @@ class InterconnectServer:
         """Whether the link from `src` loses the message that just arrived."""
         lossy = self._loss.get(src)
         return lossy is not None and lossy[1].random() < lossy[0]
+
+    def receive_whole(self, sender: str | None, header: pb.TensorHeader, data: memoryview) -> pb.Ack | None:
+        """A tensor that came in one chunk, checked by the rules the assembler applies (and in
+        their order: who sends it, its header, its size, then its id and the peer's budget) in
+        one pass; then delivered as `accept` delivers. The Ack to send back, if it asks."""
+        self.check_start(sender, header)
+        dtype, shape = check_header(header)
+        size, total_bytes = len(data), header.total_bytes
+        if size > MAX_CHUNK_BYTES:
+            raise WireError(f"chunk of {size} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        if size != total_bytes:
+            raise WireError(f"more data than the {total_bytes} bytes announced" if size > total_bytes
+                            else f"received {size} bytes, header announced {total_bytes}")
+        if not (header.attempt and self.mailbox.delivered(header.tensor_id)):   # else a repeat: only acknowledge
+            self.mailbox.reserve(header.src, header.tensor_id, total_bytes)
+            if self._loss and self.link_loses(header.src):                     # lost in transit: no delivery, no ack
+                self.mailbox.cancel(header.src, header.tensor_id, total_bytes)
+                self.stats.dropped += 1
+                return None
+            self.mailbox.deliver(Received(header, np.frombuffer(data, dtype).reshape(shape).copy()))
+            self.stats.tensors_received += 1
+            self.stats.bytes_received += size
+        if header.want_ack:
+            return pb.Ack(tensor_id=header.tensor_id, received_bytes=total_bytes)
+        return None
 
     def accept(self, assembler: TensorAssembler) -> pb.Ack | None:
         """A tensor's last chunk arrived: deliver it (or drop it, as a lossy link loses it, or
@@ -392,6 +417,7 @@ class _PeerStream:
                                           response_deserializer=pb.Ack.FromString)(metadata=metadata)
         self.deadline_s = deadline_s
         self.on_posted = on_posted
+        self.loop = asyncio.get_running_loop()   # asked once: a system call per call on Python 3.11
         self.failure: str | None = None
         self.timed_out = False
         self.waiting: dict[str, asyncio.Future] = {}
@@ -405,7 +431,7 @@ class _PeerStream:
         """Queue one tensor (written after those queued before it)."""
         self._queue.append(item)
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = self.loop.create_task(self._drain())
 
     async def written(self) -> None:
         """Wait until everything queued so far is written (or failed)."""
@@ -414,7 +440,7 @@ class _PeerStream:
 
     async def _drain(self) -> None:
         """Write the queue in order; a failed write fails every tensor still queued."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             while self._queue:
                 item = self._queue[0]
@@ -455,7 +481,7 @@ class _PeerStream:
         since = self._writing_since_s
         if since is None:
             return   # idle: the next write arms it again
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < since + self.deadline_s:
             self._watchdog = loop.call_at(since + self.deadline_s, self._check_deadline)
             return
@@ -708,7 +734,7 @@ class PeerClient:
         waiter = None
         if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
             waiter = stream.expect_ack(header.tensor_id)
-        done = asyncio.get_running_loop().create_future()
+        done = stream.loop.create_future()
         stream.enqueue(_Outgoing(header, array, done))
         try:
             await done

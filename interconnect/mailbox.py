@@ -81,6 +81,7 @@ class Mailbox:
         self._failed: dict[str, BaseException] = {}          # why an id that nobody waits for yet will not come
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_due_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._unclaimed: OrderedDict[str, _Parcel] = OrderedDict()   # arrival order = expiry order
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._reserved_bytes: dict[str, int] = {}
@@ -129,6 +130,8 @@ class Mailbox:
 
     def expire(self) -> int:
         """Drop unclaimed tensors past their deadline; returns how many went."""
+        if not self._unclaimed:
+            return 0
         now, gone = self.clock_s(), 0
         while self._unclaimed:
             tensor_id, parcel = next(iter(self._unclaimed.items()))
@@ -161,7 +164,7 @@ class Mailbox:
             raise failure
         waiter = self._waiters.get(tensor_id)
         if waiter is None:
-            waiter = self._waiters[tensor_id] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[tensor_id] = self._running_loop().create_future()
         self._deadline(waiter, timeout_s, tensor_id)
         try:
             return self._from(await waiter, sender)
@@ -176,7 +179,7 @@ class Mailbox:
         missing = [tensor_id for tensor_id in tensor_ids if tensor_id not in self._unclaimed]
         if not missing:
             return
-        gather = _Gather(len(missing), asyncio.get_running_loop().create_future())
+        gather = _Gather(len(missing), self._running_loop().create_future())
         for tensor_id in missing:
             self._gathers[tensor_id] = gather
         self._deadline(gather.future, timeout_s, missing[0])
@@ -203,13 +206,21 @@ class Mailbox:
         """`future` fails with TimeoutError unless done within `timeout_s`. One timer serves
         every deadline (a timer per receive was measurable CPU per message): it is moved only
         when an earlier deadline comes."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         due_s = loop.time() + timeout_s
         self._deadlines[future] = (due_s, tensor_id, timeout_s)
         if self._watchdog is None or due_s < self._watchdog_due_s:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._watchdog, self._watchdog_due_s = loop.call_at(due_s, self._expire_waits, loop), due_s
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this mailbox serves, asked for once (`asyncio.get_running_loop` makes a
+        system call per call on Python 3.11: it checks the process id)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _expire_waits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fail the waits past their deadline; arm the timer for the next deadline, if any."""

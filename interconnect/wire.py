@@ -25,7 +25,8 @@ from google.protobuf.message import DecodeError
 from rdu.protos import interconnect_pb2 as pb
 
 __all__ = ["MAX_CHUNK_BYTES", "MAX_TENSOR_BYTES", "MAX_DIMS", "ALLOWED_DTYPES", "WireError", "chunk_tensor",
-           "encode_chunks", "Chunk", "TensorAssembler", "Received", "parse_chunk", "split_whole", "parse_header"]
+           "encode_chunks", "Chunk", "TensorAssembler", "Received", "parse_chunk", "split_whole", "parse_header",
+           "check_header"]
 
 MAX_CHUNK_BYTES = 1 << 20            # 1 MiB: the best chunk size measured on this machine size
 MAX_TENSOR_BYTES = 1 << 30           # refuse anything larger than 1 GiB
@@ -294,34 +295,7 @@ class TensorAssembler:
         self.done = chunk.last
 
     def _check_header(self, header: pb.TensorHeader) -> None:
-        if not header.tensor_id:
-            raise WireError("header has no tensor_id")
-        dtype = header.dtype
-        itemsize = _ITEMSIZE.get(dtype)
-        if itemsize is None:
-            raise WireError(f"dtype {dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
-        if len(header.shape) > MAX_DIMS:
-            raise WireError(f"shape has {len(header.shape)} dimensions, more than {MAX_DIMS}")
-        shape = list(header.shape)
-        if shape and min(shape) < 0:
-            raise WireError(f"negative dimension in shape {_short(shape)}")
-        total_bytes = header.total_bytes
-        if total_bytes < 0:
-            raise WireError(f"negative total_bytes {total_bytes}")
-        if total_bytes > self.max_tensor_bytes:
-            raise WireError(f"tensor of {total_bytes} bytes exceeds the {self.max_tensor_bytes}-byte limit")
-        expected = _shape_bytes(shape, itemsize, self.max_tensor_bytes)
-        if expected is None:
-            raise WireError(f"shape {_short(shape)} of {dtype} exceeds the {self.max_tensor_bytes}-byte limit")
-        if expected != total_bytes:
-            raise WireError(f"shape {_short(shape)} of {dtype} is {expected} bytes, header says {total_bytes}")
-        send_ns = header.virtual_send_ns
-        if header.virtual_arrival_ns < send_ns or send_ns < 0:
-            raise WireError("virtual arrival before virtual send")
-        if not 0 <= header.timed_bytes <= MAX_TIMED_BYTES:
-            raise WireError(f"timed_bytes {header.timed_bytes} outside [0, {MAX_TIMED_BYTES}]")
-        if not 0 <= header.attempt <= MAX_ATTEMPTS:
-            raise WireError(f"attempt {header.attempt} outside [0, {MAX_ATTEMPTS}]")
+        check_header(header, self.max_tensor_bytes)
 
     @property
     def in_progress(self) -> bool:
@@ -337,6 +311,39 @@ class TensorAssembler:
             raise WireError(f"received {self.filled} bytes, header announced {self.total_bytes}")
         array = self.buffer.view(_DTYPES[self.header.dtype]).reshape(tuple(self.header.shape))
         return Received(header=self.header, array=array)
+
+
+def check_header(header: pb.TensorHeader, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> tuple[np.dtype, tuple]:
+    """Every rule a tensor's header must follow (`WireError` names the one broken); its dtype and shape."""
+    if not header.tensor_id:
+        raise WireError("header has no tensor_id")
+    dtype = header.dtype
+    itemsize = _ITEMSIZE.get(dtype)
+    if itemsize is None:
+        raise WireError(f"dtype {dtype!r} not allowed (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+    if len(header.shape) > MAX_DIMS:
+        raise WireError(f"shape has {len(header.shape)} dimensions, more than {MAX_DIMS}")
+    shape = tuple(header.shape)
+    if shape and min(shape) < 0:
+        raise WireError(f"negative dimension in shape {_short(shape)}")
+    total_bytes = header.total_bytes
+    if total_bytes < 0:
+        raise WireError(f"negative total_bytes {total_bytes}")
+    if total_bytes > max_tensor_bytes:
+        raise WireError(f"tensor of {total_bytes} bytes exceeds the {max_tensor_bytes}-byte limit")
+    expected = _shape_bytes(shape, itemsize, max_tensor_bytes)
+    if expected is None:
+        raise WireError(f"shape {_short(shape)} of {dtype} exceeds the {max_tensor_bytes}-byte limit")
+    if expected != total_bytes:
+        raise WireError(f"shape {_short(shape)} of {dtype} is {expected} bytes, header says {total_bytes}")
+    send_ns = header.virtual_send_ns
+    if header.virtual_arrival_ns < send_ns or send_ns < 0:
+        raise WireError("virtual arrival before virtual send")
+    if not 0 <= header.timed_bytes <= MAX_TIMED_BYTES:
+        raise WireError(f"timed_bytes {header.timed_bytes} outside [0, {MAX_TIMED_BYTES}]")
+    if not 0 <= header.attempt <= MAX_ATTEMPTS:
+        raise WireError(f"attempt {header.attempt} outside [0, {MAX_ATTEMPTS}]")
+    return _DTYPES[dtype], shape
 
 
 def _shape_bytes(shape, itemsize: int, limit_bytes: int) -> int | None:
