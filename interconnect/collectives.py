@@ -82,6 +82,7 @@ class Collectives:
         self.client, self.mailbox, self.timeout_s = client, mailbox, timeout_s
         self._timing: RingTiming | None = None
         self._hardware_ns: dict[tuple[str, int], int] = {}
+        self._timed: dict[tuple[str, int], tuple[str, int]] = {}   # (kind, bytes) -> (algorithm, analytic ns)
         self.calls = 0
         self.epoch = ""
         self.wire_bytes = 0
@@ -101,6 +102,7 @@ class Collectives:
         """Links were degraded: time (and choose algorithms) afresh."""
         self._timing = None
         self._hardware_ns.clear()
+        self._timed.clear()
 
     def begin(self, epoch: str) -> None:
         """Number the collectives that follow from 1 under `epoch` (a job id every rank knows), so
@@ -119,20 +121,20 @@ class Collectives:
     def _tensor_id(self, call: int, label: str, phase: str, src: str) -> str:
         return f"{self.epoch}{call}/{label}/{phase}/{src}"
 
-    def _post(self, call: int, kind: str, label: str, phase: str, dst: str, array: np.ndarray, send_ns: int,
+    def _post(self, tensor_id: str, kind: str, label: str, phase: str, dst: str, array: np.ndarray, send_ns: int,
               arrival_ns: int, timed_bytes: int, on_failure: Callable[[BaseException], None]) -> None:
         """Queue one message (counted now; written in the background, `on_failure` hears if it cannot be)."""
         header = pb.TensorHeader(
-            tensor_id=self._tensor_id(call, label, phase, self.me), dst=dst, virtual_send_ns=send_ns,
-            virtual_arrival_ns=arrival_ns, timed_bytes=timed_bytes,
+            tensor_id=tensor_id, dst=dst, virtual_send_ns=send_ns, virtual_arrival_ns=arrival_ns,
+            timed_bytes=timed_bytes,
             step=pb.CollectiveStep(collective=kind, label=label, index=0 if phase == "up" else 1, steps=2))
         self.wire_bytes += array.nbytes
         self.messages += 1
         self.client.post(header, array, on_failure)
 
-    async def _take(self, call: int, label: str, phase: str, src: str) -> tuple[np.ndarray, pb.TensorHeader]:
-        """The tensor `src` sent this rank in this phase of collective `call` (from `src` only)."""
-        received = await self.mailbox.take(self._tensor_id(call, label, phase, src), self.timeout_s, sender=src)
+    async def _take(self, tensor_id: str, src: str) -> tuple[np.ndarray, pb.TensorHeader]:
+        """The tensor `tensor_id` (sent this rank by `src`, and only by `src`)."""
+        received = await self.mailbox.take(tensor_id, self.timeout_s, sender=src)
         return received.array, received.header
 
     # -- the transport: to a root and back ------------------------------------------------------
@@ -149,9 +151,9 @@ class Collectives:
         if root != self.me:
             owed, self.owed_ns = self.owed_ns, 0
             answer_id = self._tensor_id(call, label, "down", root)   # if the message cannot go, no answer comes
-            self._post(call, kind, label, "up", root, mine, clock_ns, clock_ns + owed, timed_bytes,
-                       lambda failure: self.mailbox.fail(answer_id, failure))
-            result, header = await self._take(call, label, "down", root)
+            self._post(self._tensor_id(call, label, "up", self.me), kind, label, "up", root, mine, clock_ns,
+                       clock_ns + owed, timed_bytes, lambda failure: self.mailbox.fail(answer_id, failure))
+            result, header = await self._take(answer_id, root)
             end_ns = int(header.virtual_send_ns)
             self.owed_ns += int(header.virtual_arrival_ns) - end_ns   # the answer's resends: charged next time
             return result, end_ns
@@ -164,8 +166,10 @@ class Collectives:
             charged_ns += int(header.virtual_arrival_ns) - int(header.virtual_send_ns)
         end_ns = start_ns + analytic_ns + charged_ns
         results = combine(parts)
+        answer_id = self._tensor_id(call, label, "down", self.me)
         for r, peer in peers:   # written in the background: the root goes on at once (see _reap)
-            self._post(call, kind, label, "down", peer, results[r], end_ns, end_ns, timed_bytes, self._answer_failed)
+            self._post(answer_id, kind, label, "down", peer, results[r], end_ns, end_ns, timed_bytes,
+                       self._answer_failed)
         return results[self.rank], end_ns
 
     async def _gather(self, call: int, label: str, peers: list[tuple[int, str]],
@@ -173,16 +177,17 @@ class Collectives:
         """At a root: every peer's tensor of this collective into `parts` (by rank); their
         headers. Those already here are taken first, then the root waits once for all the others
         (not once per arrival)."""
-        ids = {peer: self._tensor_id(call, label, "up", peer) for _, peer in peers}
-        here = [(r, peer) for r, peer in peers if self.mailbox.holds(ids[peer])]
-        late = [(r, peer) for r, peer in peers if not self.mailbox.holds(ids[peer])]
-        headers = [await self._take_part(call, label, r, peer, parts) for r, peer in here]
+        ids = [(r, peer, self._tensor_id(call, label, "up", peer)) for r, peer in peers]
+        here = [part for part in ids if self.mailbox.holds(part[2])]
+        late = [part for part in ids if not self.mailbox.holds(part[2])]
+        headers = [await self._take_part(part, parts) for part in here]
         if late:
-            await self.mailbox.wait_all([ids[peer] for _, peer in late], self.timeout_s)
-        return headers + [await self._take_part(call, label, r, peer, parts) for r, peer in late]
+            await self.mailbox.wait_all([tensor_id for _, _, tensor_id in late], self.timeout_s)
+        return headers + [await self._take_part(part, parts) for part in late]
 
-    async def _take_part(self, call: int, label: str, rank: int, peer: str, parts: list[np.ndarray]) -> pb.TensorHeader:
-        parts[rank], header = await self._take(call, label, "up", peer)
+    async def _take_part(self, part: tuple[int, str, str], parts: list[np.ndarray]) -> pb.TensorHeader:
+        rank, peer, tensor_id = part
+        parts[rank], header = await self._take(tensor_id, peer)
         return header
 
     def _answer_failed(self, failure: BaseException) -> None:
@@ -217,9 +222,12 @@ class Collectives:
 
     def _begin(self, kind: str, nbytes: int) -> tuple[str, int]:
         """(algorithm, analytic ns) of a collective of `nbytes` per rank on this group."""
-        algorithm = self.timing.algorithm(nbytes)
-        self.algorithms[algorithm] += 1
-        return algorithm, self.analytic_ns(kind, nbytes)
+        key = (kind, nbytes)
+        timed = self._timed.get(key)
+        if timed is None:
+            timed = self._timed[key] = (self.timing.algorithm(nbytes), self.analytic_ns(kind, nbytes))
+        self.algorithms[timed[0]] += 1
+        return timed
 
     # -- the collectives ------------------------------------------------------------------------
     async def all_reduce(self, tensor: np.ndarray, clock_ns: int, label: str,

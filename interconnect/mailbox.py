@@ -90,11 +90,13 @@ class Mailbox:
     # -- the server side -------------------------------------------------------------------------
     def reserve(self, src: str, tensor_id: str, nbytes: int) -> None:
         """Admit a tensor whose header just arrived, before its buffer exists: refuse a replayed
-        id (`ReplayRefused`) or a peer over its budget (`MailboxFull`)."""
-        self.expire()
+        id (`ReplayRefused`) or a peer over its budget (`MailboxFull`). Unclaimed tensors past their
+        deadline are dropped first when the budget would be exceeded (and by the server's sweeper)."""
         if tensor_id in self._seen:
             raise ReplayRefused(f"tensor {tensor_id!r} already delivered: replay or duplicate refused")
         held = self._reserved_bytes.get(src, 0)
+        if held + nbytes > self.peer_budget_bytes and self.expire():
+            held = self._reserved_bytes.get(src, 0)
         if held + nbytes > self.peer_budget_bytes:
             raise MailboxFull(f"{src} has {held} bytes in flight or unclaimed here; {nbytes} more exceed its "
                               f"{self.peer_budget_bytes}-byte budget")

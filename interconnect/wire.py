@@ -72,7 +72,7 @@ def chunk_tensor(header: pb.TensorHeader, array: np.ndarray,
 
 def _varint(value: int) -> bytes:
     """The protobuf varint of a non-negative integer."""
-    if value < 0x80:
+    if value < _TABLED_VARINTS:
         return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
@@ -82,7 +82,9 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+_TABLED_VARINTS = 1 << 14            # every varint of one or two bytes, made once (a header's and a small tensor's length)
+_SMALL_VARINTS = tuple(bytes((value,)) if value < 0x80 else bytes(((value & 0x7F) | 0x80, value >> 7))
+                       for value in range(_TABLED_VARINTS))
 
 
 def encode_chunks(header: pb.TensorHeader, array: np.ndarray,
@@ -184,6 +186,13 @@ def split_whole(raw) -> tuple[memoryview, memoryview] | None:
 
 def _short_varint(raw, pos: int, end: int) -> tuple[int, int]:
     """A varint of at most 3 bytes (< 2 MiB) at `pos`: (value, next position), or (-1, pos)."""
+    if pos + 3 <= end:   # the usual case, unrolled: one or two bytes
+        first = raw[pos]
+        if first < 0x80:
+            return first, pos + 1
+        second = raw[pos + 1]
+        if second < 0x80:
+            return (first & 0x7F) | (second << 7), pos + 2
     value = shift = 0
     for at in range(pos, min(pos + 3, end)):
         byte = raw[at]
@@ -350,7 +359,7 @@ def _shape_bytes(shape, itemsize: int, limit_bytes: int) -> int | None:
     """prod(shape) * itemsize in exact integers, None as soon as it passes `limit_bytes` (a
     product that would overflow int64 never gets computed, let alone allocated). A zero anywhere
     makes the tensor empty whatever the other dimensions say."""
-    if any(dim == 0 for dim in shape):
+    if 0 in shape:
         return 0
     total = itemsize
     for dim in shape:
