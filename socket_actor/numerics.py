@@ -234,7 +234,7 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
         x_part[mine] = w["embed"][local[mine]]
         x = yield Collective("all_reduce", x_part, "embedding")
     hq, hkv = len(shard.kv_of_q), w["layers.0.wk"].shape[1] // d
-    causal = positions[:, None] >= np.arange(start + n)[None, :]
+    causal = positions[:, None] >= np.arange(start + n)[None, :] if n > 1 else None   # one new position sees all
     rope = _rope_tables(np.tile(positions, b), d, cfg.rope_theta)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
@@ -247,20 +247,22 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
         keys = cache.k[layer][:, shard.kv_of_q, :start + n]      # (b, hq, keys, d)
         values = cache.v[layer][:, shard.kv_of_q, :start + n]
         scores = np.einsum("bqhd,bhkd->bhqk", q, keys) / np.float32(np.sqrt(d))
-        scores = np.where(causal[None, None], scores, np.float32(-np.inf))
+        if causal is not None:
+            scores = np.where(causal[None, None], scores, np.float32(-np.inf))
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = np.einsum("bhqk,bhkd->bqhd", probs, values).reshape(b * n, hq * d)
-        attn_sum = yield Collective("all_reduce", (attn @ w[p + "wo"]).astype(np.float32), f"layer{layer}.attn")
+        attn_sum = yield Collective("all_reduce", (attn @ w[p + "wo"]).astype(np.float32, copy=False),
+                                    f"layer{layer}.attn")
         x = x + attn_sum
         hn = _rms_norm(x, w[p + "mlp_norm"], cfg.norm_eps)
         mlp = (_silu(hn @ w[p + "w_gate"]) * (hn @ w[p + "w_up"])) @ w[p + "w_down"]
-        mlp_sum = yield Collective("all_reduce", mlp.astype(np.float32), f"layer{layer}.mlp")
+        mlp_sum = yield Collective("all_reduce", mlp.astype(np.float32, copy=False), f"layer{layer}.mlp")
         x = x + mlp_sum
     cache.length = start + n
     last = x.reshape(b, n, -1)[:, -1]                             # only the last positions are decoded
     final = _rms_norm(last, w["final_norm"], cfg.norm_eps)
-    logits = yield Collective("all_gather", (final @ w["lm_head"]).astype(np.float32), "logits")
+    logits = yield Collective("all_gather", (final @ w["lm_head"]).astype(np.float32, copy=False), "logits")
     return logits[0] if single else logits
 
 
