@@ -569,6 +569,7 @@ class PeerClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, _PeerStream] = {}
         self._tasks: set[asyncio.Task] = set()     # posted tensors going the long way (see `post`)
+        self._closed = False
 
     async def _stub(self, peer: str) -> pb_grpc.InterconnectStub:
         return pb_grpc.InterconnectStub(await self._channel(peer))
@@ -672,7 +673,7 @@ class PeerClient:
         if failure is None:
             self.stats.tensors_sent += 1
             self.stats.bytes_sent += item.array.nbytes
-        elif not isinstance(failure, asyncio.CancelledError):
+        elif not isinstance(failure, asyncio.CancelledError) and not self._closed:
             self._background(self._repost(stream, item, failure), item.on_failure)
 
     async def _repost(self, stream: _PeerStream, item: _Outgoing, failure: BaseException) -> None:
@@ -790,6 +791,7 @@ class PeerClient:
         raise TransferRejected(f"{header.dst} refused {header.tensor_id}: {failure}")
 
     async def close(self) -> None:
+        self._closed = True                        # what was posted and not written is not sent again
         for task in list(self._tasks):
             task.cancel()
         for stream in self._streams.values():
