@@ -222,6 +222,7 @@ class Mailbox:
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
+            self._watchdog = None      # a timer of an earlier loop never fires in this one
         return loop
 
     def _expire_waits(self, loop: asyncio.AbstractEventLoop) -> None:
