@@ -445,3 +445,36 @@ def test_a_write_that_does_not_complete_times_out_and_posts_fail_their_receiver(
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_root_waits_once_for_all_its_tensors_and_receives_keep_their_deadlines():
+    """Mailbox.wait_all returns when the last of its ids arrives (whatever the order), a wait
+    that is not satisfied fails with TimeoutError at its deadline, and so does a take (one
+    timer serves every deadline)."""
+    from rdu.interconnect.mailbox import Mailbox
+    from rdu.interconnect.wire import Received
+
+    def deliver(mailbox, tensor_id, src="node0/socket1"):
+        header = pb.TensorHeader(tensor_id=tensor_id, src=src, total_bytes=4)
+        mailbox.reserve(src, tensor_id, 4)
+        mailbox.deliver(Received(header, np.ones(1, np.float32)))
+
+    async def main():
+        mailbox = Mailbox()
+        deliver(mailbox, "b")
+        waiting = asyncio.ensure_future(mailbox.wait_all(["a", "b", "c"], 5))
+        await asyncio.sleep(0.01)
+        deliver(mailbox, "c")
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        deliver(mailbox, "a")
+        await asyncio.wait_for(waiting, 1)
+        assert [(await mailbox.take(i, 1)).header.tensor_id for i in "abc"] == ["a", "b", "c"]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError, match="no tensor 'late' within 0.2 s"):
+            await mailbox.wait_all(["late"], 0.2)
+        with pytest.raises(TimeoutError, match="no tensor 'never' within 0.1 s"):
+            await mailbox.take("never", 0.1)
+        assert asyncio.get_running_loop().time() - started < 2
+
+    asyncio.run(main())
