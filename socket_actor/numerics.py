@@ -174,11 +174,16 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(mean + eps)) * weight
 
 
+_ROPE_FREQS: dict[tuple[int, float], np.ndarray] = {}
+
+
 def _rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of the rotary angles of `positions` (positions x 1 x head_dim / 2): the same
-    for every head and layer of one forward pass, so computed once per pass."""
-    half = head_dim // 2
-    freqs = theta ** (-np.arange(half, dtype=np.float32) * 2.0 / head_dim)
+    for every head and layer of one forward pass, so computed once per pass (and the frequencies
+    once per head size)."""
+    freqs = _ROPE_FREQS.get((head_dim, theta))
+    if freqs is None:
+        freqs = _ROPE_FREQS[head_dim, theta] = theta ** (-np.arange(head_dim // 2, dtype=np.float32) * 2.0 / head_dim)
     angles = positions[:, None].astype(np.float32) * freqs[None, :]
     return np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
 
@@ -224,18 +229,18 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
     if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
         raise UserError(f"token ids must be in [0, {cfg.vocab_size})")
     positions = np.arange(start, start + n)
-    vs = w["embed"].shape[0]
-    local = (tokens - shard.vocab_offset).reshape(-1)
-    mine = (local >= 0) & (local < vs)
     if embedded is not None:
         x = np.asarray(embedded, dtype=np.float32).reshape(b * n, cfg.hidden_size)
     else:
+        local = (tokens - shard.vocab_offset).reshape(-1)
+        mine = (local >= 0) & (local < w["embed"].shape[0])
         x_part = np.zeros((b * n, cfg.hidden_size), dtype=np.float32)
         x_part[mine] = w["embed"][local[mine]]
         x = yield Collective("all_reduce", x_part, "embedding")
     hq, hkv = len(shard.kv_of_q), w["layers.0.wk"].shape[1] // d
     causal = positions[:, None] >= np.arange(start + n)[None, :] if n > 1 else None   # one new position sees all
-    rope = _rope_tables(np.tile(positions, b), d, cfg.rope_theta)
+    rope = _rope_tables(positions if b == 1 else np.tile(positions, b), d, cfg.rope_theta)
+    scale = np.float32(np.sqrt(d))
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         xn = _rms_norm(x, w[p + "attn_norm"], cfg.norm_eps)
@@ -246,7 +251,7 @@ def forward_shard(shard: Shard, tokens: np.ndarray, cache: KVCache,
         cache.v[layer, :, :, start:start + n] = v.transpose(0, 2, 1, 3)
         keys = cache.k[layer][:, shard.kv_of_q, :start + n]      # (b, hq, keys, d)
         values = cache.v[layer][:, shard.kv_of_q, :start + n]
-        scores = np.einsum("bqhd,bhkd->bhqk", q, keys) / np.float32(np.sqrt(d))
+        scores = np.einsum("bqhd,bhkd->bhqk", q, keys) / scale
         if causal is not None:
             scores = np.where(causal[None, None], scores, np.float32(-np.inf))
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
