@@ -55,6 +55,17 @@ class LinkLost(RuntimeError):
     """Every attempt to send over a link was lost: the link is down."""
 
 
+def _forget(waiter: asyncio.Future | None) -> None:
+    """An acknowledgement nobody will wait for any more (its failure must not be logged as unretrieved)."""
+    if waiter is None:
+        return
+    if waiter.done():
+        if not waiter.cancelled():
+            waiter.exception()
+    else:
+        waiter.cancel()
+
+
 class _PeerUnavailable(RuntimeError):
     """The peer's server could not be reached (it may have restarted on another port)."""
 
@@ -399,7 +410,8 @@ class _PeerStream:
 
     gRPC takes one write at a time on a call, so one writer task per stream drains its queue: a
     sender only queues a tensor (`enqueue`) and goes on, and sends to one peer go in the order
-    they were queued. Each write has a deadline without a timer of its own (a timer per write
+    they were queued. A sender that waits for its write anyway (`write`, as `PeerClient.send`
+    does) writes from its own task when the stream is idle. Each write has a deadline without a timer of its own (a timer per write
     was measurable CPU per message): one watchdog per stream, armed when a write starts while
     none is armed, finds a write older than `deadline_s` and cancels the call.
 
@@ -424,32 +436,60 @@ class _PeerStream:
         self.reader: asyncio.Task | None = None
         self._queue: deque[_Outgoing] = deque()
         self._writer: asyncio.Task | None = None
+        self._inline: asyncio.Future | None = None     # a sender writing from its own task (`write`)
         self._writing_since_s: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
     def enqueue(self, item: _Outgoing) -> None:
         """Queue one tensor (written after those queued before it)."""
         self._queue.append(item)
-        if self._writer is None:
+        if self._writer is None and self._inline is None:
             self._writer = self.loop.create_task(self._drain())
+
+    async def write(self, header: pb.TensorHeader, array: np.ndarray) -> None:
+        """Write one tensor and return once it is written (raising why not). On an idle stream
+        it goes out from the caller's own task, at once (a stream's first tensor is then written
+        before the peer may have ended the call, which would leave gRPC's local INTERNAL status
+        instead of the peer's reason); otherwise after those queued before it."""
+        if self._writer is not None or self._inline is not None or self._queue:
+            item = _Outgoing(header, array, self.loop.create_future())
+            self.enqueue(item)
+            await item.done
+            return
+        self._inline = self.loop.create_future()
+        try:
+            await self._write_one(header, array)
+        except BaseException as exc:
+            raise TimeoutError(f"not written within {self.deadline_s} s") if self.timed_out else exc
+        finally:
+            inline, self._inline = self._inline, None
+            inline.set_result(None)
+            if self._queue and self._writer is None:
+                self._writer = self.loop.create_task(self._drain())
 
     async def written(self) -> None:
         """Wait until everything queued so far is written (or failed)."""
-        while self._writer is not None:
-            await asyncio.wait([self._writer])
+        while self.busy:
+            await asyncio.wait([w for w in (self._writer, self._inline) if w is not None])
+
+    async def _write_one(self, header: pb.TensorHeader, array: np.ndarray) -> None:
+        """Write a tensor's chunks, under the stream's write deadline (see the class docstring)."""
+        loop = self.loop
+        self._writing_since_s = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._writing_since_s + self.deadline_s, self._check_deadline)
+        try:
+            for chunk in encode_chunks(header, array):
+                await self.call.write(chunk)
+        finally:
+            self._writing_since_s = None
 
     async def _drain(self) -> None:
         """Write the queue in order; a failed write fails every tensor still queued."""
-        loop = self.loop
         try:
             while self._queue:
                 item = self._queue[0]
-                self._writing_since_s = loop.time()
-                if self._watchdog is None:
-                    self._watchdog = loop.call_at(self._writing_since_s + self.deadline_s, self._check_deadline)
-                for chunk in encode_chunks(item.header, item.array):
-                    await self.call.write(chunk)
-                self._writing_since_s = None
+                await self._write_one(item.header, item.array)
                 self._queue.popleft()
                 self._finish(item, None)
         except BaseException as exc:  # noqa: BLE001 (the writer's failure is every queued sender's)
@@ -459,7 +499,6 @@ class _PeerStream:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._writing_since_s = None
             self._writer = None
 
     def _finish(self, item: _Outgoing, failure: BaseException | None) -> None:
@@ -520,15 +559,15 @@ class _PeerStream:
     @property
     def busy(self) -> bool:
         """Tensors are queued or being written."""
-        return self._writer is not None
+        return self._writer is not None or self._inline is not None
 
     async def close(self) -> None:
         self.call.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
+        if self.busy:
+            await asyncio.wait([w for w in (self._writer, self._inline) if w is not None])
         if self.reader is None:
             self.failure = self.failure or "stream closed"
             return
@@ -735,11 +774,10 @@ class PeerClient:
         waiter = None
         if header.want_ack:  # asked for, or a lossy link: the delivery is acknowledged
             waiter = stream.expect_ack(header.tensor_id)
-        done = stream.loop.create_future()
-        stream.enqueue(_Outgoing(header, array, done))
         try:
-            await done
+            await stream.write(header, array)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError) as exc:
+            _forget(stream.waiting.pop(header.tensor_id, None))
             raise await self._failure(stream, header, exc) from None
         if waiter is not None:
             try:
