@@ -10,9 +10,9 @@ steps: on a host whose cores are shared by every socket process each message is 
 2-core machine an 8-rank all-reduce of 1 KiB took ~3.3 ms of CPU, ~0.24 ms per message counting
 both ends, against ~2.2 ms for bare grpc.aio streams; about half of a message is the kernel's
 send and wake-ups), and check-tp's batch-1 decode on 8 sockets ran at 3-8 tokens/s with the
-ring, ~25 with this transport in 2026-11, ~35-45 since. The root rotates with the collective's
-number (collective k of an epoch is rooted at member (k - 1) mod n), so every link between two
-members carries messages, and a lossy one loses real ones.
+ring, ~25 with this transport in 2026-11, ~32-45 (by load) since 2026-12. The root rotates with
+the collective's number (collective k of an epoch is rooted at member (k - 1) mod n), so every
+link between two members carries messages, and a lossy one loses real ones.
 
 Time. What a rank's clock reads after a collective does not depend on the route: it is the
 group's start (the latest clock any member entered with) plus the analytic time of the algorithm
