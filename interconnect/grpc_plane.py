@@ -294,8 +294,10 @@ class InterconnectServer:
 
     def is_repeat(self, chunk: pb.TensorChunk) -> bool:
         """A retransmission (attempt > 0) of a tensor this server already delivered."""
-        header = chunk.header
-        return chunk.HasField("header") and header.attempt > 0 and self.mailbox.delivered(header.tensor_id)
+        return chunk.HasField("header") and self._repeats(chunk.header)
+
+    def _repeats(self, header: pb.TensorHeader) -> bool:
+        return header.attempt > 0 and self.mailbox.delivered(header.tensor_id)
 
     def set_loss(self, src: str, probability: float, seed: int = 0) -> None:
         """Fault injection: lose each message arriving from `src` with `probability` (seeded per
@@ -323,34 +325,40 @@ class InterconnectServer:
         if size != total_bytes:
             raise WireError(f"more data than the {total_bytes} bytes announced" if size > total_bytes
                             else f"received {size} bytes, header announced {total_bytes}")
-        if not (header.attempt and self.mailbox.delivered(header.tensor_id)):   # else a repeat: only acknowledge
+        if not self._repeats(header):   # a repeat is only acknowledged
             self.mailbox.reserve(header.src, header.tensor_id, total_bytes)
-            if self._loss and self.link_loses(header.src):                     # lost in transit: no delivery, no ack
-                self.mailbox.cancel(header.src, header.tensor_id, total_bytes)
-                self.stats.dropped += 1
+            if self._lost(header):
                 return None
-            self.mailbox.deliver(Received(header, np.frombuffer(data, dtype).reshape(shape).copy()))
-            self.stats.tensors_received += 1
-            self.stats.bytes_received += size
-        if header.want_ack:
-            return pb.Ack(tensor_id=header.tensor_id, received_bytes=total_bytes)
-        return None
+            self._deliver(Received(header, np.frombuffer(data, dtype).reshape(shape).copy()))
+        return self._ack(header)
 
     def accept(self, assembler: TensorAssembler) -> pb.Ack | None:
         """A tensor's last chunk arrived: deliver it (or drop it, as a lossy link loses it, or
         only acknowledge a repeat of one delivered before); the Ack to send back, if it asks."""
         received = assembler.result()
         header = received.header
-        if isinstance(assembler, _RepeatSkipper):      # delivered before: only acknowledge
-            pass
-        elif self._loss and self.link_loses(header.src):   # lost in transit: no delivery, no ack
-            self.mailbox.cancel(header.src, header.tensor_id, int(header.total_bytes))
-            self.stats.dropped += 1
-            return None
-        else:
-            self.mailbox.deliver(received)
-            self.stats.tensors_received += 1
-            self.stats.bytes_received += received.array.nbytes
+        if not isinstance(assembler, _RepeatSkipper):   # delivered before: only acknowledge
+            if self._lost(header):
+                return None
+            self._deliver(received)
+        return self._ack(header)
+
+    def _lost(self, header: pb.TensorHeader) -> bool:
+        """Lost in transit on a lossy link: its budget freed, no delivery, no ack."""
+        if not (self._loss and self.link_loses(header.src)):
+            return False
+        self.mailbox.cancel(header.src, header.tensor_id, int(header.total_bytes))
+        self.stats.dropped += 1
+        return True
+
+    def _deliver(self, received: Received) -> None:
+        self.mailbox.deliver(received)
+        self.stats.tensors_received += 1
+        self.stats.bytes_received += received.array.nbytes
+
+    @staticmethod
+    def _ack(header: pb.TensorHeader) -> pb.Ack | None:
+        """The Ack to send back, if the tensor asks for one."""
         if header.want_ack:
             return pb.Ack(tensor_id=header.tensor_id, received_bytes=int(header.total_bytes))
         return None
